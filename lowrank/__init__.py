@@ -1,0 +1,41 @@
+"""lowrank: a research framework for initializing and preconditioning LoRA adapters.
+
+Quickstart::
+
+    import lowrank
+    cfg = lowrank.LoRAConfig(rank=8, alpha=16, targets=["query", "value"], init="kaiming")
+    lowrank.inject(model, cfg)           # in place; base frozen, adapters trainable
+    ...                                  # train
+    lowrank.save_adapter(model, "out/")  # safetensors + JSON
+"""
+
+from ._version import __version__
+from .registry import (
+    get_adapter,
+    get_initializer,
+    get_preconditioner,
+    list_adapters,
+    list_initializers,
+    list_preconditioners,
+    register_adapter,
+    register_initializer,
+    register_preconditioner,
+)
+from .adapters import Adapter, LoRALayer
+from .init import InitResult, Initializer, LayerContext
+from .optim import Preconditioner
+from .config import LoRAConfig
+from .inject import adapted_layers, default_loss, inject
+from .model_ops import merge, summary, trainable_parameters, unload, unmerge
+from .io import AdapterFileError, load_adapter, save_adapter
+
+__all__ = [
+    "__version__",
+    "Adapter", "LoRALayer", "Initializer", "InitResult", "LayerContext", "Preconditioner", "LoRAConfig",
+    "AdapterFileError",
+    "register_initializer", "get_initializer", "list_initializers",
+    "register_preconditioner", "get_preconditioner", "list_preconditioners",
+    "register_adapter", "get_adapter", "list_adapters",
+    "inject", "adapted_layers", "default_loss", "merge", "unmerge", "unload",
+    "trainable_parameters", "summary", "save_adapter", "load_adapter",
+]

@@ -1,0 +1,6 @@
+"""Adapter layers; importing this package registers the built-in ones."""
+
+from .base import SUPPORTED_TYPES, Adapter, is_conv1d, weight_shape, weight_view
+from .lora import LoRALayer
+
+__all__ = ["Adapter", "LoRALayer", "SUPPORTED_TYPES", "is_conv1d", "weight_shape", "weight_view"]

@@ -1,0 +1,109 @@
+"""The LoRA layer (Hu et al. 2021, arXiv 2106.09685).
+
+    y = W x + b + s * B A dropout(x),   A: (r, d_in), B: (d_out, r)
+
+with ``s = alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA). Wraps ``nn.Linear`` and Hugging Face
+``Conv1D`` alike. When an initializer starts from ``B0 A0 != 0`` the framework offsets the base,
+``W = W0 - s B0 A0``, and records ``A0``, ``B0`` here so the original ``W0`` can be restored and
+a saved adapter can rebuild the fine-tuned model from the original base.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..registry import register_adapter
+from .base import Adapter, set_weight, weight_shape
+
+
+@register_adapter("lora")
+class LoRALayer(Adapter):
+    """Low-rank update ``s * B @ A`` around a frozen ``nn.Linear`` / ``Conv1D``."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        if not self.supports(base_layer):
+            raise TypeError(f"LoRALayer cannot wrap {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.d_out, self.d_in = weight_shape(base_layer)
+        self.rank, self.alpha, self.scaling = int(rank), float(alpha), float(scaling)
+        w = base_layer.weight
+        self.A = nn.Parameter(torch.zeros(self.rank, self.d_in, dtype=w.dtype, device=w.device))  # (r, n)
+        self.B = nn.Parameter(torch.zeros(self.d_out, self.rank, dtype=w.dtype, device=w.device))  # (m, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # Initial factors when the base was offset (W = W0 - s B0 A0); None when W == W0.
+        self.register_buffer("A0", None, persistent=False)
+        self.register_buffer("B0", None, persistent=False)
+        self.merged = False
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        h = self.dropout(x).to(self.A.dtype)
+        return y + (F.linear(F.linear(h, self.A), self.B) * self.scaling).to(y.dtype)  # (..., r) -> (..., m)
+
+    # -- weights --------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B @ A`` as ``(d_out, d_in)``."""
+        return self.scaling * (self.B @ self.A)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        return {"A": self.A, "B": self.B}
+
+    @property
+    def offset(self) -> bool:
+        """Whether the base weight was offset at initialization (``W = W0 - s B0 A0``)."""
+        return self.A0 is not None
+
+    def _product32(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (B.float() @ A.float())
+
+    @torch.no_grad()
+    def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Copy ``A (r, d_in)`` and ``B (d_out, r)`` into the parameters (cast to their dtype)."""
+        self.A.copy_(A)
+        self.B.copy_(B)
+
+    @torch.no_grad()
+    def apply_offset(self) -> torch.Tensor:
+        """Record the current factors as ``A0, B0`` and set ``W = W0 - s B0 A0``.
+
+        The product is formed in float32 from the factors *as stored* (their dtype), so
+        :func:`lowrank.load_adapter` recomputes the same offset bit for bit. Returns the
+        previous weight data, for rollback.
+        """
+        self.A0, self.B0 = self.A.detach().clone(), self.B.detach().clone()
+        return self.rebuild_offset(self.base_weight())
+
+    @torch.no_grad()
+    def rebuild_offset(self, w0: torch.Tensor) -> torch.Tensor:
+        """Set ``W = w0 - s B0 A0`` from an original weight ``w0 (d_out, d_in)``; returns the old data."""
+        return set_weight(self.base_layer, w0.float() - self._product32(self.B0, self.A0))
+
+    @torch.no_grad()
+    def original_weight(self) -> torch.Tensor:
+        """``W0`` recovered as ``W + s B0 A0`` in float32 (exact up to one rounding of the base dtype)."""
+        w = self.base_weight().float()
+        return w + self._product32(self.B0, self.A0) if self.offset else w
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("layer is already merged; call unmerge() first")
+        set_weight(self.base_layer, self.base_weight().float() + self._product32(self.B, self.A))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("layer is not merged")
+        set_weight(self.base_layer, self.base_weight().float() - self._product32(self.B, self.A))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, alpha={self.alpha:g}, "
+                f"scaling={self.scaling:.4g}, offset={self.offset}, merged={self.merged}")

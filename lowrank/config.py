@@ -1,0 +1,160 @@
+"""``LoRAConfig``: what to adapt, with which rank, scaling and initializer. Validated on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+SCALINGS = ("standard", "rslora")
+
+
+def _pattern_matches(key: str, name: str, *, literal: bool) -> bool:
+    """``key`` matches the dotted module path ``name`` in full or as a dotted suffix.
+
+    ``literal=False`` treats ``key`` as a regex (``"layer\\.[0-3]\\..*query"``); with ``literal=True``
+    it is a plain module name (``"query"``, ``"attention.self.query"``).
+    """
+    body = re.escape(key) if literal else f"(?:{key})"
+    return re.fullmatch(rf"(?:.*\.)?{body}", name) is not None
+
+
+def matches_targets(targets: str | Sequence[str], name: str) -> bool:
+    """A string is one regex; a list holds module names. Both match the full path or a suffix of it."""
+    if isinstance(targets, str):
+        return _pattern_matches(targets, name, literal=False)
+    return any(_pattern_matches(t, name, literal=True) for t in targets)
+
+
+def lookup_pattern(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    """The value of the first key of ``pattern`` (a regex, full path or suffix) that matches ``name``."""
+    for key, value in pattern.items():
+        if _pattern_matches(key, name, literal=False):
+            return value
+    return default
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """Configuration of a LoRA injection.
+
+    ``s`` below is the adapter's output scale: ``y = W x + s * B (A x)``.
+    """
+
+    targets: str | tuple[str, ...]
+    """Modules to adapt: a list of module names or one regex, matched against the full dotted
+    path or a dotted suffix of it (``"query"`` matches ``bert.encoder.layer.0.attention.self.query``)."""
+    rank: int = 8
+    """``r``, the inner dimension of ``B (d_out, r)`` and ``A (r, d_in)``."""
+    alpha: float = 16.0
+    """Numerator of the scale ``s``."""
+    scaling: str = "standard"
+    """``"standard"``: ``s = alpha / r``; ``"rslora"``: ``s = alpha / sqrt(r)`` (Kalajdzievski 2023)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (``B A dropout(x)``), in ``[0, 1)``."""
+    init: str = "kaiming"
+    """Registered initializer name (``lowrank.list_initializers()``)."""
+    init_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the initializer; unknown keys are an error that lists the valid ones."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-layer rank overrides: ``{regex or name: rank}``, first matching key wins."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-layer alpha overrides, same matching as ``rank_pattern``."""
+    trainable: tuple[str, ...] = ()
+    """Extra modules trained in full (e.g. a new classifier head), matched like list ``targets``."""
+    seed: int = 0
+    """Seed of the per-layer generators of random initializers (the global RNG is never touched)."""
+    adapter: str = "lora"
+    """Registered adapter layer (``lowrank.list_adapters()``)."""
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
+        if isinstance(self.targets, str):
+            _check_regex("targets", self.targets)
+        elif isinstance(self.targets, Sequence) and self.targets and all(isinstance(t, str) and t for t in self.targets):
+            set_("targets", tuple(self.targets))
+        else:
+            raise ValueError(f"invalid targets={self.targets!r}: give a non-empty list of module names or one regex string")
+        _check_rank("rank", self.rank)
+        _check_alpha("alpha", self.alpha)
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"invalid scaling={self.scaling!r}: must be one of {SCALINGS}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"invalid dropout={self.dropout!r}: must be in [0, 1)")
+        for name, pattern, check in (("rank_pattern", self.rank_pattern, _check_rank),
+                                     ("alpha_pattern", self.alpha_pattern, _check_alpha)):
+            if not isinstance(pattern, Mapping):
+                raise ValueError(f"invalid {name}={pattern!r}: must be a dict {{module regex: value}}")
+            for key, value in pattern.items():
+                _check_regex(f"{name} key", key)
+                check(f"{name}[{key!r}]", value)
+            set_(name, dict(pattern))
+        if isinstance(self.trainable, str):
+            set_("trainable", (self.trainable,))
+        set_("trainable", tuple(self.trainable))
+        if not all(isinstance(t, str) and t for t in self.trainable):
+            raise ValueError(f"invalid trainable={self.trainable!r}: must be a list of module names")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"invalid seed={self.seed!r}: must be an int")
+        if not isinstance(self.init_options, Mapping):
+            raise ValueError(f"invalid init_options={self.init_options!r}: must be a dict")
+        set_("init_options", dict(self.init_options))
+        # Unknown names and options fail here, before any model is touched.
+        from .registry import get_adapter, get_initializer
+
+        get_adapter(self.adapter)
+        get_initializer(self.init)(**self.init_options)
+
+    # -- per-layer values ---------------------------------------------------------------------
+    def rank_for(self, name: str) -> int:
+        return int(lookup_pattern(self.rank_pattern, name, self.rank))
+
+    def alpha_for(self, name: str) -> float:
+        return float(lookup_pattern(self.alpha_pattern, name, self.alpha))
+
+    def scaling_for(self, name: str) -> float:
+        """``s = alpha / r`` (standard) or ``alpha / sqrt(r)`` (rslora) for the layer ``name``."""
+        r, alpha = self.rank_for(name), self.alpha_for(name)
+        return alpha / r if self.scaling == "standard" else alpha / math.sqrt(r)
+
+    def make_initializer(self):
+        from .registry import get_initializer
+
+        return get_initializer(self.init)(**self.init_options)
+
+    # -- serialization ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = self.targets if isinstance(self.targets, str) else list(self.targets)
+        d["trainable"] = list(self.trainable)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoRAConfig":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ValueError(f"unknown LoRAConfig keys {unknown}; valid keys: {sorted(valid)}")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "LoRAConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"invalid {name}={value!r}: must be a positive int")
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"invalid {name}={value!r}: must be a finite number > 0")
+
+
+def _check_regex(name: str, value: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"invalid {name} {value!r}: not a valid regex ({exc})") from None

@@ -1,0 +1,214 @@
+"""``inject``: wrap matching layers of a model with adapters, freeze the base, initialize.
+
+Atomic: everything that can fail (config, targets, ranks, data-driven statistics, every
+layer's initialization) runs before the model is touched; the commit that follows keeps what
+it replaces and puts it back if anything still goes wrong. On failure the model has the same
+modules, the same weight tensors and the same ``requires_grad`` flags as before.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters.base import SUPPORTED_TYPES, Adapter, weight_shape
+from .config import LoRAConfig, matches_targets
+from .init.base import InitResult, LayerContext
+from .registry import get_adapter
+
+RECORD_ATTR = "_lowrank_record"
+
+
+@dataclass
+class Target:
+    """One module to adapt, with its resolved per-layer hyperparameters."""
+
+    name: str
+    module: nn.Module
+    rank: int
+    alpha: float
+    scaling: float
+
+
+@dataclass
+class InjectionRecord:
+    """Kept on the model (``model._lowrank_record``) so ``unload`` can undo what ``inject`` did."""
+
+    config: LoRAConfig
+    requires_grad: dict[str, bool]
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
+    """Yield ``(dotted name, adapter layer)`` for every adapter in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, Adapter):
+            yield name, module
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """``model(**batch).loss`` (a dict batch), ``model(*batch).loss`` (a tuple) or ``model(batch).loss``."""
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        raise ValueError("the model's output has no .loss (does the batch carry labels?); "
+                         "pass loss_fn=lambda model, batch: <scalar loss> to lowrank.inject")
+    return loss
+
+
+def _adaptable_names(model: nn.Module, limit: int = 8) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_TYPES)]
+    return names[:limit] + (["..."] if len(names) > limit else [])
+
+
+def find_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
+    """The modules ``config.targets`` selects, validated (type, rank limits, dtype)."""
+    adapter_cls = get_adapter(config.adapter)
+    targets = []
+    for name, module in model.named_modules():
+        if not name or not matches_targets(config.targets, name):
+            continue
+        if not adapter_cls.supports(module):
+            raise TypeError(
+                f"target {config.targets!r} matched {name!r}, a {type(module).__name__}; adapter "
+                f"{config.adapter!r} wraps only {', '.join(t.__name__ for t in SUPPORTED_TYPES)}. "
+                f"Narrow targets to those (e.g. {_adaptable_names(model, 3)})")
+        if not module.weight.dtype.is_floating_point:
+            raise TypeError(f"layer {name!r} has a {module.weight.dtype} weight; lowrank adapts floating-point weights only")
+        m, n = weight_shape(module)
+        rank = config.rank_for(name)
+        if rank > min(m, n):
+            raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = min({m}, {n}) = {min(m, n)} for layer {name!r}; "
+                             f"use rank <= {min(m, n)} (or rank_pattern={{{name!r}: {min(m, n)}}})")
+        targets.append(Target(name, module, rank, config.alpha_for(name), config.scaling_for(name)))
+    if not targets:
+        raise ValueError(f"targets {config.targets!r} matched no module of {type(model).__name__}; names match the "
+                         f"full dotted path or its last components. Adaptable modules include: {_adaptable_names(model)}")
+    return targets
+
+
+def find_trainable(model: nn.Module, names: Sequence[str], targets: Sequence[Target]) -> list[tuple[str, nn.Module]]:
+    """The modules ``config.trainable`` names (trained in full, e.g. a new classifier head)."""
+    target_names = {t.name for t in targets}
+    found = []
+    for pattern in names:
+        hits = [(n, m) for n, m in model.named_modules() if n and matches_targets([pattern], n)]
+        if not hits:
+            children = [n for n, _ in model.named_children()]
+            raise ValueError(f"trainable module {pattern!r} matches nothing in {type(model).__name__}; "
+                             f"top-level modules: {children}")
+        clash = [n for n, _ in hits if n in target_names]
+        if clash:
+            raise ValueError(f"module {clash[0]!r} is both a LoRA target and in trainable; choose one")
+        found.extend(hits)
+    return found
+
+
+def _check_result(res: InitResult, t: Target, init_name: str) -> None:
+    m, n = weight_shape(t.module)
+    for key, want in (("A", (t.rank, n)), ("B", (m, t.rank))):
+        got = getattr(res, key)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ValueError(f"initializer {init_name!r} returned {key} of shape {shape} for layer {t.name!r}; expected {want}")
+        if not torch.isfinite(got).all():
+            raise FloatingPointError(f"initializer {init_name!r} returned non-finite values in {key} for layer {t.name!r}")
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, module)
+    return old
+
+
+def commit(model: nn.Module, config: LoRAConfig, targets: Sequence[Target], results: Sequence[InitResult],
+           trainable: Sequence[tuple[str, nn.Module]]) -> None:
+    """Swap in the adapter layers, offset base weights, freeze; roll everything back on failure."""
+    adapter_cls = get_adapter(config.adapter)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    params = list(model.parameters())
+    old_flags = [p.requires_grad for p in params]
+    swapped: list[tuple[str, nn.Module]] = []
+    old_weights: list[tuple[nn.Module, torch.Tensor]] = []
+    try:
+        for t, res in zip(targets, results):
+            layer = adapter_cls(t.module, t.rank, t.alpha, t.scaling, config.dropout)
+            layer.train(t.module.training)
+            layer.set_factors(res.A, res.B)
+            if res.offset:
+                old_weights.append((t.module, layer.apply_offset()))
+            _set_module(model, t.name, layer)
+            swapped.append((t.name, t.module))
+        for p in params:
+            p.requires_grad_(False)
+        for _, layer in adapted_layers(model):
+            for p in layer.adapter_parameters().values():
+                p.requires_grad_(True)
+        for _, module in trainable:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        setattr(model, RECORD_ATTR, InjectionRecord(config, flags))
+    except BaseException:
+        for name, module in reversed(swapped):
+            _set_module(model, name, module)
+        for module, old in old_weights:
+            module.weight.data = old
+        for p, flag in zip(params, old_flags):
+            p.requires_grad_(flag)
+        raise
+
+
+def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
+           loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, *, progress: bool = True) -> nn.Module:
+    """Adapt ``model`` in place: wrap every target layer, freeze the base, run ``config.init``.
+
+    Args:
+        model: any ``nn.Module`` (e.g. a Hugging Face ``transformers`` model).
+        config: the :class:`LoRAConfig`.
+        data: an iterable of batches, for data-driven initializers (LoRA-GA, LoRA-One, ...).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``; defaults to ``model(**batch).loss``.
+        progress: show progress bars.
+
+    Returns ``model``. Raises (leaving the model exactly as it was) on any bad input.
+    """
+    if any(True for _ in adapted_layers(model)):
+        raise ValueError(f"{type(model).__name__} already has lowrank adapters; call lowrank.unload(model) "
+                         f"before injecting again")
+    targets = find_targets(model, config)
+    trainable = find_trainable(model, config.trainable, targets)
+    initializer = config.make_initializer()
+    def context(t: Target, stats: Mapping[str, Any] | None = None) -> LayerContext:
+        return LayerContext(t.name, t.module, rank=t.rank, alpha=t.alpha, scaling=t.scaling, config=config, stats=stats)
+
+    for t in targets:
+        initializer.check_layer(context(t))
+    stats: dict[str, dict[str, Any]] = {}
+    if initializer.uses_data:
+        if data is None:
+            raise ValueError(f"initializer {config.init!r} is data-driven: pass data=<iterable of batches> to "
+                             f"lowrank.inject (and loss_fn=lambda model, batch: <scalar loss> if model(**batch).loss "
+                             f"is not your loss)")
+        stats = initializer.collect(model, {t.name: t.module for t in targets}, data, loss_fn or default_loss)
+    elif data is not None:
+        warnings.warn(f"initializer {config.init!r} does not use data; the data passed to inject is ignored", stacklevel=2)
+    results = []
+    for t in tqdm(targets, desc=f"lowrank init {config.init}", disable=not progress, leave=False):
+        with torch.no_grad():
+            res = initializer.init_layer(context(t, stats.get(t.name)))
+        _check_result(res, t, config.init)
+        results.append(res)
+    commit(model, config, targets, results, trainable)
+    return model

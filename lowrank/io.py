@@ -1,0 +1,197 @@
+"""Save and load adapters: safetensors for tensors, JSON for the config. No pickle.
+
+A saved adapter (``lowrank_adapter.safetensors`` + ``lowrank_config.json`` in a directory)
+holds, per layer, the trained ``A``, ``B`` and, for initializers that offset the base, the
+initial ``A0``, ``B0``: with them :func:`load_adapter` rebuilds the fine-tuned model from the
+*original* pretrained model (``W = W0 - s B0 A0``, recomputed bit for bit). It also holds the
+parameters of ``config.trainable`` modules (e.g. a classifier head).
+
+Writes are atomic (temporary file, fsync, rename), and the JSON records the SHA-256 of the
+tensor file, so a partial or corrupted save is detected on load before the model is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from ._version import __version__
+from .adapters.base import weight_shape
+from .config import LoRAConfig
+from .init.base import InitResult
+from .inject import RECORD_ATTR, adapted_layers, commit, find_targets, find_trainable
+
+CONFIG_NAME = "lowrank_config.json"
+WEIGHTS_NAME = "lowrank_adapter.safetensors"
+FORMAT = "lowrank-adapter"
+FORMAT_VERSION = 1
+
+
+class AdapterFileError(ValueError):
+    """A saved adapter is missing, corrupted, or does not fit the model."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _record(model: nn.Module):
+    record = getattr(model, RECORD_ATTR, None)
+    if record is None:
+        raise ValueError(f"{type(model).__name__} has no lowrank adapters; call lowrank.inject(model, config) first")
+    return record
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's adapters (and ``trainable`` modules) to the directory ``path``."""
+    record = _record(model)
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, layer in adapted_layers(model):
+        layers[name] = {"rank": layer.rank, "alpha": layer.alpha, "scaling": layer.scaling, "d_out": layer.d_out,
+                        "d_in": layer.d_in, "offset": layer.offset, "dtype": str(layer.A.dtype).removeprefix("torch.")}
+        tensors[f"layers.{name}.A"] = layer.A.detach()
+        tensors[f"layers.{name}.B"] = layer.B.detach()
+        if layer.offset:
+            tensors[f"layers.{name}.A0"] = layer.A0
+            tensors[f"layers.{name}.B0"] = layer.B0
+    trainable = [n for n, _ in find_trainable(model, record.config.trainable, [])]
+    for mname in trainable:
+        for pname, p in model.get_submodule(mname).named_parameters():
+            tensors[f"trainable.{mname}.{pname}"] = p.detach()
+    blob = st_save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "lowrank_version": __version__,
+            "config": record.config.to_dict(), "layers": layers, "trainable": trainable,
+            "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, blob)
+    _atomic_write(out / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    return out
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and verify a saved adapter: ``(metadata, tensors)``. Touches no model."""
+    d = Path(path)
+    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise AdapterFileError(f"no adapter at {str(d)!r}: missing {p.name} (save one with lowrank.save_adapter)")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{cfg_path} is corrupted (not valid JSON: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdapterFileError(f"{cfg_path} is not a lowrank adapter config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterFileError(f"{cfg_path} has format_version {meta['format_version']}; this lowrank "
+                               f"({__version__}) reads up to {FORMAT_VERSION}: upgrade lowrank")
+    blob = w_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
+        raise AdapterFileError(f"{w_path} does not match its config's checksum: the file is corrupted or a save was "
+                               f"interrupted; save the adapter again")
+    try:
+        tensors = st_load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as exc:  # pragma: no cover - the checksum catches it first
+        raise AdapterFileError(f"{w_path} is corrupted: {exc}") from None
+    for name, info in meta.get("layers", {}).items():
+        for key in ("A", "B") + (("A0", "B0") if info.get("offset") else ()):
+            want = {"A": (info["rank"], info["d_in"]), "B": (info["d_out"], info["rank"])}[key.rstrip("0")]
+            t = tensors.get(f"layers.{name}.{key}")
+            if t is None or tuple(t.shape) != want:
+                got = None if t is None else tuple(t.shape)
+                raise AdapterFileError(f"{w_path}: tensor {key} of layer {name!r} has shape {got}, config says {want}")
+    return meta, tensors
+
+
+def _check_fit(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+               modules: dict[str, nn.Module]) -> None:
+    """Raise naming the first layer or tensor of the adapter that does not fit ``model``."""
+    saved = meta["layers"]
+    missing = [n for n in saved if n not in modules]
+    extra = [n for n in modules if n not in saved]
+    if missing or extra:
+        what = (f"layer {missing[0]!r} of the adapter is not a target in the model" if missing
+                else f"model layer {extra[0]!r} is a target but the adapter has no weights for it")
+        raise AdapterFileError(f"adapter does not fit {type(model).__name__}: {what}")
+    for name, info in saved.items():
+        shape = weight_shape(modules[name])
+        if shape != (info["d_out"], info["d_in"]):
+            raise AdapterFileError(f"adapter does not fit layer {name!r}: adapter (d_out, d_in) = "
+                                   f"{(info['d_out'], info['d_in'])}, model {shape}")
+    for key, t in tensors.items():
+        if key.startswith("trainable."):
+            pname = key.removeprefix("trainable.")
+            try:
+                p = model.get_parameter(pname)
+            except AttributeError:
+                raise AdapterFileError(f"adapter has trainable parameter {pname!r} that the model lacks") from None
+            if p.shape != t.shape:
+                raise AdapterFileError(f"trainable parameter {pname!r}: adapter {tuple(t.shape)}, model {tuple(p.shape)}")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a saved adapter into ``model`` and return it.
+
+    ``model`` is either the *original* pretrained model (adapters are injected and the base
+    offset rebuilt, reproducing the fine-tuned model) or a model already injected with the
+    same layout (weights are replaced, e.g. to resume). Everything is verified before the model
+    is changed; on any mismatch it is left as it was.
+    """
+    meta, tensors = read_adapter(path)
+    config = LoRAConfig.from_dict(meta["config"])
+    layers = dict(adapted_layers(model))
+    if layers:
+        _check_fit(model, meta, tensors, {n: layer.base_layer for n, layer in layers.items()})
+        if any(layer.merged for layer in layers.values()):
+            raise AdapterFileError("the model's adapters are merged; call lowrank.unmerge(model) before loading")
+        for name, layer in layers.items():
+            info = meta["layers"][name]
+            if (layer.rank, layer.offset) != (info["rank"], info["offset"]):
+                raise AdapterFileError(f"layer {name!r}: adapter has rank {info['rank']} (offset={info['offset']}), "
+                                       f"model has rank {layer.rank} (offset={layer.offset})")
+        for name, layer in layers.items():
+            if layer.offset:
+                A0, B0 = tensors[f"layers.{name}.A0"], tensors[f"layers.{name}.B0"]
+                if not (torch.equal(A0, layer.A0.cpu()) and torch.equal(B0, layer.B0.cpu())):
+                    w0 = layer.original_weight()
+                    layer.A0, layer.B0 = A0.to(layer.A0), B0.to(layer.B0)
+                    layer.rebuild_offset(w0)
+    else:
+        targets = find_targets(model, config)
+        _check_fit(model, meta, tensors, {t.name: t.module for t in targets})
+        trainable = find_trainable(model, config.trainable, targets)
+        results = []
+        for t in targets:
+            offset = meta["layers"][t.name]["offset"]
+            key = "0" if offset else ""
+            results.append(InitResult(A=tensors[f"layers.{t.name}.A{key}"], B=tensors[f"layers.{t.name}.B{key}"],
+                                      offset=offset))
+        commit(model, config, targets, results, trainable)
+        layers = dict(adapted_layers(model))
+    for name, layer in layers.items():
+        layer.set_factors(tensors[f"layers.{name}.A"], tensors[f"layers.{name}.B"])
+    for key, t in tensors.items():
+        if key.startswith("trainable."):
+            model.get_parameter(key.removeprefix("trainable.")).copy_(t)
+    return model

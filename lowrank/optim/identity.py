@@ -1,0 +1,14 @@
+"""The identity preconditioner: gradients pass through unchanged (plain LoRA training)."""
+
+from __future__ import annotations
+
+from ..registry import register_preconditioner
+from .base import Preconditioner
+
+
+@register_preconditioner("identity")
+class Identity(Preconditioner):
+    """No preconditioning: (grad_A, grad_B) unchanged."""
+
+    def update(self, grad_A, grad_B, A, B, scaling, state):
+        return grad_A, grad_B

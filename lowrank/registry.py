@@ -1,0 +1,140 @@
+"""Name -> class registries for the three extension points (initializer, preconditioner, adapter).
+
+Modelled on timm's registry: entries are registered where they are defined, listed with
+wildcards, and looked up by name. Differences: a duplicate name is an error (unless
+``override=True``), and an unknown name raises a ``KeyError`` that suggests the closest
+names and says how to list them all.
+
+Third-party packages register through the entry-point group ``lowrank.plugins``: each entry
+point names a module (importing it runs its ``@register_*`` decorators) or a callable (called
+with no arguments). Plugins load lazily, on the first lookup or listing of any registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+PLUGIN_GROUP = "lowrank.plugins"
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Import every ``lowrank.plugins`` entry point once. A broken plugin warns, never breaks lowrank."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True  # set first: a plugin that looks something up must not recurse
+    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            obj = ep.load()
+            if callable(obj):
+                obj()
+        except Exception as exc:  # noqa: BLE001 - report and go on, the built-ins still work
+            warnings.warn(f"lowrank plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}", stacklevel=2)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered object with its description (the first line of its docstring)."""
+
+    name: str
+    obj: Any
+    description: str
+
+
+class Registry:
+    """A named collection of classes of one kind (``"initializer"``, ``"preconditioner"``, ``"adapter"``)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, obj: T | None = None, *, override: bool = False) -> Any:
+        """Register ``obj`` under ``name``; used bare (``register(name, obj)``) or as a decorator."""
+        if not isinstance(name, str) or not name.strip() or name != name.strip():
+            raise ValueError(f"invalid {self.kind} name {name!r}: use a non-empty string without surrounding spaces")
+
+        def decorator(o: T) -> T:
+            if name in self._entries and not override:
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered (by {self._entries[name].obj!r}); "
+                    f"pick another name or pass override=True to replace it"
+                )
+            doc = (getattr(o, "__doc__", None) or "").strip().splitlines()
+            self._entries[name] = Entry(name, o, doc[0] if doc else "")
+            if isinstance(o, type) and "registry_name" not in vars(o):  # an alias keeps the first name
+                o.registry_name = name  # type: ignore[attr-defined]
+            return o
+
+        return decorator if obj is None else decorator(obj)
+
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (for tests and interactive work)."""
+        self.get(name)
+        del self._entries[name]
+
+    def get(self, name: str) -> Any:
+        """The object registered as ``name``; ``KeyError`` with suggestions when unknown."""
+        _load_plugins()
+        try:
+            return self._entries[name].obj
+        except (KeyError, TypeError):
+            pass
+        close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise KeyError(
+            f"unknown {self.kind} {name!r}; {hint}(see lowrank.list_{self.kind}s() for all "
+            f"{len(self._entries)} registered)"
+        ) from None
+
+    def entry(self, name: str) -> Entry:
+        self.get(name)
+        return self._entries[name]
+
+    def list(self, pattern: str = "*", exclude: str | None = None) -> list[str]:
+        """Sorted names matching the shell-style ``pattern`` and not matching ``exclude``."""
+        _load_plugins()
+        names = [n for n in self._entries if fnmatch.fnmatchcase(n, pattern)]
+        if exclude is not None:
+            names = [n for n in names if not fnmatch.fnmatchcase(n, exclude)]
+        return sorted(names)
+
+    def __contains__(self, name: object) -> bool:
+        _load_plugins()
+        return name in self._entries
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {sorted(self._entries)})"
+
+
+INITIALIZERS = Registry("initializer")
+PRECONDITIONERS = Registry("preconditioner")
+ADAPTERS = Registry("adapter")
+
+
+def _api(reg: Registry) -> tuple[Callable, Callable, Callable]:
+    def register(name: str, obj: Any = None, *, override: bool = False) -> Any:
+        return reg.register(name, obj, override=override)
+
+    def get(name: str) -> Any:
+        return reg.get(name)
+
+    def list_(pattern: str = "*", exclude: str | None = None) -> list[str]:
+        return reg.list(pattern, exclude)
+
+    for f, verb in ((register, "register"), (get, "get"), (list_, "list")):
+        f.__name__ = f.__qualname__ = f"{verb}_{reg.kind}" + ("s" if verb == "list" else "")
+        f.__doc__ = f"{verb.capitalize()} {reg.kind}s (see :class:`lowrank.registry.Registry`)."
+    return register, get, list_
+
+
+register_initializer, get_initializer, list_initializers = _api(INITIALIZERS)
+register_preconditioner, get_preconditioner, list_preconditioners = _api(PRECONDITIONERS)
+register_adapter, get_adapter, list_adapters = _api(ADAPTERS)

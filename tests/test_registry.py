@@ -1,0 +1,105 @@
+"""Registries: registration, lookup with suggestions, listing, duplicates, entry-point plugins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import metadata
+
+import pytest
+
+import lowrank
+from lowrank import registry
+
+
+def test_builtins_are_registered():
+    assert {"kaiming", "gaussian"} <= set(lowrank.list_initializers())
+    assert lowrank.list_adapters() == ["lora"]
+    assert "identity" in lowrank.list_preconditioners()
+    assert lowrank.get_adapter("lora") is lowrank.LoRALayer
+
+
+def test_unknown_name_suggests_closest_and_how_to_list():
+    with pytest.raises(KeyError) as err:
+        lowrank.get_initializer("kaimng")
+    msg = str(err.value)
+    assert "'kaiming'" in msg and "lowrank.list_initializers()" in msg
+    with pytest.raises(KeyError, match="list_preconditioners"):
+        lowrank.get_preconditioner("nothing-like-it")
+
+
+def test_list_filters_with_wildcards_sorted():
+    reg = registry.Registry("thing")
+    for name in ("b_two", "a_one", "b_one"):
+        reg.register(name, object())
+    assert reg.list() == ["a_one", "b_one", "b_two"]
+    assert reg.list("b_*") == ["b_one", "b_two"]
+    assert reg.list("*", exclude="*_one") == ["b_two"]
+
+
+def test_duplicate_is_an_error_unless_override():
+    reg = registry.Registry("thing")
+    reg.register("x", 1)
+    with pytest.raises(ValueError, match="already registered.*override=True"):
+        reg.register("x", 2)
+    reg.register("x", 3, override=True)
+    assert reg.get("x") == 3
+    with pytest.raises(ValueError, match="invalid thing name"):
+        reg.register(" x", 4)
+
+
+def test_register_a_new_initializer_in_a_few_lines():
+    @lowrank.register_initializer("test_const")
+    class Const(lowrank.Initializer):
+        """A constant init for the test."""
+
+        @dataclass(frozen=True)
+        class Options:
+            value: float = 0.5
+
+        def init_layer(self, ctx):
+            return lowrank.InitResult(A=ctx.zeros(ctx.rank, ctx.n) + self.options.value, B=ctx.zeros(ctx.m, ctx.rank))
+
+    try:
+        assert lowrank.get_initializer("test_const") is Const
+        assert registry.INITIALIZERS.entry("test_const").description == "A constant init for the test."
+        assert Const(value=2.0).options.value == 2.0
+        with pytest.raises(ValueError, match=r"unknown option\(s\) \['valu'\].*valid options: \['value'\]"):
+            Const(valu=2.0)
+        with pytest.raises(ValueError, match="already registered"):
+            lowrank.register_initializer("test_const")(Const)
+    finally:
+        registry.INITIALIZERS.unregister("test_const")
+    assert "test_const" not in lowrank.list_initializers()
+
+
+def test_entry_point_plugins_load_lazily(monkeypatch):
+    calls = []
+
+    def plugin():
+        calls.append(1)
+        registry.INITIALIZERS.register("plugin_init", lowrank.get_initializer("kaiming"), override=True)
+
+    def broken():
+        raise RuntimeError("boom")
+
+    class EP:
+        def __init__(self, name, fn):
+            self.name, self.value, self._fn = name, f"pkg:{name}", fn
+
+        def load(self):
+            return self._fn
+
+    def fake_entry_points(group):
+        assert group == "lowrank.plugins"
+        return [EP("good", plugin), EP("bad", broken)]
+
+    monkeypatch.setattr(metadata, "entry_points", fake_entry_points)
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    assert calls == []  # nothing loads at import or registration time
+    try:
+        with pytest.warns(UserWarning, match="plugin 'bad'.*boom"):
+            assert "plugin_init" in lowrank.list_initializers()
+        lowrank.get_initializer("plugin_init")
+        assert calls == [1]  # loaded once
+    finally:
+        registry.INITIALIZERS.unregister("plugin_init")
