@@ -59,8 +59,14 @@ class LoRALayer(Adapter):
         """Whether the base weight was offset at initialization (``W = W0 - s B0 A0``)."""
         return self.A0 is not None
 
-    def _product32(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        return self.scaling * (B.float() @ A.float())
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float32, or float64 for float64 weights: the precision of offsets and merges."""
+        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+
+    def _product(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        dt = self.compute_dtype
+        return self.scaling * (B.to(dt) @ A.to(dt))
 
     @torch.no_grad()
     def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -72,7 +78,7 @@ class LoRALayer(Adapter):
     def apply_offset(self) -> torch.Tensor:
         """Record the current factors as ``A0, B0`` and set ``W = W0 - s B0 A0``.
 
-        The product is formed in float32 from the factors *as stored* (their dtype), so
+        The product is formed in float32 (float64 for float64 weights) from the factors *as stored* (their dtype), so
         :func:`lowrank.load_adapter` recomputes the same offset bit for bit. Returns the
         previous weight data, for rollback.
         """
@@ -82,26 +88,26 @@ class LoRALayer(Adapter):
     @torch.no_grad()
     def rebuild_offset(self, w0: torch.Tensor) -> torch.Tensor:
         """Set ``W = w0 - s B0 A0`` from an original weight ``w0 (d_out, d_in)``; returns the old data."""
-        return set_weight(self.base_layer, w0.float() - self._product32(self.B0, self.A0))
+        return set_weight(self.base_layer, w0.to(self.compute_dtype) - self._product(self.B0, self.A0))
 
     @torch.no_grad()
     def original_weight(self) -> torch.Tensor:
-        """``W0`` recovered as ``W + s B0 A0`` in float32 (exact up to one rounding of the base dtype)."""
-        w = self.base_weight().float()
-        return w + self._product32(self.B0, self.A0) if self.offset else w
+        """``W0`` recovered as ``W + s B0 A0`` (float32/64; exact up to one rounding of the base dtype)."""
+        w = self.base_weight().to(self.compute_dtype)
+        return w + self._product(self.B0, self.A0) if self.offset else w
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             raise RuntimeError("layer is already merged; call unmerge() first")
-        set_weight(self.base_layer, self.base_weight().float() + self._product32(self.B, self.A))
+        set_weight(self.base_layer, self.base_weight().to(self.compute_dtype) + self._product(self.B, self.A))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("layer is not merged")
-        set_weight(self.base_layer, self.base_weight().float() - self._product32(self.B, self.A))
+        set_weight(self.base_layer, self.base_weight().to(self.compute_dtype) - self._product(self.B, self.A))
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -1,6 +1,8 @@
 """Initializers. Importing this package registers the built-in ones (one method per file)."""
 
 from .base import InitResult, Initializer, LayerContext, layer_seed
-from . import gaussian, kaiming  # noqa: F401  (registration side effects)
+from .gradient import GradientInitializer, GradientOptions, estimate_gradients
+from . import gaussian, kaiming, lora_ga, lora_one, milora, olora, pissa  # noqa: F401  (registration)
 
-__all__ = ["InitResult", "Initializer", "LayerContext", "layer_seed"]
+__all__ = ["InitResult", "Initializer", "LayerContext", "layer_seed", "GradientInitializer", "GradientOptions",
+           "estimate_gradients"]

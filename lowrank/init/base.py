@@ -74,8 +74,9 @@ class LayerContext:
 
     @cached_property
     def weight(self) -> torch.Tensor:
-        """The base weight ``W0`` in float32 as ``(d_out, d_in)`` (a copy)."""
-        return weight_view(self.module).detach().float().clone()
+        """The base weight ``W0`` in float32 (float64 if stored so) as ``(d_out, d_in)`` (a copy)."""
+        w = weight_view(self.module).detach()
+        return w.to(torch.promote_types(w.dtype, torch.float32), copy=True)
 
     @cached_property
     def generator(self) -> torch.Generator:
