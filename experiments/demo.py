@@ -1,7 +1,7 @@
 """End-to-end demo on a real pretrained model and real data, offline.
 
     bash scripts/demo.sh                       # set up, then: python -m experiments.demo
-    python -m experiments.demo --inits kaiming,lora_ga --steps 200
+    python -m experiments.demo --inits kaiming,pissa,lora_ga --steps 200   # the defaults: kaiming,pissa,lora_ga, 150 steps
 
 For each initializer: MiniLM (sentence-transformers/all-MiniLM-L6-v2) + a new 41-way head
 classifies WordNet definitions into their supersense. LoRA on all 36 encoder linears
@@ -79,7 +79,7 @@ def run_arm(init: str, args, train, evaluation, num_labels: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--inits", default="kaiming,gaussian", help="comma-separated registered initializers")
+    p.add_argument("--inits", default="kaiming,pissa,lora_ga", help="comma-separated registered initializers")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--steps", type=int, default=150)

@@ -207,7 +207,7 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
     results = []
     for t in tqdm(targets, desc=f"lowrank init {config.init}", disable=not progress, leave=False):
         with torch.no_grad():
-            res = initializer.init_layer(context(t, stats.get(t.name)))
+            res = initializer.init_layer(context(t, stats.pop(t.name, None)))  # pop: free G layer by layer
         _check_result(res, t, config.init)
         results.append(res)
     commit(model, config, targets, results, trainable)

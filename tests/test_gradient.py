@@ -189,3 +189,40 @@ def test_standard_scaling_warns_for_lora_ga():
     with pytest.warns(UserWarning, match="rsLoRA scaling"):
         lowrank.inject(model, LoRAConfig(targets=["query"], rank=2, init="lora_ga"), data=batches("bert", 1),
                        progress=False)
+
+
+class _Sentinel:
+    pass
+
+
+class _Hold(torch.autograd.Function):
+    """Identity whose graph node holds an object: it dies exactly when the graph is freed."""
+
+    @staticmethod
+    def forward(ctx, x, obj):
+        ctx.obj = obj
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def test_each_batch_graph_is_freed_before_the_next_batch():
+    """The graph of a batch (whose hooks hold every target layer's input) must not live on until
+    the next batch's forward: that would hold two batches of activations at once."""
+    import weakref
+
+    model = tiny_bert()
+    modules = _targets(model, ["query"])
+    refs, alive = [], []
+
+    def loss_fn(m, batch):
+        alive.extend(r() is not None for r in refs)
+        refs.clear()
+        obj = _Sentinel()
+        refs.append(weakref.ref(obj))
+        return _Hold.apply(m(**batch).loss, obj)
+
+    estimate_gradients(model, modules, batches("bert", 3), loss_fn, progress=False)
+    assert alive == [False, False]

@@ -68,10 +68,11 @@ def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data:
 
     def contribution(name: str, x: torch.Tensor):
         def hook(g: torch.Tensor) -> None:
-            gx = g.reshape(-1, g.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()  # (m, n)
-            if not torch.isfinite(gx).all():
-                bad.append(name)
-            acc[name].add_(gx.to(acc_device))
+            g2, x2 = g.reshape(-1, g.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+            if offload:
+                acc[name].add_((g2.T @ x2).cpu())
+            else:  # accumulate in place: no (m, n) temporary
+                acc[name].addmm_(g2.T, x2)
             calls[name] += 1
         return hook
 
@@ -117,6 +118,12 @@ def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data:
                 raise FloatingPointError(f"non-finite loss {loss.item()} on batch {n_done}; check the data or loss_fn")
             if loss.requires_grad:
                 loss.backward()
+            # Drop the graph now: its nodes hold this batch's hooks, and they hold the layer inputs.
+            loss = loss.detach()
+            # One reduction per layer and a single sync: a non-finite entry makes its sum non-finite
+            # (a sum can also overflow on finite entries: the slow path below tells them apart).
+            if not torch.isfinite(torch.stack([a.sum() for a in acc.values()])).all():
+                bad = [n for n, a in acc.items() if not torch.isfinite(a).all()]
             if bad:
                 raise FloatingPointError(f"non-finite gradient on batch {n_done} for layer {bad[0]!r}"
                                          + (f" (and {len(set(bad)) - 1} more)" if len(set(bad)) > 1 else ""))

@@ -64,8 +64,8 @@ class LoRAGA(GradientInitializer):
         """``gamma`` of the stable scale ``c = m^(1/4) / sqrt(gamma)``."""
         svd: str = "full"
         """``full`` (exact) or ``randomized`` (seeded block Krylov)."""
-        oversample: int = 0
-        """Randomized SVD: block size 2r + oversample."""
+        oversample: int | None = None
+        """Randomized SVD: block size 2r + oversample (None: 2r, a block of 4r)."""
         niter: int = 4
         """Randomized SVD: Krylov depth (search space of (2r + oversample)(niter + 1) directions)."""
 

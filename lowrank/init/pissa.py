@@ -28,8 +28,8 @@ from .svd import check_svd_options, top_svd
 class SVDOptions:
     svd: str = "full"
     """``full`` (exact) or ``randomized`` (seeded block Krylov)."""
-    oversample: int = 0
-    """Randomized SVD: block size r + oversample."""
+    oversample: int | None = None
+    """Randomized SVD: block size r + oversample (None: r, a block of 2r)."""
     niter: int = 8
     """Randomized SVD: Krylov depth (search space of (r + oversample)(niter + 1) directions)."""
 

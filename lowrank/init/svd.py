@@ -22,7 +22,7 @@ def top_svd(M: torch.Tensor, k: int, *, method: str = "full", oversample: int | 
     """The top ``k`` singular triplets of ``M (m, n)``: ``U (m, k)``, ``S (k,)`` descending, ``V (n, k)``.
 
     ``method="randomized"``: block size ``b = min(k + oversample, min(m, n))`` (``oversample``
-    defaults to 0), Krylov depth ``niter``; the search space holds ``b (niter + 1) >= 2k``
+    defaults to ``k``, a block of ``2k``), Krylov depth ``niter``; the search space holds ``b (niter + 1) >= 2k``
     directions for ``niter >= 1``. Computed in float32 (float64 inputs stay float64).
     """
     if method not in SVD_METHODS:
@@ -34,7 +34,7 @@ def top_svd(M: torch.Tensor, k: int, *, method: str = "full", oversample: int | 
     if method == "full":
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return U[:, :k], S[:k], Vh[:k].T
-    b = min(k + (oversample or 0), min(m, n))
+    b = min(k + (k if oversample is None else oversample), min(m, n))
     omega = torch.randn(n, b, generator=generator, dtype=M.dtype).to(M.device)  # (n, b)
     Y = torch.linalg.qr(M @ omega).Q  # (m, b)
     blocks = [Y]
@@ -53,11 +53,11 @@ def bottom_svd(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, tor
     return U[:, -k:], S[-k:], Vh[-k:].T
 
 
-def check_svd_options(svd: str, oversample: int, niter: int) -> None:
+def check_svd_options(svd: str, oversample: int | None, niter: int) -> None:
     """Validate the ``svd`` / ``oversample`` / ``niter`` options of an initializer."""
     if svd not in SVD_METHODS:
         raise ValueError(f"invalid svd={svd!r}: must be one of {SVD_METHODS}")
-    if not isinstance(oversample, int) or isinstance(oversample, bool) or oversample < 0:
-        raise ValueError(f"invalid oversample={oversample!r}: must be an int >= 0")
+    if oversample is not None and (not isinstance(oversample, int) or isinstance(oversample, bool) or oversample < 0):
+        raise ValueError(f"invalid oversample={oversample!r}: must be an int >= 0, or None (= the number of triplets)")
     if not isinstance(niter, int) or isinstance(niter, bool) or niter < 0:
         raise ValueError(f"invalid niter={niter!r}: must be an int >= 0")

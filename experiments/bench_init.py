@@ -1,0 +1,261 @@
+"""Initialization benchmark: lowrank vs PEFT on the offline MiniLM and real WordNet batches.
+
+    python -m experiments.bench_init [--repeats 3] [--rank 8] [--batches 8] [--batch-size 32]
+
+Three measurements, each side by side with PEFT in one run (PEFT version printed):
+
+1. LoRA-GA init: wall time and extra peak memory of the whole init phase (gradient estimation
+   + SVD + adapter creation), lowrank ``inject(init="lora_ga")`` vs PEFT ``preprocess_loraga`` +
+   ``get_peft_model(init_lora_weights="lora_ga")`` on the same batches. Each repeat runs in a
+   fresh subprocess, alternating lowrank/PEFT; memory is the peak RSS (sampled every 2 ms)
+   above the RSS before the init (on CUDA: peak allocated bytes). Ratios lowrank/PEFT.
+2. Randomized PiSSA vs PEFT ``pissa_niter_4``: relative error of the rank-r part
+   ``||s B A - W_r||_F / ||W_r||_F`` against the exact truncation (full SVD), the
+   Eckart-Young suboptimality ``||W0 - s B A||_F / ||W0 - W_r||_F - 1``, and wall time.
+3. First-step alignment on the same gradient ``G``: ``sin`` of the angle between the first
+   LoRA step ``s^2 (B B^T G + G A^T A)`` and ``G_2r`` (0 = exactly proportional, LoRA-GA's
+   theorem), for lowrank's and PEFT's ``lora_ga``.
+
+Dropout is switched off in the model config so that PEFT (which estimates in train mode) and
+lowrank (eval mode) see the same gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import threading
+import time
+
+import torch
+
+import lowrank
+from lowrank.data.batches import classification_batches
+from lowrank.data.wordnet import supersense_splits
+
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def load_model(num_labels: int):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging
+
+    from lowrank.data.offline import minilm_path
+
+    logging.set_verbosity_error()
+    path = minilm_path()
+    torch.manual_seed(0)  # the classifier head is new: seed it so every arm sees the same gradient
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def get_batches(n_batches: int, batch_size: int):
+    train, _ = supersense_splits(n_train=n_batches * batch_size * 2, n_eval=100)
+    n = train.features["label"].num_classes
+    model, tok = load_model(n)
+    return n, list(classification_batches(train, tok, batch_size, shuffle=True, seed=1))[:n_batches]
+
+
+class PeakRSS:
+    """Peak resident memory above the level at start, sampled on a thread."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self.start = self.rss()
+        self.peak = self.start
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+        self.extra = self.peak - self.start
+
+
+def lowrank_lora_ga(model, batches, rank, alpha, svd="full"):
+    cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, targets=TARGETS, scaling="rslora", init="lora_ga",
+                             init_options={"progress": False, "svd": svd})
+    lowrank.inject(model, cfg, data=batches, progress=False)
+    return model
+
+
+def peft_lora_ga(model, batches, rank, alpha):
+    import peft
+
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, use_rslora=True,
+                          init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig())
+
+    def train_step():
+        for b in batches:
+            model(**b).loss.backward()
+
+    peft.tuners.lora.preprocess_loraga(model, cfg, train_step)
+    return peft.get_peft_model(model, cfg)
+
+
+def _init_worker(arm, rank, alpha, n_batches, batch_size, queue):
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    n, batches = get_batches(n_batches, batch_size)
+    model, _ = load_model(n)
+    fn = {"lowrank": lowrank_lora_ga, "peft": peft_lora_ga,
+          "lowrank randomized": lambda *a: lowrank_lora_ga(*a, svd="randomized")}[arm]
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        fn(model, batches, rank, alpha)
+        seconds = time.perf_counter() - t0
+    queue.put((arm, seconds, mem.extra))
+
+
+def bench_lora_ga_init(args):
+    ctx = mp.get_context("spawn")
+    arms = ["lowrank", "lowrank randomized", "peft"]
+    results = {k: [] for k in arms}
+    for i in range(args.repeats):
+        for arm in (arms if i % 2 == 0 else arms[::-1]):
+            q = ctx.Queue()
+            p = ctx.Process(target=_init_worker, args=(arm, args.rank, args.alpha, args.batches, args.batch_size, q))
+            p.start()
+            res = q.get()
+            p.join()
+            results[arm].append(res[1:])
+    med = {k: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
+    print("\n## 1. LoRA-GA init phase (gradient estimate + SVD + adapters), "
+          f"{args.batches} batches x {args.batch_size}, r={args.rank}, {args.repeats} repeats")
+    print("| | time (s) | extra peak RSS (MiB) |\n|---|---|---|")
+    for k, (s, m) in med.items():
+        print(f"| {k} | {s:.2f} | {m / 2**20:.0f} |")
+    for k in arms[:-1]:
+        print(f"| ratio {k}/peft | {med[k][0] / med['peft'][0]:.3f} | {med[k][1] / med['peft'][1]:.3f} |")
+
+
+def _pairs_peft(model):
+    """``{name: (A, B, s)}`` of a PEFT LoRA model, keyed by the base model's module names."""
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            key = name.removeprefix("base_model.model.")
+            out[key] = (mod.lora_A["default"].weight.detach().double(), mod.lora_B["default"].weight.detach().double(),
+                        mod.scaling["default"])
+    return out
+
+
+def _pairs_lowrank(model):
+    return {n: (layer.A.detach().double(), layer.B.detach().double(), layer.scaling)
+            for n, layer in lowrank.adapted_layers(model)}
+
+
+def bench_pissa(args, n):
+    import peft
+
+    print(f"\n## 2. PiSSA rank-{args.rank} part: randomized vs full SVD (all {len(TARGETS)} target kinds, "
+          f"{args.repeats} repeats, time = whole init)")
+    rows = {}
+    arms = {
+        "lowrank pissa full": lambda m: lowrank.inject(m, lowrank.LoRAConfig(rank=args.rank, alpha=args.alpha,
+                                                                            targets=TARGETS, init="pissa"), progress=False),
+        "lowrank pissa randomized": lambda m: lowrank.inject(m, lowrank.LoRAConfig(
+            rank=args.rank, alpha=args.alpha, targets=TARGETS, init="pissa", init_options={"svd": "randomized"}),
+            progress=False),
+        "peft pissa_niter_4": lambda m: peft.get_peft_model(m, peft.LoraConfig(
+            r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS, init_lora_weights="pissa_niter_4")),
+    }
+    base, _ = load_model(n)
+    W0 = {name: mod.weight.detach().double() for name, mod in base.named_modules() if isinstance(mod, torch.nn.Linear)
+          and name.rsplit(".", 1)[-1] in TARGETS}
+    truncs = {}
+    for name, w in W0.items():
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        truncs[name] = ((U[:, :args.rank] * S[:args.rank]) @ Vh[:args.rank], (S[args.rank:] ** 2).sum().sqrt())
+    times = {k: [] for k in arms}
+    errs = {}
+    for i in range(args.repeats):
+        for k, fn in (arms.items() if i % 2 == 0 else reversed(list(arms.items()))):
+            model, _ = load_model(n)
+            t0 = time.perf_counter()
+            model = fn(model)
+            times[k].append(time.perf_counter() - t0)
+            pairs = _pairs_peft(model) if k.startswith("peft") else _pairs_lowrank(model)
+            e_part, e_ey = [], []
+            for name, (A, B, s) in pairs.items():
+                ref, floor = truncs[name]
+                part = s * B @ A
+                e_part.append(((part - ref).norm() / ref.norm()).item())
+                e_ey.append(((W0[name] - part).norm() / floor - 1).item())
+            errs[k] = (statistics.median(e_part), max(e_part), statistics.median(e_ey))
+    print("| | rank-r part rel. error (median / max over layers) | Eckart-Young suboptimality (median) | time (s) |")
+    print("|---|---|---|---|")
+    for k in arms:
+        e = errs[k]
+        t = statistics.median(times[k])
+        rows[k] = t
+        print(f"| {k} | {e[0]:.4f} / {e[1]:.4f} | {e[2]:.2e} | {t:.3f} |")
+    print(f"time ratio lowrank randomized / peft pissa_niter_4: {rows['lowrank pissa randomized'] / rows['peft pissa_niter_4']:.2f}")
+
+
+def bench_alignment(args, n, batches):
+    print(f"\n## 3. First-step alignment with G_2r on the same gradient (r={args.rank})")
+    model, _ = load_model(n)
+    modules = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+               and name.rsplit(".", 1)[-1] in TARGETS}
+    G = lowrank.init.estimate_gradients(model, modules, batches, lowrank.default_loss, progress=False)
+    arms = {
+        "lowrank lora_ga": _pairs_lowrank(lowrank_lora_ga(load_model(n)[0], batches, args.rank, args.alpha)),
+        "lowrank lora_ga svd=randomized": _pairs_lowrank(
+            lowrank_lora_ga(load_model(n)[0], batches, args.rank, args.alpha, svd="randomized")),
+        "peft lora_ga": _pairs_peft(peft_lora_ga(load_model(n)[0], batches, args.rank, args.alpha)),
+    }
+    print("| | sin(angle(first step, G_2r)) median | max | sin(angle(first step, G)) median |\n|---|---|---|---|")
+    for label, pairs in arms.items():
+        sines, sines_full = [], []
+        for name, (A, B, s) in pairs.items():
+            g = G[name].double()
+            U, S, Vh = torch.linalg.svd(g, full_matrices=False)
+            g2r = (U[:, :2 * args.rank] * S[:2 * args.rank]) @ Vh[:2 * args.rank]
+            step = s ** 2 * (B @ B.T @ g + g @ A.T @ A)
+            for ref, acc in ((g2r, sines), (g, sines_full)):
+                cos = (step * ref).sum() / (step.norm() * ref.norm())
+                acc.append(float((1 - cos.clamp(max=1) ** 2).clamp(min=0).sqrt()))
+        print(f"| {label} | {statistics.median(sines):.2e} | {max(sines):.2e} | {statistics.median(sines_full):.3f} |")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--only", choices=["lora_ga", "pissa", "alignment"], default=None)
+    args = p.parse_args(argv)
+    import peft
+
+    print(f"# bench_init: lowrank {lowrank.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs")
+    n, batches = get_batches(args.batches, args.batch_size)
+    if args.only in (None, "lora_ga"):
+        bench_lora_ga_init(args)
+    if args.only in (None, "pissa"):
+        bench_pissa(args, n)
+    if args.only in (None, "alignment"):
+        bench_alignment(args, n, batches)
+
+
+if __name__ == "__main__":
+    main()
