@@ -2,37 +2,79 @@
 
 In the spirit of optax's gradient transformations: a preconditioner maps each adapted layer's
 ``(grad_A, grad_B)``, given the current ``(A, B, scaling)`` and its own per-layer state, to the
-directions the base optimizer (SGD, AdamW, ...) then steps along. It has no learning rate.
+directions the base optimizer (SGD, AdamW, ...) then steps along. It has no learning rate of
+its own; a method that is about learning rates (LoRA+) says so through ``lr_multipliers``, and
+one that freezes ``A`` (LoRA-FA) through ``trains_A``. ``lowrank.optim.PreconditionedOptimizer``
+applies it before the base optimizer's step; ``chain`` composes several.
+
+Conventions (``../shared/MATH.md``): ``A`` is ``(r, n)``, ``B`` is ``(m, r)``, ``s`` the adapter
+scale, ``grad_A = s B^T G`` and ``grad_B = s G A^T`` with ``G = dL/dW``. Tensors arrive in the
+compute dtype (float32, or float64 for float64 adapters) and must be returned in it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
 from .._options import build_options
 
 
+class LayerGrads(NamedTuple):
+    """One adapted layer's input to a preconditioner (compute dtype)."""
+
+    grad_A: torch.Tensor | None
+    grad_B: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    state: dict[str, torch.Tensor]
+
+
 class Preconditioner(ABC):
-    """Base class of gradient preconditioners for LoRA factors."""
+    """Base class of gradient preconditioners for LoRA factors.
+
+    Subclass it, give it a frozen ``Options`` dataclass and an ``update``, and register it::
+
+        @lowrank.register_preconditioner("half_b")
+        class HalfB(lowrank.Preconditioner):
+            def update(self, grad_A, grad_B, A, B, scaling, state):
+                return grad_A, 0.5 * grad_B
+    """
 
     @dataclass(frozen=True)
     class Options:
         """No options."""
 
+    trains_A: ClassVar[bool] = True
+    """``False``: ``A`` is frozen (not given to the base optimizer, ``grad_A`` is ``None``)."""
+    transforms_gradients: ClassVar[bool] = True
+    """``False``: ``update`` returns its gradients unchanged (the optimizer then skips it)."""
     registry_name: ClassVar[str] = "?"
 
     def __init__(self, **options: Any):
         self.options = build_options(self.Options, options, "preconditioner", self.registry_name)
+
+    def lr_multipliers(self) -> tuple[float, float]:
+        """Learning-rate multipliers ``(for A, for B)`` applied through the base optimizer's param groups."""
+        return 1.0, 1.0
 
     def init_state(self, A: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-layer state (tensors only, so it round-trips through ``state_dict``)."""
         return {}
 
     @abstractmethod
-    def update(self, grad_A: torch.Tensor, grad_B: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-               scaling: float, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the transformed ``(grad_A (r, d_in), grad_B (d_out, r))``."""
+    def update(self, grad_A: torch.Tensor | None, grad_B: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+               scaling: float, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Return the transformed ``(grad_A (r, n) or None if A is frozen, grad_B (m, r))``."""
+
+    def update_many(self, layers: list[LayerGrads]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """``update`` for every adapted layer at once; override to batch the small ``r x r`` algebra
+        across layers (see ``lowrank.optim.linalg.grouped``)."""
+        return [self.update(*layer) for layer in layers]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})"

@@ -8,7 +8,9 @@ from .base import Preconditioner
 
 @register_preconditioner("identity")
 class Identity(Preconditioner):
-    """No preconditioning: (grad_A, grad_B) unchanged."""
+    """No preconditioning: ``(grad_A, grad_B)`` unchanged; with AdamW, bitwise equal to plain AdamW."""
+
+    transforms_gradients = False
 
     def update(self, grad_A, grad_B, A, B, scaling, state):
         return grad_A, grad_B

@@ -1,0 +1,61 @@
+"""``chain``: compose preconditioners, applied in order (like ``optax.chain``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import LayerGrads, Preconditioner
+
+
+class Chain(Preconditioner):
+    """Apply each preconditioner in turn; learning-rate multipliers multiply; ``A`` is frozen if any freezes it."""
+
+    @dataclass(frozen=True)
+    class Options:
+        """No options of its own."""
+
+    registry_name = "chain"
+
+    def __init__(self, preconditioners: list[Preconditioner]):
+        super().__init__()
+        if not preconditioners:
+            raise ValueError("chain needs at least one preconditioner")
+        bad = [p for p in preconditioners if not isinstance(p, Preconditioner)]
+        if bad:
+            raise TypeError(f"chain takes Preconditioner instances, got {type(bad[0]).__name__}")
+        self.parts = list(preconditioners)
+        self.trains_A = all(p.trains_A for p in self.parts)
+        self.transforms_gradients = any(p.transforms_gradients for p in self.parts)
+
+    def lr_multipliers(self) -> tuple[float, float]:
+        a = b = 1.0
+        for p in self.parts:
+            pa, pb = p.lr_multipliers()
+            a, b = a * pa, b * pb
+        return a, b
+
+    def init_state(self, A, B):
+        return {f"{i}.{k}": v for i, p in enumerate(self.parts) for k, v in p.init_state(A, B).items()}
+
+    def update(self, grad_A, grad_B, A, B, scaling, state):
+        return self.update_many([LayerGrads(grad_A, grad_B, A, B, scaling, state)])[0]
+
+    def update_many(self, layers):
+        out = [(layer.grad_A, layer.grad_B) for layer in layers]
+        for i, p in enumerate(self.parts):
+            prefix = f"{i}."
+            subs = [{k[len(prefix):]: v for k, v in layer.state.items() if k.startswith(prefix)} for layer in layers]
+            items = [LayerGrads(gA if p.trains_A and self.trains_A else None, gB, layer.A, layer.B, layer.scaling, sub)
+                     for (gA, gB), layer, sub in zip(out, layers, subs)]
+            out = p.update_many(items)
+            for layer, sub in zip(layers, subs):
+                layer.state.update({prefix + k: v for k, v in sub.items()})
+        return out
+
+    def __repr__(self) -> str:
+        return f"chain({', '.join(map(repr, self.parts))})"
+
+
+def chain(*preconditioners: Preconditioner) -> Chain:
+    """Compose preconditioners: ``chain(get_preconditioner("riemannian")(), LoRAPlus(ratio=4))``."""
+    return Chain(list(preconditioners))

@@ -1,0 +1,42 @@
+"""LoRA-FA: ``A`` frozen at its initialization, ``B`` trained with a preconditioned gradient.
+
+Zhang et al. 2023, arXiv 2308.03303 (frozen ``A``), with the optimal-gradient form of
+``../shared/MATH.md`` (as analysed in LoRA-Pro, arXiv 2407.18242)::
+
+    g_B = (1/s^2) grad_B (A A^T)^-1
+
+so that the equivalent gradient ``s g_B A = G P_A``, the projection of ``G`` onto the row
+space of ``A``. ``A`` is not given to the base optimizer and its ``requires_grad`` is turned
+off (no gradient is computed for it). ``(A A^T)^-1`` is a damped pseudo-inverse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import register_preconditioner
+from ._delta import check_delta
+from .base import LayerGrads, Preconditioner
+from .linalg import grouped, psd_pinv
+
+
+@register_preconditioner("lora_fa")
+class LoRAFA(Preconditioner):
+    """LoRA-FA (arXiv 2308.03303): ``A`` frozen; ``g_B = grad_B (A A^T)^-1 / s^2``."""
+
+    trains_A = False
+
+    @dataclass(frozen=True)
+    class Options:
+        delta: float = 0.0
+        """Damping added to ``A A^T``."""
+
+        def __post_init__(self):
+            check_delta(self.delta)
+
+    def update(self, grad_A, grad_B, A, B, scaling, state):
+        return self.update_many([LayerGrads(grad_A, grad_B, A, B, scaling, state)])[0]
+
+    def update_many(self, layers):
+        inv_A = grouped(psd_pinv, [layer.A @ layer.A.T for layer in layers], delta=self.options.delta)
+        return [(None, layer.grad_B @ iA / layer.scaling ** 2) for layer, iA in zip(layers, inv_A)]
