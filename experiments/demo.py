@@ -5,7 +5,8 @@
 
 For each initializer: MiniLM (sentence-transformers/all-MiniLM-L6-v2) + a new 41-way head
 classifies WordNet definitions into their supersense. LoRA on all 36 encoder linears
-(query/key/value/dense, the pooler excluded), the head trained in full, AdamW. Prints a table
+(query/key/value/dense, the pooler excluded), the head trained in full, AdamW (adapters at
+``--lr``, one rate for every arm; the new head at ``--head-lr``). Prints a table
 (train loss, eval loss/accuracy, time), saves each adapter, reloads it onto a fresh original
 model and checks the outputs match bit for bit.
 """
@@ -52,7 +53,10 @@ def run_arm(init: str, args, train, evaluation, num_labels: int) -> dict:
     lowrank.inject(model, cfg, data=init_data)
     t_init = time.perf_counter() - t0
     print(f"[{init}] {lowrank.summary(model)} (init {t_init:.1f} s)")
-    opt = torch.optim.AdamW(lowrank.trainable_parameters(model).values(), lr=args.lr)
+    adapters = {id(p) for _, layer in lowrank.adapted_layers(model) for p in layer.adapter_parameters().values()}
+    params = list(lowrank.trainable_parameters(model).values())
+    opt = torch.optim.AdamW([{"params": [p for p in params if id(p) in adapters], "lr": args.lr},
+                             {"params": [p for p in params if id(p) not in adapters], "lr": args.head_lr}])
     stream = classification_batches(train, tok, args.batch_size, shuffle=True, seed=args.seed, epochs=None)
     losses = []
     model.train()
@@ -84,7 +88,8 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-4, help="adapter learning rate (shared by every arm)")
+    p.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the new classifier head")
     p.add_argument("--init-batches", type=int, default=4, help="batches for data-driven initializers")
     p.add_argument("--n-eval", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)

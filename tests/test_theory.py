@@ -104,8 +104,9 @@ def test_stable_scale_rslora_forward_and_backward_moments(m, n, r):
 
 
 def test_standard_scaling_forward_moment_decays_like_one_over_r():
-    rows = scale_stability("lora_ga", scaling="standard", widths=[64], ranks=[1, 2, 4, 8, 16], batch_size=16,
-                           num_batches=1, progress=False)
+    with pytest.warns(UserWarning, match="rsLoRA"):  # lora_ga says it is defined with rsLoRA
+        rows = scale_stability("lora_ga", scaling="standard", widths=[64], ranks=[1, 2, 4, 8, 16], batch_size=16,
+                               num_batches=1, progress=False)
     slope = loglog_slope([r["r"] for r in rows], [r["forward"] for r in rows])
     assert slope == pytest.approx(-1.0, abs=0.02)
     rs = scale_stability("lora_ga", scaling="rslora", widths=[64], ranks=[1, 2, 4, 8, 16], batch_size=16,
@@ -141,3 +142,20 @@ def test_compare_on_tiny_model_ranks_lora_ga_at_the_floor():
         assert a.excess < 1e-5, name
         assert results["pissa"][name].rel_error >= a.rel_error - 1e-9
         assert results["kaiming"][name].rel_error >= a.rel_error - 1e-9
+
+
+def test_adapted_alignment_matches_compare_and_needs_adapters():
+    import lowrank
+    from tests.conftest import batches, tiny_bert
+
+    data = batches("bert", 3)
+    cfg = lowrank.LoRAConfig(rank=2, alpha=4, scaling="rslora", targets=["query", "value"], init="lora_ga",
+                             init_options={"progress": False})
+    model = lowrank.inject(tiny_bert(), cfg, data=data, progress=False)
+    here = lowrank.theory.adapted_alignment(model, data, progress=False)
+    there, _ = lowrank.theory.compare(tiny_bert, {"ga": cfg}, data, progress=False)
+    assert set(here) == set(there["ga"])
+    for name, a in here.items():  # G at W_eff = (W0 - s B A) + s B A: W0 up to one rounding
+        assert a.excess < 1e-4 and abs(a.rel_error - there["ga"][name].rel_error) < 1e-4, name
+    with pytest.raises(ValueError, match="no lowrank adapters"):
+        lowrank.theory.adapted_alignment(tiny_bert(), data)

@@ -1,15 +1,15 @@
 """Runnable theory: the claims of LoRA initialization papers, checked on your own layers and models.
 
 - ``first_step_update`` / ``first_step_direction``: the exact one-step SGD identity of ``s B A``.
-- ``alignment`` (one layer), ``init_factors`` (any registered initializer on a given ``G``),
+- ``alignment`` (one layer), ``adapted_alignment`` (every adapted layer of a model), ``init_factors`` (any registered initializer on a given ``G``),
   ``gradients`` and ``compare`` (every layer of a real model, all inits on the same ``G``).
 - ``scale_stability``: a mup-style coordinate check over width and rank.
 - ``python -m lowrank.theory.report``: a per-layer alignment table on a real model.
 """
 
-from .alignment import Alignment, alignment, compare, gradients, init_factors
+from .alignment import Alignment, adapted_alignment, alignment, compare, gradients, init_factors
 from .first_step import factor_gradients, first_step_direction, first_step_update
 from .scale import loglog_slope, moments, scale_stability
 
-__all__ = ["Alignment", "alignment", "compare", "gradients", "init_factors", "factor_gradients",
+__all__ = ["Alignment", "adapted_alignment", "alignment", "compare", "gradients", "init_factors", "factor_gradients",
            "first_step_direction", "first_step_update", "loglog_slope", "moments", "scale_stability"]

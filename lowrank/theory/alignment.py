@@ -11,8 +11,9 @@ is ``-lr D`` with ``D = s^2 (B B^T G + G A^T A)`` (rank <= 2r); full fine-tuning
 - ``cosine`` of ``(D, G)``; ``zeta = <D, G_2r> / ||G_2r||^2`` (LoRA-GA: ``s^2 c^2``).
 
 ``alignment`` takes one layer's tensors; ``init_factors`` runs any registered initializer on
-a synthetic layer with a given ``G``; ``gradients`` and ``compare`` do it for every target layer
-of a real model on real data, all inits against the same ``G`` (estimated at ``W0``).
+a synthetic layer with a given ``G``; ``adapted_alignment`` measures every adapted layer of a
+model at its current point; ``gradients`` and ``compare`` evaluate several initializers on a
+real model and real data, all against the same ``G`` (estimated at ``W0``).
 """
 
 from __future__ import annotations
@@ -74,6 +75,23 @@ def alignment(A: torch.Tensor, B: torch.Tensor, scaling: float, G: torch.Tensor)
     n2r = G2r.square().sum()
     zeta = ((D * G2r).sum() / n2r).item() if n2r > 0 else 0.0
     return Alignment(rel_error=_sine(D, G), floor=floor, cosine=cosine, rel_error_2r=_sine(D, G2r), zeta=zeta, rank=r)
+
+
+def adapted_alignment(model: nn.Module, data: Iterable, loss_fn: Callable | None = None, *,
+                      num_batches: int | None = None, progress: bool = True) -> dict[str, Alignment]:
+    """Alignment of every adapted layer of ``model`` at its current point.
+
+    ``G = dL/dW_eff`` is estimated on ``data`` with hooks on each layer's base module (the base
+    output's gradient is the layer output's), so this works at initialization or mid-training,
+    for any adapter and initializer.
+    """
+    layers = dict(adapted_layers(model))
+    if not layers:
+        raise ValueError("the model has no lowrank adapters; call lowrank.inject first, or use "
+                         "lowrank.theory.compare to evaluate initializers on an un-adapted model")
+    G = estimate_gradients(model, {name: layer.base_layer for name, layer in layers.items()}, data,
+                           loss_fn or default_loss, num_batches=num_batches, progress=progress)
+    return {name: alignment(layer.A, layer.B, layer.scaling, G[name]) for name, layer in layers.items()}
 
 
 def init_factors(init: str, G: torch.Tensor, *, W0: torch.Tensor | None = None, rank: int, alpha: float = 16.0,
