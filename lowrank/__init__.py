@@ -28,6 +28,7 @@ from .config import LoRAConfig
 from .inject import adapted_layers, default_loss, inject
 from .model_ops import merge, summary, trainable_parameters, unload, unmerge
 from .io import AdapterFileError, load_adapter, save_adapter
+from . import optim, peft, theory  # noqa: E402  (subpackages; none of them imports peft the library)
 
 __all__ = [
     "__version__",

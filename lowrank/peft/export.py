@@ -1,0 +1,108 @@
+"""Export lowrank adapters as a PEFT LoRA adapter for the *original* base model.
+
+For a layer whose base was offset at initialization (``W = W0 - s B0 A0``, e.g. LoRA-GA, PiSSA),
+the trained ``(A, B)`` and the initial ``(A0, B0)`` are one rank-``2r`` LoRA on ``W0``::
+
+    A' = [A; A0]   (2r, n)      B' = [B, -B0]   (m, 2r)
+    alpha' = 2 alpha (s = alpha / r)   or   sqrt(2) alpha (rsLoRA, s = alpha / sqrt(r))
+
+so ``s' = s`` and ``W0 + s' B' A' = W + s B A`` exactly (up to float rounding of ``W``).
+Layers without an offset are exported as they are. Per-layer ranks and alphas become PEFT's
+``rank_pattern`` / ``alpha_pattern`` (escaped full module names); ``config.trainable`` modules
+become ``modules_to_save``. ``lowrank_export.json`` records the method that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .._version import __version__
+from ..inject import RECORD_ATTR, adapted_layers, find_trainable
+from ..io import _atomic_write
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+LOWRANK_NOTE = "lowrank_export.json"
+PREFIX = "base_model.model."
+
+
+def _factors(layer) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """``(A', B', r', alpha')`` of one layer on the original base weight."""
+    A, B = layer.A.detach(), layer.B.detach()
+    if not layer.offset:
+        return A, B, layer.rank, layer.alpha
+    # s' = alpha' / r' or alpha' / sqrt(r') must equal s with r' = 2r.
+    factor = 2.0 if math.isclose(layer.scaling, layer.alpha / layer.rank) else math.sqrt(2.0)
+    return (torch.cat([A, layer.A0.to(A)], dim=0), torch.cat([B, -layer.B0.to(B)], dim=1), 2 * layer.rank,
+            factor * layer.alpha)
+
+
+def export(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``lowrank_export.json``).
+
+    ``peft.PeftModel.from_pretrained(original_model, directory)`` then reproduces ``model``'s
+    outputs. Raises before writing anything for what PEFT cannot represent (another adapter
+    kind, merged adapters).
+    """
+    record = getattr(model, RECORD_ATTR, None)
+    layers = dict(adapted_layers(model))
+    if record is None or not layers:
+        raise ValueError(f"{type(model).__name__} has no lowrank adapters; call lowrank.inject(model, config) first")
+    cfg = record.config
+    if cfg.adapter != "lora":
+        raise ValueError(f"adapter kind {cfg.adapter!r} cannot be exported to PEFT: PEFT LoRA represents only "
+                         "lowrank's 'lora' adapter")
+    merged = [n for n, layer in layers.items() if getattr(layer, "merged", False)]
+    if merged:
+        raise ValueError(f"layer {merged[0]!r} is merged; call lowrank.unmerge(model) before exporting")
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas, fan_in_fan_out = {}, {}, set()
+    from transformers.pytorch_utils import Conv1D
+
+    for name, layer in layers.items():
+        A, B, r, alpha = _factors(layer)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
+        ranks[name], alphas[name] = r, alpha
+        fan_in_fan_out.add(isinstance(layer.base_layer, Conv1D))
+    if len(fan_in_fan_out) > 1:
+        raise ValueError("PEFT's fan_in_fan_out is one flag per adapter: export nn.Linear and Conv1D targets "
+                         "as two adapters (inject them with two configs)")
+    # The most common rank/alpha become the defaults; the rest go to patterns (escaped full names).
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+    saved_modules = []
+    for name, module in find_trainable(model, cfg.trainable, []):
+        saved_modules.append(name)
+        for pname, p in module.named_parameters():
+            tensors[f"{PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+        "inference_mode": True, "r": r0, "lora_alpha": a0, "lora_dropout": cfg.dropout, "bias": "none",
+        "target_modules": sorted(layers), "use_rslora": cfg.scaling == "rslora",
+        "fan_in_fan_out": fan_in_fan_out.pop(), "init_lora_weights": True,
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != a0},
+        "modules_to_save": saved_modules or None, "use_dora": False, "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    note = {"exported_by": f"lowrank {__version__}", "init": cfg.init, "init_options": dict(cfg.init_options),
+            "lowrank_config": cfg.to_dict(),
+            "rank_2r_conversion": sorted(n for n, layer in layers.items() if layer.offset),
+            "note": "layers listed in rank_2r_conversion were offset at initialization (W = W0 - s B0 A0) and are "
+                    "exported as the rank-2r LoRA [A; A0], [B, -B0] on the original W0"}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
+    _atomic_write(out / PEFT_CONFIG, json.dumps(config, indent=2).encode())
+    _atomic_write(out / LOWRANK_NOTE, json.dumps(note, indent=2, default=str).encode())
+    return out

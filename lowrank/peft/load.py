@@ -1,0 +1,134 @@
+"""Load a PEFT LoRA adapter into a plain model as lowrank adapters.
+
+Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (written by ``save_pretrained``
+or ``lowrank.peft.export``). The adapted layers come from the saved tensors themselves, so
+``target_modules`` patterns, ``layers_to_transform`` and ``rank_pattern`` need no
+re-interpretation; alphas follow PEFT's ``alpha_pattern`` matching. Everything is checked
+before the model changes (first mismatch named); on any error the model is as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from torch import nn
+
+from ..adapters.base import weight_shape
+from ..adapters.lora import LoRALayer
+from ..config import LoRAConfig
+from ..inject import adapted_layers, inject
+from ..io import AdapterFileError
+from .export import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX
+
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+UNSUPPORTED = {"lora_embedding_A": "LoRA on embeddings", "lora_embedding_B": "LoRA on embeddings",
+               "lora_magnitude_vector": "DoRA", "lora_A.bias": "lora_bias", "lora_B.bias": "lora_bias"}
+
+
+def _peft_alpha(pattern: dict[str, float], name: str, default: float) -> float:
+    """PEFT's ``get_pattern_key``: the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return float(value)
+    return float(default)
+
+
+def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter_config, tensors)`` of a PEFT LoRA adapter directory; touches no model."""
+    d = Path(directory)
+    cfg_path, w_path = d / PEFT_CONFIG, d / PEFT_WEIGHTS
+    if not cfg_path.is_file():
+        raise AdapterFileError(f"no PEFT adapter at {str(d)!r}: missing {PEFT_CONFIG}")
+    if not w_path.is_file():
+        extra = " (only adapter_model.bin found: re-save it with safe_serialization=True)" \
+            if (d / "adapter_model.bin").is_file() else ""
+        raise AdapterFileError(f"no PEFT adapter weights at {str(d)!r}: missing {PEFT_WEIGHTS}{extra}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{cfg_path} is corrupted (not valid JSON: {exc})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{cfg_path} is not a PEFT LoRA adapter (peft_type="
+                               f"{cfg.get('peft_type') if isinstance(cfg, dict) else None!r})")
+    for key, what in (("use_dora", "DoRA"), ("lora_bias", "lora_bias")):
+        if cfg.get(key):
+            raise AdapterFileError(f"{cfg_path}: {what} adapters cannot be loaded as lowrank LoRA ({key}=true)")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterFileError(f"{cfg_path}: bias={cfg['bias']!r} trains base biases; lowrank loads bias='none' only")
+    try:
+        tensors = st_load(w_path.read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{w_path} is corrupted or truncated: {exc}") from None
+    for key in tensors:
+        for marker, what in UNSUPPORTED.items():
+            if marker in key:
+                raise AdapterFileError(f"{w_path}: tensor {key!r} is {what}, which lowrank LoRA cannot represent")
+    return cfg, tensors
+
+
+@torch.no_grad()
+def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Inject lowrank adapters holding the PEFT adapter in ``directory`` into ``model`` (the base model
+    the adapter was trained on, without adapters) and return it; outputs match the PEFT model's."""
+    cfg, tensors = read_peft(directory)
+    if any(True for _ in adapted_layers(model)):
+        raise ValueError(f"{type(model).__name__} already has lowrank adapters; load a PEFT adapter into the plain "
+                         "base model (lowrank.unload(model) first)")
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        m = LORA_KEY.match(key)
+        if m:
+            factors.setdefault(m["name"], {})[m["which"]] = t
+        elif key.startswith(PREFIX):
+            extra[key.removeprefix(PREFIX)] = t
+        else:
+            raise AdapterFileError(f"unexpected tensor {key!r} in the PEFT adapter")
+    if not factors:
+        raise AdapterFileError(f"{directory}: the adapter holds no lora_A/lora_B weights")
+    modules = dict(model.named_modules())
+    ranks, alphas = {}, {}
+    for name, ab in factors.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterFileError(f"layer {name!r}: the adapter has only lora_{next(iter(ab))}; the file is partial")
+        module = modules.get(name)
+        if module is None:
+            raise AdapterFileError(f"adapter layer {name!r} is not a module of {type(model).__name__} (first mismatch)")
+        if not LoRALayer.supports(module):
+            raise AdapterFileError(f"adapter layer {name!r} is a {type(module).__name__} in this model; lowrank LoRA "
+                                   "wraps nn.Linear and Conv1D")
+        A, B = ab["A"], ab["B"]
+        m_, n_ = weight_shape(module)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != (m_, n_):
+            raise AdapterFileError(f"adapter layer {name!r} does not fit: lora_A {tuple(A.shape)}, lora_B "
+                                   f"{tuple(B.shape)}; the model's layer is (d_out, d_in) = {(m_, n_)} (first mismatch)")
+        ranks[name] = A.shape[0]
+        alphas[name] = _peft_alpha(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
+    trainable = sorted({k.rsplit(".", 1)[0] for k in extra})
+    for key, t in extra.items():
+        try:
+            p = model.get_parameter(key)
+        except AttributeError:
+            raise AdapterFileError(f"adapter tensor {key!r} (modules_to_save) has no parameter in "
+                                   f"{type(model).__name__} (first mismatch)") from None
+        if p.shape != t.shape:
+            raise AdapterFileError(f"adapter tensor {key!r}: {tuple(t.shape)}, the model's {tuple(p.shape)}")
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    a0 = float(cfg.get("lora_alpha", 8))
+    config = LoRAConfig(
+        rank=r0, alpha=a0, scaling="rslora" if cfg.get("use_rslora") else "standard", targets=sorted(factors),
+        rank_pattern={re.escape(n): r for n, r in ranks.items() if r != r0},
+        alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0},
+        dropout=float(cfg.get("lora_dropout") or 0.0), init="kaiming", trainable=trainable)
+    inject(model, config, progress=False)  # atomic; shapes were checked above, so the copies below cannot fail
+    for name, layer in adapted_layers(model):
+        layer.set_factors(factors[name]["A"], factors[name]["B"])
+    for key, t in extra.items():
+        model.get_parameter(key).copy_(t)
+    return model
