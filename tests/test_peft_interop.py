@@ -59,6 +59,8 @@ def test_export_loads_in_peft_on_the_original_base(kind, init, scaling, tmp_path
     peft_model = peft.PeftModel.from_pretrained(factory(), tmp_path).eval()
     b = batches(kind, 1, seed=7)[0]
     assert max_rel_diff(outputs(peft_model, b), outputs(model, b)) <= 1e-5
+    back = lowrank.peft.load(factory(), tmp_path)  # and PEFT -> lowrank on the original base
+    assert max_rel_diff(outputs(back, b), outputs(model, b)) <= 1e-5
     note = json.loads((tmp_path / "lowrank_export.json").read_text())
     assert note["init"] == init
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
