@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as dist_helpers
 from .adapters.base import SUPPORTED_TYPES, Adapter, weight_shape
 from .config import LoRAConfig, matches_targets
 from .init.base import InitResult, LayerContext
@@ -72,6 +73,15 @@ def _adaptable_names(model: nn.Module, limit: int = 8) -> list[str]:
     return names[:limit] + (["..."] if len(names) > limit else [])
 
 
+def _check_not_sharded(name: str, weight: torch.Tensor) -> None:
+    """FSDP2 (DTensor), FSDP1 flat parameters and DeepSpeed ZeRO-3 hold only a shard of each weight."""
+    sharded = (type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id") or hasattr(weight, "_fsdp_flattened")
+               or weight.numel() == 0)
+    if sharded:
+        raise TypeError(f"layer {name!r} has a sharded weight ({type(weight).__name__}, FSDP / ZeRO-3): lowrank needs the "
+                        "full weight. Inject (and initialize) before sharding the model, then wrap it")
+
+
 def find_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
     """The modules ``config.targets`` selects, validated (type, rank limits, dtype)."""
     adapter_cls = get_adapter(config.adapter)
@@ -84,6 +94,7 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
                 f"target {config.targets!r} matched {name!r}, a {type(module).__name__}; adapter "
                 f"{config.adapter!r} wraps only {', '.join(t.__name__ for t in SUPPORTED_TYPES)}. "
                 f"Narrow targets to those (e.g. {_adaptable_names(model, 3)})")
+        _check_not_sharded(name, module.weight)
         if not module.weight.dtype.is_floating_point:
             raise TypeError(f"layer {name!r} has a {module.weight.dtype} weight; lowrank adapts floating-point weights only")
         m, n = weight_shape(module)
@@ -184,6 +195,10 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
 
     Returns ``model``. Raises (leaving the model exactly as it was) on any bad input.
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("inject into the model before wrapping it in DistributedDataParallel (DDP fixes its parameter "
+                        "list at construction): lowrank.inject(model, config, data=shard) on every rank, then "
+                        "DistributedDataParallel(model)")
     if any(True for _ in adapted_layers(model)):
         raise ValueError(f"{type(model).__name__} already has lowrank adapters; call lowrank.unload(model) "
                          f"before injecting again")
@@ -210,5 +225,8 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
             res = initializer.init_layer(context(t, stats.pop(t.name, None)))  # pop: free G layer by layer
         _check_result(res, t, config.init)
         results.append(res)
+    if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
+        # Every rank is here (the gradient estimate was a collective): make A and B rank 0's bits.
+        dist_helpers.broadcast_([t for res in results for t in (res.A, res.B)])
     commit(model, config, targets, results, trainable)
     return model

@@ -14,11 +14,14 @@ batch) every contribution is counted once; the sum is divided by the number of *
 
 Afterwards nothing is left: hooks removed, ``requires_grad`` flags, ``.grad`` references and
 train/eval modes restored, the global RNG (CPU and CUDA) as it was.
+
+Under ``torch.distributed`` (a process group with several ranks), every rank estimates on its
+own shard and the float32 sums and batch counts are all-reduced, so ``G`` is the mean over the
+union of the ranks' batches, the same bits on every rank; an error on any rank is raised on all.
 """
 
 from __future__ import annotations
 
-import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed as dist_helpers
 from ..adapters.base import weight_shape
 from .base import Initializer
 
@@ -43,7 +47,8 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
                        loss_fn: Callable[[nn.Module, Any], torch.Tensor], *, num_batches: int | None = None,
-                       train_mode: bool = False, offload: bool = False, progress: bool = True) -> dict[str, torch.Tensor]:
+                       train_mode: bool = False, offload: bool = False, progress: bool = True,
+                       distributed: bool = True) -> dict[str, torch.Tensor]:
     """Mean gradient ``G`` (float32, ``(d_out, d_in)``) of every layer in ``modules`` over ``num_batches`` batches.
 
     Args:
@@ -57,6 +62,10 @@ def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data:
         train_mode: run in ``model.train()`` (dropout on) instead of ``eval()``.
         offload: keep the float32 accumulators on the CPU.
         progress: show a tqdm bar over batches.
+        distributed: under an initialized process group (world size > 1), each rank passes its own
+            shard as ``data`` and the result is the mean over *all* ranks' batches, bitwise identical
+            on every rank (``lowrank.distributed``); ``num_batches`` counts this rank's batches.
+            ``False``: this process only.
     """
     if not modules:
         raise ValueError("no layers to estimate gradients for")
@@ -64,7 +73,6 @@ def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data:
     acc_device = torch.device("cpu") if offload else device
     acc = {n: torch.zeros(weight_shape(m), dtype=torch.float32, device=acc_device) for n, m in modules.items()}
     calls = dict.fromkeys(modules, 0)
-    bad: list[str] = []
 
     def contribution(name: str, x: torch.Tensor):
         def hook(g: torch.Tensor) -> None:
@@ -87,14 +95,43 @@ def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data:
             return replaced
         return hook
 
+    combine = distributed and dist_helpers.active()
+    n_done = 0
+    error: BaseException | None = None
+    try:
+        n_done = _local_pass(model, modules, data, loss_fn, acc, forward_hook, num_batches, train_mode, progress,
+                             device)
+        if num_batches is not None and n_done < num_batches:
+            raise ValueError(f"data gave only {n_done} batches but num_batches={num_batches}; pass more data or lower "
+                             f"init_options['num_batches']")
+    except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank if distributed)
+        error = exc
+    if combine:
+        dist_helpers.agree(error)  # an error on one rank is an error on all, not a hang
+        n_total = dist_helpers.combine_sums(acc.values(), n_done)
+        reached = {n for n in modules if acc[n].any()}
+    else:
+        if error is not None:
+            raise error
+        n_total = n_done
+        reached = {n for n in modules if calls[n] and acc[n].any()}
+    if n_total == 0:
+        raise ValueError("data gave no batches; pass data=<iterable of batches> (e.g. a DataLoader) to lowrank.inject")
+    unreached = [n for n in modules if n not in reached]
+    if unreached:
+        raise ValueError(f"the loss does not reach {len(unreached)} target layer(s), their gradient is zero or missing: "
+                         f"{unreached[:5]}{' ...' if len(unreached) > 5 else ''}; remove them from targets or fix loss_fn")
+    return {n: a.div_(n_total) for n, a in acc.items()}
+
+
+def _local_pass(model, modules, data, loss_fn, acc, forward_hook, num_batches, train_mode, progress, device) -> int:
+    """This process's batches: returns how many were used; every contribution lands in ``acc``."""
     params = list(model.parameters())
     saved = [(p, p.requires_grad, p.grad) for p in params]
     modes = [(m, m.training) for m in model.modules()]
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        warnings.warn("gradient estimation is local to this process: under torch.distributed each rank gets its own G "
-                      "(and its own init) unless every rank sees the same data", stacklevel=3)
     n_done = 0
+    bad: list[str] = []
     with ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=cuda))
         stack.enter_context(torch.enable_grad())
@@ -129,16 +166,7 @@ def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data:
                                          + (f" (and {len(set(bad)) - 1} more)" if len(set(bad)) > 1 else ""))
             n_done += 1
             bar.update()
-    if n_done == 0:
-        raise ValueError("data gave no batches; pass data=<iterable of batches> (e.g. a DataLoader) to lowrank.inject")
-    if num_batches is not None and n_done < num_batches:
-        raise ValueError(f"data gave only {n_done} batches but num_batches={num_batches}; pass more data or lower "
-                         f"init_options['num_batches']")
-    unreached = [n for n in modules if calls[n] == 0 or not acc[n].any()]
-    if unreached:
-        raise ValueError(f"the loss does not reach {len(unreached)} target layer(s), their gradient is zero or missing: "
-                         f"{unreached[:5]}{' ...' if len(unreached) > 5 else ''}; remove them from targets or fix loss_fn")
-    return {n: a.div_(n_done) for n, a in acc.items()}
+    return n_done
 
 
 @dataclass(frozen=True)
@@ -153,6 +181,8 @@ class GradientOptions:
     """Keep the float32 gradient accumulators on the CPU."""
     progress: bool = True
     """Progress bar over batches."""
+    distributed: bool = True
+    """Under torch.distributed, average over every rank's batches (each rank passes its shard)."""
 
     def __post_init__(self):
         if self.num_batches is not None and (not isinstance(self.num_batches, int) or self.num_batches <= 0):
@@ -168,5 +198,5 @@ class GradientInitializer(Initializer):
     def collect(self, model, modules, data, loss_fn):
         o = self.options
         grads = estimate_gradients(model, modules, data, loss_fn, num_batches=o.num_batches, train_mode=o.train_mode,
-                                   offload=o.offload, progress=o.progress)
+                                   offload=o.offload, progress=o.progress, distributed=o.distributed)
         return {name: {"gradient": g} for name, g in grads.items()}

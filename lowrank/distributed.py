@@ -1,0 +1,65 @@
+"""``torch.distributed`` helpers: data-parallel statistics and identical initializations on every rank.
+
+Data-driven initializers estimate ``G`` on each rank's shard; ``combine_sums`` turns the local
+sums into the global mean over all ranks' batches (weighted by batch counts, float32), and
+``broadcast_`` makes tensors bitwise identical on every rank (rank 0's), so ``A``, ``B`` and the
+offset base weights agree exactly even if ranks' floating-point paths differ. ``agree`` makes an
+error on one rank an error on all ranks instead of a hang in the next collective.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    """A process group is initialized with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def _collective(t: torch.Tensor, fn) -> None:
+    dev = _comm_device(t)
+    if dev == t.device and t.is_contiguous():
+        fn(t)
+    else:  # a strided view, or CPU-offloaded accumulators under NCCL
+        tmp = t.to(dev).contiguous()
+        fn(tmp)
+        t.copy_(tmp.to(t.device))
+
+
+def agree(error: BaseException | None) -> None:
+    """Raise on every rank if any rank failed (``error`` is this rank's, or ``None``)."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+    _collective(flag, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
+    if error is not None:
+        raise error
+    if flag.item():
+        raise RuntimeError("gradient estimation failed on another rank (rank-local error above in that rank's log); "
+                           "nothing was changed here either")
+
+
+def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values."""
+    for t in tensors:
+        _collective(t, lambda x: dist.broadcast(x, src=src))
+
+
+def combine_sums(sums: Iterable[torch.Tensor], count: int) -> int:
+    """Sum ``sums`` (in place) and ``count`` over all ranks; rank 0's result is then broadcast, so
+    every rank holds bitwise the same totals. Returns the global count."""
+    sums = list(sums)
+    total = torch.tensor([count], dtype=torch.int64)
+    _collective(total, lambda t: dist.all_reduce(t))
+    for t in sums:
+        _collective(t, lambda x: dist.all_reduce(x))
+    broadcast_(sums)
+    return int(total.item())

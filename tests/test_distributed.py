@@ -1,0 +1,148 @@
+"""torch.distributed: 2 gloo processes on CPU. Identical inits on every rank, equal to one process on
+the union of the shards; one DDP step equals the single-process step on the union batch."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lowrank
+from lowrank.init.gradient import estimate_gradients
+from tests.conftest import batches, tiny_bert
+
+WORLD = 2
+CFG = dict(rank=2, alpha=4, scaling="rslora", targets=["query", "value", "dense"], trainable=["classifier"])
+
+
+def _setup(rank: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    _setup(rank, init_file)
+    try:
+        data = batches("bert", 4, seed=1)
+        shard = data[rank::WORLD]
+        # 1. the mean gradient over the union, and the LoRA-GA init, on every rank
+        model = tiny_bert()
+        mods = {n: m for n, m in model.named_modules() if n.endswith(("query", "value"))}
+        G = estimate_gradients(model, mods, shard, lowrank.default_loss, progress=False)
+        cfg = lowrank.LoRAConfig(init="lora_ga", init_options={"progress": False}, **CFG)
+        lowrank.inject(model, cfg, data=shard, progress=False)
+        layers = {n: {"A": l.A.detach().clone(), "B": l.B.detach().clone(), "W": l.base_weight().detach().clone()}
+                  for n, l in lowrank.adapted_layers(model)}
+        # 2. one DDP step from a data-free init (identical everywhere by construction)
+        ddp_model = lowrank.inject(tiny_bert(), lowrank.LoRAConfig(init="gaussian", init_options={"b_std": 0.05},
+                                                                   seed=4, **CFG))
+        ddp = torch.nn.parallel.DistributedDataParallel(ddp_model.train())
+        opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
+        opt.zero_grad()
+        ddp(**shard[0]).loss.backward()
+        opt.step()
+        stepped = {n: p.detach().clone() for n, p in ddp_model.named_parameters() if p.requires_grad}
+        torch.save({"G": G, "layers": layers, "stepped": stepped}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _failing_worker(rank: int, init_file: str, out_dir: str) -> None:
+    _setup(rank, init_file)
+    try:
+        data = batches("bert", 2, seed=1)
+
+        def loss_fn(model, batch):  # a NaN loss on rank 1 only
+            loss = model(**batch).loss
+            return loss * float("nan") if rank == 1 else loss
+
+        model = tiny_bert()
+        mods = {n: m for n, m in model.named_modules() if n.endswith("query")}
+        try:
+            estimate_gradients(model, mods, data[rank:rank + 1], loss_fn, progress=False)
+            msg = "no error"
+        except Exception as exc:  # noqa: BLE001
+            msg = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, tmp_path) -> None:
+    init_file = str(tmp_path / "pg_init")
+    mp.spawn(fn, args=(init_file, str(tmp_path)), nprocs=WORLD, join=True)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    _spawn(_worker, tmp)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_inits_are_bitwise_identical_on_every_rank(ranks):
+    a, b = ranks
+    assert set(a["layers"]) == set(b["layers"])
+    for name in a["layers"]:
+        for key in ("A", "B", "W"):
+            assert torch.equal(a["layers"][name][key], b["layers"][name][key]), (name, key)
+    for name in a["G"]:
+        assert torch.equal(a["G"][name], b["G"][name])
+
+
+def test_equal_to_one_process_on_the_union(ranks):
+    data = batches("bert", 4, seed=1)
+    model = tiny_bert()
+    mods = {n: m for n, m in model.named_modules() if n.endswith(("query", "value"))}
+    G = estimate_gradients(model, mods, data, lowrank.default_loss, progress=False)
+    for name, g in G.items():
+        torch.testing.assert_close(ranks[0]["G"][name], g, rtol=1e-5, atol=1e-7)
+    cfg = lowrank.LoRAConfig(init="lora_ga", init_options={"progress": False}, **CFG)
+    single = dict(lowrank.adapted_layers(lowrank.inject(tiny_bert(), cfg, data=data, progress=False)))
+    for name, layer in single.items():  # singular vectors have arbitrary signs: compare projections
+        A, B = ranks[0]["layers"][name]["A"], ranks[0]["layers"][name]["B"]
+        torch.testing.assert_close(A.T @ A, layer.A.detach().T @ layer.A.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(B @ B.T, layer.B.detach() @ layer.B.detach().T, rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_step_equals_single_process_step_on_the_union_batch(ranks):
+    data = batches("bert", 4, seed=1)
+    union = {k: torch.cat([data[0][k], data[1][k]]) for k in data[0]}  # rank 0's and rank 1's first batches
+    model = lowrank.inject(tiny_bert(), lowrank.LoRAConfig(init="gaussian", init_options={"b_std": 0.05}, seed=4,
+                                                           **CFG)).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt.zero_grad()
+    model(**union).loss.backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ranks[0]["stepped"][name], p.detach(), rtol=1e-5, atol=1e-6)
+            assert torch.equal(ranks[0]["stepped"][name], ranks[1]["stepped"][name])
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    _spawn(_failing_worker, tmp_path)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert msgs[1].startswith("FloatingPointError: non-finite loss"), msgs
+    assert msgs[0].startswith("RuntimeError: gradient estimation failed on another rank"), msgs
+
+
+def test_inject_refuses_ddp_wrapped_and_sharded_models(tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(tiny_bert())
+        with pytest.raises(TypeError, match="before wrapping it in DistributedDataParallel"):
+            lowrank.inject(ddp, lowrank.LoRAConfig(rank=2, targets=["query"]))
+    finally:
+        dist.destroy_process_group()
+    model = tiny_bert()
+    q = model.bert.encoder.layer[0].attention.self.query
+    q.weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
+    with pytest.raises(TypeError, match="sharded weight"):
+        lowrank.inject(model, lowrank.LoRAConfig(rank=2, targets=["query"]))
