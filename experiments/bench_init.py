@@ -26,7 +26,6 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
-import threading
 import time
 
 import torch
@@ -34,6 +33,8 @@ import torch
 import lowrank
 from lowrank.data.batches import classification_batches
 from lowrank.data.wordnet import supersense_splits
+
+from .ablation.memory import PeakMemory
 
 TARGETS = ["query", "key", "value", "dense"]
 
@@ -57,36 +58,6 @@ def get_batches(n_batches: int, batch_size: int):
     n = train.features["label"].num_classes
     model, tok = load_model(n)
     return n, list(classification_batches(train, tok, batch_size, shuffle=True, seed=1))[:n_batches]
-
-
-class PeakRSS:
-    """Peak resident memory above the level at start, sampled on a thread."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.start = self.rss()
-        self.peak = self.start
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-        self.extra = self.peak - self.start
 
 
 def lowrank_lora_ga(model, batches, rank, alpha, svd="full"):
@@ -116,7 +87,7 @@ def _init_worker(arm, rank, alpha, n_batches, batch_size, queue):
     model, _ = load_model(n)
     fn = {"lowrank": lowrank_lora_ga, "peft": peft_lora_ga,
           "lowrank randomized": lambda *a: lowrank_lora_ga(*a, svd="randomized")}[arm]
-    with PeakRSS() as mem:
+    with PeakMemory() as mem:
         t0 = time.perf_counter()
         fn(model, batches, rank, alpha)
         seconds = time.perf_counter() - t0

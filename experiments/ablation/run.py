@@ -1,0 +1,124 @@
+"""Train one run of a sweep and append its record (one JSON line, written atomically)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import lowrank
+from lowrank.optim import PreconditionedOptimizer
+
+from .memory import PeakMemory
+
+
+@torch.no_grad()
+def evaluate(model, batches, accuracy: bool) -> dict[str, float]:
+    model.eval()
+    total, correct, loss = 0, 0, 0.0
+    for b in batches:
+        out = model(**b)
+        n = len(next(iter(b.values())))
+        loss += out.loss.item() * n
+        if accuracy:
+            correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
+        total += n
+    model.train()
+    return {"loss": loss / total, **({"acc": correct / total} if accuracy else {})}
+
+
+def _optimizer(model, spec, built):
+    arm, lr = spec["arm"], spec["lr"]
+    head = [p for name, mod in model.named_modules() if name in built.head for p in mod.parameters()]
+    head_ids = {id(p) for p in head}
+    if arm["full_finetune"]:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        body = [p for p in model.parameters() if id(p) not in head_ids]
+        groups = [{"params": body, "lr": lr}] + ([{"params": head, "lr": spec["head_lr"]}] if head else [])
+        return torch.optim.AdamW(groups)
+    cfg = lowrank.LoRAConfig(rank=spec["rank"], alpha=spec["alpha"], scaling=arm["scaling"], targets=built.targets,
+                             trainable=built.head, init=arm["init"], init_options=arm["init_options"], seed=spec["seed"])
+    uses_data = lowrank.get_initializer(arm["init"]).uses_data
+    lowrank.inject(model, cfg, data=built.init_batches if uses_data else None, progress=False)
+    opt = PreconditionedOptimizer(model, base="adamw", preconditioner=arm["preconditioner"], lr=lr,
+                                  **arm["preconditioner_options"])
+    for g in opt.param_groups:
+        if g["lowrank_role"] == "other":
+            g["lr"] = spec["head_lr"]
+    return opt
+
+
+def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """Run ``spec`` (one entry of ``Config.runs()``) on ``task``; return its record."""
+    torch.manual_seed(spec["seed"])
+    t0 = time.perf_counter()
+    built = task.build(spec["seed"], spec["batch_size"])
+    model = built.model
+    losses: list[float] = []
+    evals: list[dict[str, float]] = []
+    status = "ok"
+    with PeakMemory() as mem:
+        opt = _optimizer(model, spec, built)
+        model.train()
+        evals.append({"step": 0, **evaluate(model, built.eval_batches, built.accuracy)})
+        bar = tqdm(range(1, spec["steps"] + 1), desc=f"{spec['arm']['name']} r={spec['rank']} lr={spec['lr']:g} "
+                   f"seed={spec['seed']}", disable=not progress, leave=False)
+        for step, batch in zip(bar, built.train):
+            loss = model(**batch).loss
+            if not math.isfinite(loss.item()):
+                status = "diverged"
+                losses.append(float("nan"))
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            try:
+                opt.step()
+            except FloatingPointError:
+                status = "diverged"
+                break
+            losses.append(loss.item())
+            if step % spec["eval_every"] == 0 or step == spec["steps"]:
+                evals.append({"step": step, **evaluate(model, built.eval_batches, built.accuracy)})
+        bar.close()
+    return {**spec, "status": status, "loss_curve": losses, "eval": evals, "final_eval": evals[-1],
+            "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra,
+            "lowrank_version": lowrank.__version__, "torch_version": torch.__version__}
+
+
+def append_record(path: str | Path, record: dict[str, Any]) -> None:
+    """One JSON line, written with a single ``write`` under an exclusive lock, then fsync'ed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, default=float) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn line from a crash: start a fresh one
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a results file; a torn last line (a crash mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

@@ -1,0 +1,168 @@
+"""The ablation runner: config validation before any work, results lines, resume, divergence,
+summary tables and plots; the Hugging Face text-classification path offline."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from experiments.ablate import main
+from experiments.ablation.config import load
+from experiments.ablation.run import read_records
+
+SYNTH = """\
+# python -m experiments.ablate {path}
+[sweep]
+name = "t"
+task = "synthetic-lowrank"
+results = "{results}"
+seeds = [0, 1]
+ranks = [2]
+lrs = [1e-2]
+steps = 8
+batch_size = 16
+eval_every = 4
+reference = "LoRA"
+[task]
+d_in = 16
+hidden = 24
+d_out = 8
+true_rank = 2
+n_eval = 64
+{arms}
+"""
+ARMS = """\
+[[arm]]
+name = "Full FT"
+full_finetune = true
+[[arm]]
+name = "LoRA"
+[[arm]]
+name = "LoRA-GA"
+init = "lora_ga"
+scaling = "rslora"
+init_options = {{ progress = false }}
+"""
+
+
+def write(tmp_path: Path, arms: str = ARMS, **replace) -> tuple[Path, Path]:
+    results = tmp_path / "res" / "t.jsonl"
+    text = SYNTH.format(path=tmp_path / "c.toml", results=results, arms=arms.replace("{{", "{").replace("}}", "}"))
+    for old, new in replace.items():
+        text = text.replace(old, new)
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path, results
+
+
+def test_sweep_writes_one_line_per_run_resumes_and_summarizes(tmp_path, capsys):
+    cfg_path, results = write(tmp_path)
+    assert main([str(cfg_path), "--no-progress"]) == 0
+    records = read_records(results)
+    assert len(records) == len(load(cfg_path).runs()) == 6  # full FT (no rank) + 2 LoRA arms, x 2 seeds
+    r = records[0]
+    for key in ("key", "arm", "seed", "loss_curve", "eval", "final_eval", "wall_time_s", "peak_memory_bytes",
+                "lowrank_version", "status"):
+        assert key in r
+    assert len(r["loss_curve"]) == 8 and [e["step"] for e in r["eval"]] == [0, 4, 8]
+    out = capsys.readouterr().out
+    assert "| LoRA-GA | 2 | 0.01 |" in out and "speed-up vs LoRA" in out
+    assert (results.parent / "t.md").exists() and (results.parent / "t_curves.png").stat().st_size > 1000
+    # rerun: everything is already there, nothing is trained again
+    assert main([str(cfg_path), "--no-progress"]) == 0
+    assert len(read_records(results)) == 6
+    assert "6 already in" in capsys.readouterr().out
+
+
+def test_torn_last_line_is_ignored_and_the_run_redone(tmp_path):
+    cfg_path, results = write(tmp_path)
+    assert main([str(cfg_path), "--no-progress"]) == 0
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])  # a crash mid-write
+    assert len(read_records(results)) == 5
+    assert main([str(cfg_path), "--no-progress"]) == 0
+    assert len(read_records(results)) == 6
+
+
+def test_diverged_run_is_recorded_and_the_sweep_continues(tmp_path):
+    arms = ARMS + '[[arm]]\nname = "Boom"\nlrs = [1e12]\n'
+    cfg_path, results = write(tmp_path, arms=arms)
+    assert main([str(cfg_path), "--no-progress"]) == 0
+    status = {(r["arm"]["name"], r["seed"]): r["status"] for r in read_records(results)}
+    assert status[("Boom", 0)] == status[("Boom", 1)] == "diverged"
+    assert status[("LoRA", 0)] == "ok" and len(status) == 8
+
+
+@pytest.mark.parametrize("change,message", [
+    ({'task = "synthetic-lowrank"': 'task = "mnist"'}, "unknown task 'mnist'"),
+    ({"steps = 8": "steps = 8\nlearning_rate = 1"}, r"unknown key\(s\) \['learning_rate'\]"),
+    ({"d_out = 8": "d_out = 8\nwidth = 3"}, r"unknown key\(s\) \['width'\] for task 'synthetic-lowrank'"),
+    ({'init = "lora_ga"': 'init = "lora-ga"'}, "lora_ga"),
+    ({"init_options = { progress = false }": "init_options = { sclae = 'stable' }"}, "sclae"),
+    ({'name = "LoRA"\n': 'name = "LoRA"\npreconditioner = "riemanian"\n'}, "riemannian"),
+    ({"# python -m experiments.ablate": "# run me"}, "first line must be the command"),
+])
+def test_bad_config_is_rejected_before_anything_runs(tmp_path, capsys, change, message):
+    cfg_path, results = write(tmp_path, **change)
+    assert main([str(cfg_path), "--no-progress"]) == 2
+    import re
+    assert re.search(message, capsys.readouterr().err)
+    assert not results.exists()
+
+
+def test_presets_are_valid_and_the_demo_is_small():
+    root = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    for name in ("demo", "paper-ablation", "lr-sweep"):
+        cfg = load(root / f"{name}.toml")
+        assert cfg.command == f"python -m experiments.ablate experiments/configs/{name}.toml"
+    demo = load(root / "demo.toml")
+    assert [a.name for a in demo.arms] == ["Full FT", "LoRA", "PiSSA", "LoRA-GA"] and len(demo.runs()) == 4
+    paper = load(root / "paper-ablation.toml")
+    assert [a.name for a in paper.arms] == ["LoRA", "Gaussian", "+SO", "+GA", "LoRA-GA"]
+    assert len(paper.runs()) == 15
+    assert len(load(root / "lr-sweep.toml").runs()) == 15
+
+
+def test_hf_text_classification_from_local_files(tmp_path):
+    """Any HF classifier + dataset by name or path: here the offline MiniLM and a local CSV."""
+    from lowrank.data.offline import minilm_path
+
+    rows = [("a small furry animal", "animal"), ("a large striped cat", "animal"), ("a fast red car", "artifact"),
+            ("a wooden table", "artifact")] * 6
+    csv = tmp_path / "d.csv"
+    csv.write_text("sentence,kind\n" + "\n".join(f"{t},{k}" for t, k in rows))
+    text = textwrap.dedent(f"""\
+        # python -m experiments.ablate {tmp_path}/h.toml
+        [sweep]
+        name = "h"
+        task = "hf-text-classification"
+        results = "{tmp_path}/h.jsonl"
+        steps = 2
+        batch_size = 4
+        eval_every = 2
+        ranks = [2]
+        [task]
+        model = "{minilm_path()}"
+        dataset = "{csv}"
+        text_column = "sentence"
+        label_column = "kind"
+        n_eval = 8
+        init_batches = 1
+        [[arm]]
+        name = "LoRA"
+        [[arm]]
+        name = "LoRA-GA"
+        init = "lora_ga"
+        scaling = "rslora"
+        init_options = {{ progress = false }}
+        """)
+    (tmp_path / "h.toml").write_text(text)
+    assert main([str(tmp_path / "h.toml"), "--no-progress"]) == 0
+    records = read_records(tmp_path / "h.jsonl")
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    assert all(0 <= r["final_eval"]["acc"] <= 1 for r in records)
+    line = json.loads((tmp_path / "h.jsonl").read_text().splitlines()[0])
+    assert line["task_options"]["dataset"] == str(csv)
