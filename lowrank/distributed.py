@@ -63,3 +63,8 @@ def combine_sums(sums: Iterable[torch.Tensor], count: int) -> int:
         _collective(t, lambda x: dist.all_reduce(x))
     broadcast_(sums)
     return int(total.item())
+
+
+def all_reduce_(t: torch.Tensor, op=None) -> None:
+    """``dist.all_reduce`` in place (``op`` default sum), also for CPU tensors under NCCL."""
+    _collective(t, lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM if op is None else op))

@@ -166,3 +166,31 @@ def test_hf_text_classification_from_local_files(tmp_path):
     assert all(0 <= r["final_eval"]["acc"] <= 1 for r in records)
     line = json.loads((tmp_path / "h.jsonl").read_text().splitlines()[0])
     assert line["task_options"]["dataset"] == str(csv)
+
+
+def _torchrun_like(rank: int, world: int, port: int, cfg_path: str, out: str) -> None:
+    import os
+
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    import torch
+
+    torch.set_num_threads(1)
+    code = main([cfg_path, "--no-progress"])
+    Path(out, f"rank{rank}.code").write_text(str(code))
+
+
+def test_sweep_under_two_processes_writes_results_once(tmp_path):
+    """What ``torchrun --nproc-per-node 2 -m experiments.ablate CONFIG`` does: DDP runs, rank 0 writes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg_path, results = write(tmp_path, arms=ARMS.replace('[[arm]]\nname = "Full FT"\nfull_finetune = true\n', ""))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_torchrun_like, args=(2, port, str(cfg_path), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["0", "0"]
+    records = read_records(results)
+    assert len(records) == 4 and all(r["world_size"] == 2 and r["status"] == "ok" for r in records)

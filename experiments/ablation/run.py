@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -11,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import lowrank
+from lowrank import distributed as dist_helpers
 from lowrank.optim import PreconditionedOptimizer
 
 from .memory import PeakMemory
@@ -56,24 +59,42 @@ def _optimizer(model, spec, built):
     return opt
 
 
+def _world() -> tuple[int, int]:
+    if dist_helpers.active():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, Any]:
-    """Run ``spec`` (one entry of ``Config.runs()``) on ``task``; return its record."""
+    """Run ``spec`` (one entry of ``Config.runs()``) on ``task``; return its record.
+
+    Under ``torchrun`` (a process group with several ranks) the run is data-parallel: every rank
+    builds the same model, estimates data-driven inits on its share of the init batches (the
+    estimate is all-reduced), trains a ``DistributedDataParallel`` copy on every ``world``-th batch
+    of the seeded stream (global batch = ``world x batch_size``), and all ranks agree on divergence.
+    """
+    rank, world = _world()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(spec["seed"])
     t0 = time.perf_counter()
     built = task.build(spec["seed"], spec["batch_size"])
-    model = built.model
+    model = built.model.to(device)
+    if world > 1:
+        built.init_batches = built.init_batches[rank::world]
+        built.train = itertools.islice(built.train, rank, None, world)
     losses: list[float] = []
     evals: list[dict[str, float]] = []
     status = "ok"
     with PeakMemory() as mem:
         opt = _optimizer(model, spec, built)
+        trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         model.train()
-        evals.append({"step": 0, **evaluate(model, built.eval_batches, built.accuracy)})
+        evals.append({"step": 0, **evaluate(model, [_to(b, device) for b in built.eval_batches], built.accuracy)})
         bar = tqdm(range(1, spec["steps"] + 1), desc=f"{spec['arm']['name']} r={spec['rank']} lr={spec['lr']:g} "
-                   f"seed={spec['seed']}", disable=not progress, leave=False)
+                   f"seed={spec['seed']}", disable=not progress or rank != 0, leave=False)
         for step, batch in zip(bar, built.train):
-            loss = model(**batch).loss
-            if not math.isfinite(loss.item()):
+            loss = trainer(**_to(batch, device)).loss
+            if not _all_finite(loss, world):
                 status = "diverged"
                 losses.append(float("nan"))
                 break
@@ -84,13 +105,33 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
             except FloatingPointError:
                 status = "diverged"
                 break
-            losses.append(loss.item())
+            losses.append(_mean_over_ranks(loss, world))
             if step % spec["eval_every"] == 0 or step == spec["steps"]:
-                evals.append({"step": step, **evaluate(model, built.eval_batches, built.accuracy)})
+                evals.append({"step": step, **evaluate(model, [_to(b, device) for b in built.eval_batches],
+                                                       built.accuracy)})
         bar.close()
     return {**spec, "status": status, "loss_curve": losses, "eval": evals, "final_eval": evals[-1],
-            "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra,
+            "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra, "world_size": world,
             "lowrank_version": lowrank.__version__, "torch_version": torch.__version__}
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()} if device.type != "cpu" else batch
+
+
+def _all_finite(loss: torch.Tensor, world: int) -> bool:
+    ok = torch.tensor([1.0 if math.isfinite(loss.item()) else 0.0])
+    if world > 1:
+        dist_helpers.all_reduce_(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
+    if world == 1:
+        return loss.item()
+    t = loss.detach().float().reshape(1).cpu()
+    dist_helpers.all_reduce_(t)
+    return t.item() / world
 
 
 def append_record(path: str | Path, record: dict[str, Any]) -> None:
