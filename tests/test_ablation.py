@@ -194,3 +194,24 @@ def test_sweep_under_two_processes_writes_results_once(tmp_path):
     assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["0", "0"]
     records = read_records(results)
     assert len(records) == 4 and all(r["world_size"] == 2 and r["status"] == "ok" for r in records)
+
+
+def test_speed_up_is_against_the_reference_at_its_own_best_rate():
+    """Hand-made curves: the reference (best at lr 1) reaches its final loss at step 40; the other
+    arm (best at lr 0.1) reaches that loss at step 20, so the best-rate speed-up is 2x."""
+    from experiments.ablation.summary import best_lr, steps_to, table
+
+    def rec(arm, lr, curve, acc):
+        return {"arm": {"name": arm}, "rank": 4, "lr": lr, "seed": 0, "status": "ok", "loss_curve": curve,
+                "final_eval": {"acc": acc, "loss": curve[-1]}, "wall_time_s": 1.0, "eval": []}
+
+    # Plateaus, so the 10-step moving average reaches 1.0 exactly when the last 10 steps are at 1.0.
+    ref = [3.0] * 30 + [1.0] * 10
+    records = [rec("LoRA", 1.0, ref, 0.5), rec("LoRA", 0.1, [3.0] * 40, 0.3),
+               rec("GA", 0.1, [3.0] * 10 + [1.0] * 30, 0.6), rec("GA", 1.0, [3.0] * 40, 0.2)]
+    assert best_lr(records) == {("LoRA", 4): 1.0, ("GA", 4): 0.1}
+    assert steps_to(ref, 1.0) == 40 and steps_to(records[2]["loss_curve"], 1.0) == 20
+    best = table([r for r in records if (r["arm"]["name"], r["lr"]) in {("LoRA", 1.0), ("GA", 0.1)}], "LoRA",
+                 ref_lr={4: 1.0})
+    row = next(line for line in best.splitlines() if line.startswith("| GA "))
+    assert "| 2.00x |" in row, row

@@ -49,8 +49,9 @@ def group(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
     return groups
 
 
-def table(records: list[dict[str, Any]], reference: str) -> str:
-    """Per (arm, rank, lr): final eval metrics, train loss, convergence speed-up vs ``reference``."""
+def table(records: list[dict[str, Any]], reference: str, ref_lr: dict[Any, float] | None = None) -> str:
+    """Per (arm, rank, lr): final eval metrics, train loss, convergence speed-up vs ``reference``
+    (at the same lr, or at ``ref_lr[rank]`` when given: e.g. the reference's own best rate)."""
     groups = group(records)
     metric = _metric(records)
     ok = lambda rs: [r for r in rs if r["status"] == "ok"]  # noqa: E731
@@ -58,8 +59,12 @@ def table(records: list[dict[str, Any]], reference: str) -> str:
     lines = [f"| arm | rank | lr | final eval {metric} |" + (" final eval loss |" if extra else "") +
              f" train loss (last {WINDOW}) | steps to {reference}'s final train loss | speed-up vs {reference} | "
              "diverged | time (s) |", "|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|"]
-    for (arm, rank, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
-        ref = ok(groups.get((reference, rank, lr), []) or groups.get((reference, _first_rank(groups, reference), lr), []))
+    order = {a: i for i, a in enumerate(dict.fromkeys(r["arm"]["name"] for r in records))}  # the config's arm order
+    for (arm, rank, lr), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0, kv[0][2])):
+        # Full FT (rank None), or a rank the reference was not run at: compare with its first rank.
+        ref_rank = rank if any(k[:2] == (reference, rank) for k in groups) else _first_rank(groups, reference)
+        at = ref_lr.get(ref_rank, lr) if ref_lr else lr
+        ref = ok(groups.get((reference, ref_rank, at), []))
         target = statistics.mean(smooth(r["loss_curve"])[-1] for r in ref) if ref else None
         # A reference seed that ends above the seeds' mean final loss counts its full length.
         ref_steps = [steps_to(r["loss_curve"], target) or len(r["loss_curve"]) for r in ref] if ref else []
@@ -110,7 +115,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str, pick: dic
 
     metric = _metric(records)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (arm, rank, lr), rs in sorted(group(records).items(), key=lambda kv: kv[0][0]):
+    order = {a: i for i, a in enumerate(dict.fromkeys(r["arm"]["name"] for r in records))}
+    for (arm, rank, lr), rs in sorted(group(records).items(), key=lambda kv: order[kv[0][0]]):
         if pick is not None and pick.get((arm, rank)) != lr:
             continue
         rs = [r for r in rs if r["status"] == "ok"]
@@ -172,9 +178,9 @@ def summarize(records: list[dict[str, Any]], results_path: Path, reference: str,
     pick = None
     if len(lrs) > 1:
         pick = best_lr(records)
-        parts += ["## Each arm at its own best learning rate", "",
-                  table([r for r in records if pick.get((r["arm"]["name"], r["rank"])) == r["lr"]
-                         or r["arm"]["name"] == reference and r["lr"] == pick.get((reference, r["rank"]))], reference),
+        parts += ["## Each arm at its own best learning rate (speed-up vs the reference at its own best rate)", "",
+                  table([r for r in records if pick.get((r["arm"]["name"], r["rank"])) == r["lr"]], reference,
+                        ref_lr={k: v for (a, k), v in pick.items() if a == reference}),
                   "", "Best learning rates: " + ", ".join(f"{a} (r={k if k is not None else 'full'}): {v:g}" for (a, k), v in sorted(
                       pick.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))), ""]
         plot_lr(records, Path(f"{stem}_lr.png"), title)
