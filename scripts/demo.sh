@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: sets up the machine, then runs the default ablation demo offline
-# (full fine-tuning, vanilla LoRA, PiSSA, LoRA-GA on WordNet supersenses with MiniLM; ~6 min on 2 cores).
+# (full fine-tuning, vanilla LoRA, PiSSA, LoRA-GA on WordNet supersenses with MiniLM; ~8 min on 2 cores).
 # Usage: bash scripts/demo.sh [experiments/configs/OTHER.toml] [--summary-only]
 set -euo pipefail
 cd "$(dirname "$0")/.."
