@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     num_labels = train.features["label"].num_classes
     print(f"WordNet supersense: {len(train)} train / {len(evaluation)} eval definitions, {num_labels} classes")
     rows = [run_arm(init, args, train, evaluation, num_labels) for init in inits]
-    print(f"\n| init | train loss (last 10) | eval loss | eval acc | time (s) | reload identical |")
+    print("\n| init | train loss (last 10) | eval loss | eval acc | time (s) | reload identical |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['init']} | {r['train_loss']:.3f} | {r['eval_loss']:.3f} | {r['eval_acc']:.3f} | "
