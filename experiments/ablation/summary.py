@@ -106,13 +106,24 @@ def best_lr(records: list[dict[str, Any]]) -> dict[tuple, float]:
     return {k: v[1] for k, v in best.items()}
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path, title: str, pick: dict[tuple, float] | None = None) -> None:
-    """Smoothed train loss and eval metric vs step, mean over seeds, one line per arm (at ``pick``'s lr)."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path, title: str, pick: dict[tuple, float] | None = None) -> None:
+    """Smoothed train loss and eval metric vs step, mean over seeds, one line per arm (at ``pick``'s lr)."""
+    plt = _pyplot()
     metric = _metric(records)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     order = {a: i for i, a in enumerate(dict.fromkeys(r["arm"]["name"] for r in records))}
@@ -137,18 +148,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str, pick: dic
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_lr(records: list[dict[str, Any]], path: Path, title: str) -> None:
     """Final eval metric vs learning rate, one line per arm (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     metric = _metric(records)
     by_arm: dict[str, list] = defaultdict(list)
     for (arm, rank, lr), rs in group(records).items():
@@ -163,9 +168,7 @@ def plot_lr(records: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def summarize(records: list[dict[str, Any]], results_path: Path, reference: str, title: str) -> str:

@@ -78,3 +78,15 @@ class Preconditioner(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+
+class BatchedPreconditioner(Preconditioner):
+    """A preconditioner that does its work across all layers at once: implement ``update_many``;
+    ``update`` (one layer) is derived from it."""
+
+    def update(self, grad_A, grad_B, A, B, scaling, state):
+        return self.update_many([LayerGrads(grad_A, grad_B, A, B, scaling, state)])[0]
+
+    @abstractmethod
+    def update_many(self, layers: list[LayerGrads]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """The transformed ``(grad_A, grad_B)`` of every layer, in order."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import LayerGrads, Preconditioner
+from .base import BatchedPreconditioner, LayerGrads, Preconditioner
 
 
-class Chain(Preconditioner):
+class Chain(BatchedPreconditioner):
     """Apply each preconditioner in turn; learning-rate multipliers multiply; ``A`` is frozen if any freezes it."""
 
     @dataclass(frozen=True)
@@ -36,9 +36,6 @@ class Chain(Preconditioner):
 
     def init_state(self, A, B):
         return {f"{i}.{k}": v for i, p in enumerate(self.parts) for k, v in p.init_state(A, B).items()}
-
-    def update(self, grad_A, grad_B, A, B, scaling, state):
-        return self.update_many([LayerGrads(grad_A, grad_B, A, B, scaling, state)])[0]
 
     def update_many(self, layers):
         out = [(layer.grad_A, layer.grad_B) for layer in layers]

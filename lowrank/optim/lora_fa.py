@@ -12,30 +12,20 @@ off (no gradient is computed for it). ``(A A^T)^-1`` is a damped pseudo-inverse.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from ..registry import register_preconditioner
-from ._delta import check_delta
-from .base import LayerGrads, Preconditioner
+from ._delta import DeltaOptions
+from .base import BatchedPreconditioner
 from .linalg import grouped, psd_pinv
 
 
 @register_preconditioner("lora_fa")
-class LoRAFA(Preconditioner):
+class LoRAFA(BatchedPreconditioner):
     """LoRA-FA (arXiv 2308.03303): ``A`` frozen; ``g_B = grad_B (A A^T)^-1 / s^2``."""
 
     trains_A = False
 
-    @dataclass(frozen=True)
-    class Options:
-        delta: float = 0.0
-        """Damping added to ``A A^T``."""
-
-        def __post_init__(self):
-            check_delta(self.delta)
-
-    def update(self, grad_A, grad_B, A, B, scaling, state):
-        return self.update_many([LayerGrads(grad_A, grad_B, A, B, scaling, state)])[0]
+    Options = DeltaOptions
 
     def update_many(self, layers):
         inv_A = grouped(psd_pinv, [layer.A @ layer.A.T for layer in layers], delta=self.options.delta)

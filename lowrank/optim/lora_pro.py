@@ -24,13 +24,12 @@ factors; it is not implemented here.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 from ..registry import register_preconditioner
-from ._delta import check_delta
-from .base import LayerGrads, Preconditioner
+from ._delta import DeltaOptions
+from .base import BatchedPreconditioner, LayerGrads
 from .linalg import grouped, psd_pinv, sylvester_psd
 
 
@@ -55,19 +54,10 @@ def _directions(layers: list[LayerGrads], delta: float) -> list[tuple[torch.Tens
 
 
 @register_preconditioner("lora_pro")
-class LoRAPro(Preconditioner):
+class LoRAPro(BatchedPreconditioner):
     """LoRA-Pro (arXiv 2407.18242): equivalent gradient = tangent-space projection of ``G`` (exact for SGD)."""
 
-    @dataclass(frozen=True)
-    class Options:
-        delta: float = 0.0
-        """Damping added to ``B^T B`` and ``A A^T`` (0: exact, with pseudo-inverses)."""
-
-        def __post_init__(self):
-            check_delta(self.delta)
-
-    def update(self, grad_A, grad_B, A, B, scaling, state):
-        return self.update_many([LayerGrads(grad_A, grad_B, A, B, scaling, state)])[0]
+    Options = DeltaOptions
 
     def update_many(self, layers):
         if any(layer.grad_A is None for layer in layers):

@@ -19,25 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..registry import register_preconditioner
-from ._delta import check_delta
-from .base import LayerGrads, Preconditioner
+from ._delta import DeltaOptions
+from .base import BatchedPreconditioner
 from .linalg import grouped, psd_pinv
 
 
 @register_preconditioner("riemannian")
-class Riemannian(Preconditioner):
+class Riemannian(BatchedPreconditioner):
     """Scaled GD / scaled AdamW (arXiv 2402.02347): ``g_A = (B^T B)^-1 grad_A``, ``g_B = grad_B (A A^T)^-1``."""
 
     @dataclass(frozen=True)
-    class Options:
+    class Options(DeltaOptions):
         delta: float = 1e-6
-        """Damping added to the ``r x r`` Gram matrices before the (pseudo-)inverse."""
-
-        def __post_init__(self):
-            check_delta(self.delta)
-
-    def update(self, grad_A, grad_B, A, B, scaling, state):
-        return self.update_many([LayerGrads(grad_A, grad_B, A, B, scaling, state)])[0]
+        """Damping added to the ``r x r`` Gram matrices (the reference implementation's; 0: exact)."""
 
     def update_many(self, layers):
         delta = self.options.delta
