@@ -1,5 +1,6 @@
 """The ablation runner: config validation before any work, results lines, resume, divergence,
-summary tables and plots; the Hugging Face text-classification path offline."""
+summary tables and plots; the Hugging Face text-classification path offline. Learning-rate search,
+transfer and the statistics are in ``tests/test_ablation_search.py``."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ d_in = 16
 hidden = 24
 d_out = 8
 true_rank = 2
-n_eval = 64
+n_val = 64
+n_test = 64
 {arms}
 """
 ARMS = """\
@@ -64,17 +66,20 @@ def test_sweep_writes_one_line_per_run_resumes_and_summarizes(tmp_path, capsys):
     records = read_records(results)
     assert len(records) == len(load(cfg_path).runs()) == 6  # full FT (no rank) + 2 LoRA arms, x 2 seeds
     r = records[0]
-    for key in ("key", "arm", "seed", "loss_curve", "eval", "final_eval", "wall_time_s", "peak_memory_bytes",
-                "lowrank_version", "status"):
+    for key in ("key", "arm", "rank", "lr", "seed", "phase", "val", "test", "loss_curve", "eval", "wall_time_s",
+                "peak_memory_bytes", "lowrank_version", "status"):
         assert key in r
+    assert isinstance(r["arm"], str) and r["phase"] == "final" and set(r["val"]) == set(r["test"]) == {"loss"}
+    assert r["val"]["loss"] != r["test"]["loss"]  # two different splits
     assert len(r["loss_curve"]) == 8 and [e["step"] for e in r["eval"]] == [0, 4, 8]
+    assert r["eval"][-1]["loss"] == r["val"]["loss"]  # the curve is on validation
     out = capsys.readouterr().out
-    assert "| LoRA-GA | 2 | 0.01 |" in out and "speed-up vs LoRA" in out
+    assert "| LoRA-GA | 2 | 0.01 |" in out and "speed-up" in out
     assert (results.parent / "t.md").exists() and (results.parent / "t_curves.png").stat().st_size > 1000
     # rerun: everything is already there, nothing is trained again
     assert main([str(cfg_path), "--no-progress"]) == 0
     assert len(read_records(results)) == 6
-    assert "6 already in" in capsys.readouterr().out
+    assert "6 finished runs" in capsys.readouterr().err
 
 
 def test_torn_last_line_is_ignored_and_the_run_redone(tmp_path):
@@ -91,8 +96,10 @@ def test_diverged_run_is_recorded_and_the_sweep_continues(tmp_path):
     arms = ARMS + '[[arm]]\nname = "Boom"\nlrs = [1e12]\n'
     cfg_path, results = write(tmp_path, arms=arms)
     assert main([str(cfg_path), "--no-progress"]) == 0
-    status = {(r["arm"]["name"], r["seed"]): r["status"] for r in read_records(results)}
+    records = read_records(results)
+    status = {(r["arm"], r["seed"]): r["status"] for r in records}
     assert status[("Boom", 0)] == status[("Boom", 1)] == "diverged"
+    assert all(r["val"] == r["test"] == {"loss": None} for r in records if r["arm"] == "Boom")
     assert status[("LoRA", 0)] == "ok" and len(status) == 8
 
 
@@ -104,26 +111,49 @@ def test_diverged_run_is_recorded_and_the_sweep_continues(tmp_path):
     ({"init_options = { progress = false }": "init_options = { sclae = 'stable' }"}, "sclae"),
     ({'name = "LoRA"\n': 'name = "LoRA"\npreconditioner = "riemanian"\n'}, "riemannian"),
     ({"# python -m experiments.ablate": "# run me"}, "first line must be the command"),
+    ({"steps = 8": 'steps = "20"'}, "steps must be a positive integer, got '20'"),
+    ({"steps = 8": "steps = 20.5"}, "steps must be a positive integer, got 20.5"),
+    ({"seeds = [0, 1]": "seeds = [true]"}, "seeds must be a non-empty list of distinct non-negative integers"),
+    ({"hidden = 24": "hidden = -3"}, "hidden must be a positive integer, got -3"),
+    ({"n_val = 64": "n_eval = 64"}, r"unknown key\(s\) \['n_eval'\]"),
+    ({'reference = "LoRA"': 'reference = "Vanilla"'}, "reference arm 'Vanilla' is not one of the arms"),
+    ({"lrs = [1e-2]": 'lrs = "grid"'}, "lrs must be a list of rates or one of \\['search', 'transfer'\\]"),
+    ({"[task]": "[search]\nstart = 1e-2\n[task]"}, "only used with lrs"),
+    ({"lrs = [1e-2]": 'lrs = "search"', "[task]": "[search]\nwidth = 3\n[task]"},
+     r"\[search\]: unknown key\(s\) \['width'\]"),
+    ({"lrs = [1e-2]": 'lrs = "search"', "[task]": "[search]\nfactor = 1.0\n[task]"}, "factor must be a number > 1"),
+    ({"lrs = [1e-2]": 'lrs = "search"', "[task]": "[search]\npoints = 4\n[task]"},
+     "points must be an odd positive integer"),
+    ({"lrs = [1e-2]": 'lrs = "search"', "[task]": "[search]\npoints = 5\nmax_points = 3\n[task]"},
+     "max_points must be an integer >= points"),
+    ({"lrs = [1e-2]": 'lrs = "search"', "[task]": '[search]\nselect = "val_accuracy"\n[task]'},
+     r"select = 'val_accuracy' is not a metric of this task; choose one of \['val_loss'\]"),
+    ({"lrs = [1e-2]": 'lrs = "search"', "[task]": '[search]\nselect = "test_loss"\n[task]'},
+     "not a metric of this task"),
+    ({"lrs = [1e-2]": 'lrs = "transfer"', 'reference = "LoRA"': 'reference = "Base"'},
+     "reference arm 'Base' is not one of the arms.*transfers the reference arm's searched rate"),
 ])
 def test_bad_config_is_rejected_before_anything_runs(tmp_path, capsys, change, message):
     cfg_path, results = write(tmp_path, **change)
     assert main([str(cfg_path), "--no-progress"]) == 2
     import re
-    assert re.search(message, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
     assert not results.exists()
 
 
 def test_presets_are_valid_and_the_demo_is_small():
     root = Path(__file__).resolve().parents[1] / "experiments" / "configs"
-    for name in ("demo", "paper-ablation", "lr-sweep"):
+    for name in ("demo", "fair-ablation", "fair-ablation-transfer", "paper-ablation"):
         cfg = load(root / f"{name}.toml")
         assert cfg.command == f"python -m experiments.ablate experiments/configs/{name}.toml"
     demo = load(root / "demo.toml")
     assert [a.name for a in demo.arms] == ["Full FT", "LoRA", "PiSSA", "LoRA-GA"] and len(demo.runs()) == 4
-    paper = load(root / "paper-ablation.toml")
-    assert [a.name for a in paper.arms] == ["LoRA", "Gaussian", "+SO", "+GA", "LoRA-GA"]
-    assert len(paper.runs()) == 15
-    assert len(load(root / "lr-sweep.toml").runs()) == 15
+    assert len({r["lr"] for r in demo.runs()}) == 4  # each arm at its own tuned rate, not one shared rate
+    fair = load(root / "fair-ablation.toml")
+    assert fair.sweep.lrs == "search" and fair.sweep.seeds == [0, 1, 2] and len(fair.arms) == 12
+    assert {"LoRA", "LoRA-GA", "LoRA-GA + riemannian", "Full FT"} <= {a.name for a in fair.arms}
+    assert load(root / "fair-ablation-transfer.toml").sweep.lrs == "transfer"
 
 
 def test_hf_text_classification_from_local_files(tmp_path):
@@ -149,7 +179,8 @@ def test_hf_text_classification_from_local_files(tmp_path):
         dataset = "{csv}"
         text_column = "sentence"
         label_column = "kind"
-        n_eval = 8
+        n_val = 4
+        n_test = 4
         init_batches = 1
         [[arm]]
         name = "LoRA"
@@ -163,7 +194,7 @@ def test_hf_text_classification_from_local_files(tmp_path):
     assert main([str(tmp_path / "h.toml"), "--no-progress"]) == 0
     records = read_records(tmp_path / "h.jsonl")
     assert [r["status"] for r in records] == ["ok", "ok"]
-    assert all(0 <= r["final_eval"]["acc"] <= 1 for r in records)
+    assert all(0 <= r["val"]["accuracy"] <= 1 and 0 <= r["test"]["accuracy"] <= 1 for r in records)
     line = json.loads((tmp_path / "h.jsonl").read_text().splitlines()[0])
     assert line["task_options"]["dataset"] == str(csv)
 
@@ -194,24 +225,3 @@ def test_sweep_under_two_processes_writes_results_once(tmp_path):
     assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["0", "0"]
     records = read_records(results)
     assert len(records) == 4 and all(r["world_size"] == 2 and r["status"] == "ok" for r in records)
-
-
-def test_speed_up_is_against_the_reference_at_its_own_best_rate():
-    """Hand-made curves: the reference (best at lr 1) reaches its final loss at step 40; the other
-    arm (best at lr 0.1) reaches that loss at step 20, so the best-rate speed-up is 2x."""
-    from experiments.ablation.summary import best_lr, steps_to, table
-
-    def rec(arm, lr, curve, acc):
-        return {"arm": {"name": arm}, "rank": 4, "lr": lr, "seed": 0, "status": "ok", "loss_curve": curve,
-                "final_eval": {"acc": acc, "loss": curve[-1]}, "wall_time_s": 1.0, "eval": []}
-
-    # Plateaus, so the 10-step moving average reaches 1.0 exactly when the last 10 steps are at 1.0.
-    ref = [3.0] * 30 + [1.0] * 10
-    records = [rec("LoRA", 1.0, ref, 0.5), rec("LoRA", 0.1, [3.0] * 40, 0.3),
-               rec("GA", 0.1, [3.0] * 10 + [1.0] * 30, 0.6), rec("GA", 1.0, [3.0] * 40, 0.2)]
-    assert best_lr(records) == {("LoRA", 4): 1.0, ("GA", 4): 0.1}
-    assert steps_to(ref, 1.0) == 40 and steps_to(records[2]["loss_curve"], 1.0) == 20
-    best = table([r for r in records if (r["arm"]["name"], r["lr"]) in {("LoRA", 1.0), ("GA", 0.1)}], "LoRA",
-                 ref_lr={4: 1.0})
-    row = next(line for line in best.splitlines() if line.startswith("| GA "))
-    assert "| 2.00x |" in row, row

@@ -1,13 +1,19 @@
 """Sweep configs (TOML). The first line is the exact command that runs the file; every field is
-validated before any training starts (unknown task, initializer, preconditioner or key: a clear
-error, nothing run)."""
+validated before any training starts (unknown task, initializer, preconditioner or key, a value of
+the wrong type or out of range: a clear error, nothing run).
+
+Learning rates: ``lrs = [...]`` runs every listed rate; ``lrs = "search"`` searches each arm's rate on
+the validation split (``[search]`` table, ``experiments/ablation/search.py``), then runs the sweep's
+seeds at the chosen rate; ``lrs = "transfer"`` searches the reference arm only and starts every other
+arm at the rate ``lowrank.theory.transfer_lr`` predicts for it. An arm's own ``lrs`` list overrides.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +22,12 @@ from typing import Any
 import lowrank
 
 TASKS = ("wordnet-supersense", "synthetic-lowrank", "hf-text-classification")
+LR_MODES = ("search", "transfer")
 
 
 def _take(table: dict[str, Any], cls, where: str):
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: expected a table, got {table!r}")
     valid = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(table) - set(valid))
     if unknown:
@@ -29,6 +38,26 @@ def _take(table: dict[str, Any], cls, where: str):
         raise ValueError(f"{where}: {exc}") from None
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_rate(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check(where: str, name: str, value, ok, what: str) -> None:
+    if not ok(value):
+        raise ValueError(f"{where}: {name} must be {what}, got {value!r}")
+
+
+def _check_int_list(where: str, name: str, values, positive: bool) -> None:
+    ok = (lambda v: _is_int(v) and v > 0) if positive else (lambda v: _is_int(v) and v >= 0)
+    _check(where, name, values, lambda vs: isinstance(vs, list) and vs and all(ok(v) for v in vs)
+           and len(set(vs)) == len(vs), f"a non-empty list of distinct {'positive' if positive else 'non-negative'} "
+           "integers")
+
+
 @dataclass(frozen=True)
 class Sweep:
     name: str
@@ -36,14 +65,42 @@ class Sweep:
     results: str
     seeds: list[int] = field(default_factory=lambda: [0])
     ranks: list[int] = field(default_factory=lambda: [8])
-    lrs: list[float] = field(default_factory=lambda: [2e-4])
+    lrs: list[float] | str = field(default_factory=lambda: [2e-4])
+    """A list of rates, ``"search"`` or ``"transfer"`` (see the module docstring)."""
     steps: int = 150
     batch_size: int = 32
     eval_every: int = 50
     alpha: float = 16.0
     head_lr: float = 1e-3
     reference: str = "LoRA"
-    """The arm whose final training loss defines the convergence speed-up (vanilla LoRA)."""
+    """The arm others are compared with: paired test-metric differences, steps to its final training
+    loss; under ``lrs = "transfer"`` the arm whose searched rate is transferred."""
+
+
+@dataclass(frozen=True)
+class Search:
+    """Per-arm learning-rate search on the validation split (``[search]``)."""
+
+    start: float = 2e-4
+    """Centre of the first grid."""
+    factor: float = 3.0
+    """Multiplicative spacing of the grid (> 1)."""
+    points: int = 3
+    """First grid size per arm (odd)."""
+    max_points: int = 9
+    """Most rates tried per arm; the grid extends by one step while the best rate is at an edge."""
+    select: str = "val_loss"
+    """``"val_loss"`` (lower is better) or ``"val_accuracy"`` (tasks with accuracy)."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Seeds the search trains (scores are means over them)."""
+
+    def rate(self, index: int) -> float:
+        """The grid's rate number ``index`` (0 = ``start``), rounded to 6 significant digits."""
+        return float(f"{self.start * self.factor ** index:.6g}")
+
+    def index(self, lr: float) -> int:
+        """The grid index nearest to ``lr`` in log scale."""
+        return round(math.log(lr / self.start) / math.log(self.factor))
 
 
 @dataclass(frozen=True)
@@ -56,7 +113,13 @@ class Arm:
     preconditioner_options: dict[str, Any] = field(default_factory=dict)
     full_finetune: bool = False
     lrs: list[float] | None = None
-    """This arm's own learning-rate grid (default: the sweep's)."""
+    """This arm's own list of learning rates (overrides the sweep's list, search or transfer)."""
+
+    def identity(self) -> dict[str, Any]:
+        """What makes a run of this arm what it is (the rate mode is not part of it)."""
+        d = dataclasses.asdict(self)
+        d.pop("lrs")
+        return d
 
 
 @dataclass(frozen=True)
@@ -66,20 +129,51 @@ class Config:
     sweep: Sweep
     task: dict[str, Any]
     arms: list[Arm]
+    search: Search = field(default_factory=Search)
+    has_search_table: bool = False
+
+    def ranks_of(self, arm: Arm) -> list[int | None]:
+        return [None] if arm.full_finetune else list(self.sweep.ranks)
+
+    def mode(self, arm: Arm) -> str:
+        """``"list"``, ``"search"`` or ``"transfer"`` (the reference arm is searched under transfer)."""
+        if arm.lrs is not None or not isinstance(self.sweep.lrs, str):
+            return "list"
+        if self.sweep.lrs == "transfer" and arm.name == self.sweep.reference:
+            return "search"
+        return self.sweep.lrs
+
+    def listed_lrs(self, arm: Arm) -> list[float]:
+        return list(arm.lrs if arm.lrs is not None else self.sweep.lrs)
+
+    def spec(self, arm: Arm, rank: int | None, lr: float, seed: int, phase: str) -> dict[str, Any]:
+        """One run as a plain dict. Its ``key`` identifies the run in a results file: it hashes what
+        determines the training (not the phase, nor the sweep's name or rate mode), so a search run
+        and a final run of the same arm, rank, rate and seed are one run, shared across configs."""
+        spec = {"task": self.sweep.task, "task_options": self.task, "arm": arm.name, "arm_config": arm.identity(),
+                "rank": rank, "lr": lr, "seed": seed, "steps": self.sweep.steps, "batch_size": self.sweep.batch_size,
+                "alpha": self.sweep.alpha, "head_lr": self.sweep.head_lr, "eval_every": self.sweep.eval_every}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"sweep": self.sweep.name, **spec, "phase": phase, "key": key}
 
     def runs(self) -> list[dict[str, Any]]:
-        """Every run of the sweep as a plain dict (its ``key`` identifies it in the results file)."""
-        out = []
-        for arm in self.arms:
-            ranks = [None] if arm.full_finetune else self.sweep.ranks
-            for rank, lr, seed in itertools.product(ranks, arm.lrs or self.sweep.lrs, self.sweep.seeds):
-                spec = {"sweep": self.sweep.name, "task": self.sweep.task, "task_options": self.task,
-                        "arm": dataclasses.asdict(arm), "rank": rank, "lr": lr, "seed": seed,
-                        "steps": self.sweep.steps, "batch_size": self.sweep.batch_size, "alpha": self.sweep.alpha,
-                        "head_lr": self.sweep.head_lr, "eval_every": self.sweep.eval_every}
-                spec["key"] = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-                out.append(spec)
-        return out
+        """Every run of the arms with explicit rate lists (searched arms' runs depend on results:
+        ``experiments.ablation.search.plan``)."""
+        return [self.spec(arm, rank, lr, seed, "final") for arm in self.arms if self.mode(arm) == "list"
+                for rank in self.ranks_of(arm) for lr in self.listed_lrs(arm) for seed in self.sweep.seeds]
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        from .tasks import METRICS
+
+        return METRICS[self.sweep.task]
+
+    @property
+    def select(self) -> str:
+        """The validation metric that chooses rates (a list sweep without ``[search]``: accuracy if any)."""
+        if isinstance(self.sweep.lrs, str) or self.has_search_table:
+            return self.search.select
+        return "val_accuracy" if "accuracy" in self.metrics else "val_loss"
 
 
 def load(path: str | Path) -> Config:
@@ -94,41 +188,85 @@ def load(path: str | Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
-    unknown = sorted(set(raw) - {"sweep", "task", "arm"})
+    tables = ["sweep", "task", "search", "arm"]
+    unknown = sorted(set(raw) - set(tables))
     if unknown:
-        raise ValueError(f"{path}: unknown table(s) {unknown}; valid: ['sweep', 'task', 'arm']")
+        raise ValueError(f"{path}: unknown table(s) {unknown}; valid: {tables}")
     sweep = _take(raw.get("sweep", {}), Sweep, f"{path} [sweep]")
+    where = f"{path} [sweep]"
     if sweep.task not in TASKS:
-        raise ValueError(f"{path} [sweep]: unknown task {sweep.task!r}; tasks: {list(TASKS)}")
-    for name, values, ok in (("seeds", sweep.seeds, lambda v: isinstance(v, int)),
-                             ("ranks", sweep.ranks, lambda v: isinstance(v, int) and v > 0),
-                             ("lrs", sweep.lrs, lambda v: isinstance(v, (int, float)) and v > 0)):
-        if not values or not all(ok(v) for v in values):
-            raise ValueError(f"{path} [sweep]: {name} must be a non-empty list of valid values, got {values!r}")
-    if sweep.steps <= 0 or sweep.batch_size <= 0 or sweep.eval_every <= 0:
-        raise ValueError(f"{path} [sweep]: steps, batch_size and eval_every must be positive")
-    from .tasks import check_task_options
+        raise ValueError(f"{where}: unknown task {sweep.task!r}; tasks: {list(TASKS)}")
+    for name in ("name", "results", "reference"):
+        _check(where, name, getattr(sweep, name), lambda v: isinstance(v, str) and v, "a non-empty string")
+    _check_int_list(where, "seeds", sweep.seeds, positive=False)
+    _check_int_list(where, "ranks", sweep.ranks, positive=True)
+    if isinstance(sweep.lrs, str):
+        _check(where, "lrs", sweep.lrs, lambda v: v in LR_MODES, f"a list of rates or one of {list(LR_MODES)}")
+    else:
+        _check(where, "lrs", sweep.lrs, lambda vs: isinstance(vs, list) and vs and all(_is_rate(v) for v in vs),
+               f"a non-empty list of positive rates or one of {list(LR_MODES)}")
+    for name in ("steps", "batch_size", "eval_every"):
+        _check(where, name, getattr(sweep, name), lambda v: _is_int(v) and v > 0, "a positive integer")
+    for name in ("alpha", "head_lr"):
+        _check(where, name, getattr(sweep, name), _is_rate, "a positive finite number")
+    from .tasks import METRICS, check_task_options
 
-    task = dict(raw.get("task", {}))
+    task = raw.get("task", {})
+    if not isinstance(task, dict):
+        raise ValueError(f"{path} [task]: expected a table")
     check_task_options(sweep.task, task, f"{path} [task]")
+    search = _take(raw.get("search", {}), Search, f"{path} [search]")
+    _check_search(search, f"{path} [search]", METRICS[sweep.task])
+    if "search" in raw and not isinstance(sweep.lrs, str):
+        raise ValueError(f"{path}: a [search] table is only used with lrs = \"search\" or \"transfer\"; "
+                         f"[sweep] lrs is the list {sweep.lrs}")
     arms = [_take(a, Arm, f"{path} [[arm]] #{i + 1}") for i, a in enumerate(raw.get("arm", []))]
     if not arms:
         raise ValueError(f"{path}: no [[arm]] tables; add at least one arm")
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: arm names must be unique, got {names}")
+    if sweep.reference not in names:
+        raise ValueError(f"{path} [sweep]: reference arm {sweep.reference!r} is not one of the arms {names}"
+                         + ("; lrs = \"transfer\" transfers the reference arm's searched rate to the others"
+                            if sweep.lrs == "transfer" else ""))
     for a in arms:
-        where = f"{path} arm {a.name!r}"
-        if not a.full_finetune:
-            try:  # validates init, its options, scaling and alpha
-                lowrank.LoRAConfig(rank=sweep.ranks[0], alpha=sweep.alpha, scaling=a.scaling, targets=["x"],
-                                   init=a.init, init_options=a.init_options)
-            except (KeyError, ValueError, TypeError) as exc:
-                raise ValueError(f"{where}: {exc}") from None
-            try:
-                lowrank.get_preconditioner(a.preconditioner)(**a.preconditioner_options)
-            except (KeyError, ValueError, TypeError) as exc:
-                raise ValueError(f"{where}: {exc}") from None
-        if a.lrs is not None and (not a.lrs or not all(isinstance(v, (int, float)) and v > 0 for v in a.lrs)):
-            raise ValueError(f"{where}: lrs must be a non-empty list of positive numbers")
-    return Config(path, first.lstrip("# ").strip(), sweep, task, arms)
+        _check_arm(a, sweep, f"{path} arm {a.name!r}")
+    if sweep.lrs == "transfer" and next(a for a in arms if a.name == sweep.reference).lrs is not None:
+        raise ValueError(f"{path} arm {sweep.reference!r}: under lrs = \"transfer\" the reference arm's rate is "
+                         "searched; remove its own lrs list")
+    return Config(path, first.lstrip("# ").strip(), sweep, task, arms, search, has_search_table="search" in raw)
+
+
+def _check_search(s: Search, where: str, metrics: tuple[str, ...]) -> None:
+    _check(where, "start", s.start, _is_rate, "a positive finite rate")
+    _check(where, "factor", s.factor, lambda v: _is_rate(v) and v > 1, "a number > 1 (the grid's spacing)")
+    _check(where, "points", s.points, lambda v: _is_int(v) and v > 0 and v % 2 == 1,
+           "an odd positive integer (the first grid is centred on start)")
+    _check(where, "max_points", s.max_points, lambda v: _is_int(v) and v >= s.points,
+           f"an integer >= points ({s.points})")
+    selectable = [f"val_{m}" for m in metrics]
+    if s.select not in selectable:
+        raise ValueError(f"{where}: select = {s.select!r} is not a metric of this task; choose one of {selectable}")
+    _check_int_list(where, "seeds", s.seeds, positive=False)
+
+
+def _check_arm(a: Arm, sweep: Sweep, where: str) -> None:
+    _check(where, "name", a.name, lambda v: isinstance(v, str) and v, "a non-empty string")
+    _check(where, "full_finetune", a.full_finetune, lambda v: isinstance(v, bool), "true or false")
+    if a.lrs is not None:
+        _check(where, "lrs", a.lrs, lambda vs: isinstance(vs, list) and vs and all(_is_rate(v) for v in vs),
+               "a non-empty list of positive rates")
+    if a.full_finetune:
+        return
+    for name in ("init_options", "preconditioner_options"):
+        _check(where, name, getattr(a, name), lambda v: isinstance(v, dict), "a table")
+    try:  # validates init, its options, scaling and alpha
+        lowrank.LoRAConfig(rank=sweep.ranks[0], alpha=sweep.alpha, scaling=a.scaling, targets=["x"], init=a.init,
+                           init_options=a.init_options)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    try:
+        lowrank.get_preconditioner(a.preconditioner)(**a.preconditioner_options)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None

@@ -1,4 +1,10 @@
-"""Train one run of a sweep and append its record (one JSON line, written atomically)."""
+"""Train one run of a sweep and append its record (one JSON line, written atomically).
+
+A record holds the run's spec (``Config.spec``: ``arm`` is the arm's name, ``arm_config`` its
+settings, ``rank``, ``lr``, ``seed``, ``phase``, ``key``), ``status`` (``"ok"`` or ``"diverged"``),
+the training loss curve, the validation curve ``eval``, and the final metrics ``val`` and ``test``
+(``{"loss": ..., "accuracy": ...}``; ``None`` values for a diverged run).
+"""
 
 from __future__ import annotations
 
@@ -34,11 +40,11 @@ def evaluate(model, batches, accuracy: bool) -> dict[str, float]:
             correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
         total += n
     model.train()
-    return {"loss": loss / total, **({"acc": correct / total} if accuracy else {})}
+    return {"loss": loss / total, **({"accuracy": correct / total} if accuracy else {})}
 
 
 def _optimizer(model, spec, built):
-    arm, lr = spec["arm"], spec["lr"]
+    arm, lr = spec["arm_config"], spec["lr"]
     head = [p for name, mod in model.named_modules() if name in built.head for p in mod.parameters()]
     head_ids = {id(p) for p in head}
     if arm["full_finetune"]:
@@ -89,8 +95,9 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
         opt = _optimizer(model, spec, built)
         trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         model.train()
-        evals.append({"step": 0, **evaluate(model, [_to(b, device) for b in built.eval_batches], built.accuracy)})
-        bar = tqdm(range(1, spec["steps"] + 1), desc=f"{spec['arm']['name']} r={spec['rank']} lr={spec['lr']:g} "
+        val = [_to(b, device) for b in built.val_batches]
+        evals.append({"step": 0, **evaluate(model, val, built.accuracy)})
+        bar = tqdm(range(1, spec["steps"] + 1), desc=f"{spec['arm']} r={spec['rank']} lr={spec['lr']:g} "
                    f"seed={spec['seed']}", disable=not progress or rank != 0, leave=False)
         for step, batch in zip(bar, built.train):
             loss = trainer(**_to(batch, device)).loss
@@ -107,10 +114,14 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
                 break
             losses.append(_mean_over_ranks(loss, world))
             if step % spec["eval_every"] == 0 or step == spec["steps"]:
-                evals.append({"step": step, **evaluate(model, [_to(b, device) for b in built.eval_batches],
-                                                       built.accuracy)})
+                evals.append({"step": step, **evaluate(model, val, built.accuracy)})
         bar.close()
-    return {**spec, "status": status, "loss_curve": losses, "eval": evals, "final_eval": evals[-1],
+        if status == "ok":
+            final_val = {k: v for k, v in evals[-1].items() if k != "step"}
+            final_test = evaluate(model, [_to(b, device) for b in built.test_batches], built.accuracy)
+        else:
+            final_val = final_test = dict.fromkeys(["loss", "accuracy"] if built.accuracy else ["loss"])
+    return {**spec, "status": status, "loss_curve": losses, "eval": evals, "val": final_val, "test": final_test,
             "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra, "world_size": world,
             "lowrank_version": lowrank.__version__, "torch_version": torch.__version__}
 
@@ -151,15 +162,37 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a results file; a torn last line (a crash mid-write) is ignored."""
+RECORD_FIELDS = ("key", "arm", "rank", "lr", "seed", "status", "loss_curve", "val", "test")
+
+
+def is_record(obj: Any) -> bool:
+    """A results line this runner wrote: a JSON object with the record fields (``arm`` a name)."""
+    return isinstance(obj, dict) and all(k in obj for k in RECORD_FIELDS) and isinstance(obj["arm"], str) \
+        and isinstance(obj["key"], str) and isinstance(obj["val"], dict) and isinstance(obj["test"], dict)
+
+
+def read_records(path: str | Path, *, warn: bool = True) -> list[dict[str, Any]]:
+    """Records of a results file. Lines that are not records (a torn line from a crash, bytes that are
+    not UTF-8, valid JSON that is not a record, a record of an older format) are skipped and counted
+    on stderr; every valid line is kept. A skipped run is simply run again on resume."""
     path = Path(path)
     if not path.exists():
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    out, skipped = [], []
+    for i, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
             continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = None
+        if is_record(obj):
+            out.append(obj)
+        else:
+            skipped.append(i)
+    if skipped and warn:
+        import sys
+
+        print(f"{path}: skipped {len(skipped)} line(s) that are not run records (lines {skipped[:5]}"
+              f"{'...' if len(skipped) > 5 else ''}); their runs, if any, are run again", file=sys.stderr)
     return out

@@ -1,12 +1,18 @@
-"""Tables (markdown, mean +/- std over seeds) and plots (matplotlib PNG) of a results file."""
+"""The summary of a sweep: per arm and rank at its chosen learning rate, the test metric with its 95%
+interval over seeds, the paired difference to the reference arm with a verdict, steps to the
+reference's final training loss; the search and transfer decisions; markdown, JSON and PNG plots."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from .config import Config
+from .search import ArmPlan, final_records, full_search
+from .stats import Interval, mean_ci, paired, verdict
 
 WINDOW = 10
 
@@ -21,15 +27,6 @@ def smooth(xs: list[float], w: int = WINDOW) -> list[float]:
     return out
 
 
-def _ms(values: list[float], fmt: str = ".3f") -> str:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:{fmt}}"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
-
-
 def steps_to(curve: list[float], target: float) -> int | None:
     """First step (1-based) at which the smoothed training loss is <= ``target``."""
     for i, v in enumerate(smooth(curve)):
@@ -38,72 +35,139 @@ def steps_to(curve: list[float], target: float) -> int | None:
     return None
 
 
-def _metric(records) -> str:
-    return "acc" if "acc" in records[0]["final_eval"] else "loss"
+def _ok(records):
+    return [r for r in records if r["status"] == "ok"]
 
 
-def group(records: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
-    groups: dict[tuple, list] = defaultdict(list)
-    for r in records:
-        groups[(r["arm"]["name"], r["rank"], r["lr"])].append(r)
-    return groups
+def _reference_plan(cfg: Config, plans: list[ArmPlan], rank) -> ArmPlan | None:
+    refs = [p for p in plans if p.arm == cfg.sweep.reference]
+    same = [p for p in refs if p.rank == rank]
+    return (same or refs or [None])[0]  # full FT (rank None) is compared with the reference's first rank
 
 
-def table(records: list[dict[str, Any]], reference: str, ref_lr: dict[Any, float] | None = None) -> str:
-    """Per (arm, rank, lr): final eval metrics, train loss, convergence speed-up vs ``reference``
-    (at the same lr, or at ``ref_lr[rank]`` when given: e.g. the reference's own best rate)."""
-    groups = group(records)
-    metric = _metric(records)
-    ok = lambda rs: [r for r in rs if r["status"] == "ok"]  # noqa: E731
-    extra = metric != "loss"  # classification: accuracy and loss; regression: loss once
-    lines = [f"| arm | rank | lr | final eval {metric} |" + (" final eval loss |" if extra else "") +
-             f" train loss (last {WINDOW}) | steps to {reference}'s final train loss | speed-up vs {reference} | "
-             "diverged | time (s) |", "|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|"]
-    order = {a: i for i, a in enumerate(dict.fromkeys(r["arm"]["name"] for r in records))}  # the config's arm order
-    for (arm, rank, lr), rs in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1] or 0, kv[0][2])):
-        # Full FT (rank None), or a rank the reference was not run at: compare with its first rank.
-        ref_rank = rank if any(k[:2] == (reference, rank) for k in groups) else _first_rank(groups, reference)
-        at = ref_lr.get(ref_rank, lr) if ref_lr else lr
-        ref = ok(groups.get((reference, ref_rank, at), []))
-        target = statistics.mean(smooth(r["loss_curve"])[-1] for r in ref) if ref else None
-        # A reference seed that ends above the seeds' mean final loss counts its full length.
-        ref_steps = [steps_to(r["loss_curve"], target) or len(r["loss_curve"]) for r in ref] if ref else []
-        if arm == reference:
-            steps = ref_steps
-        else:
-            steps = [steps_to(r["loss_curve"], target) for r in ok(rs)] if target is not None else []
+def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary row per arm and rank (the objects ``--json`` prints)."""
+    metric = "accuracy" if "accuracy" in cfg.metrics else "loss"
+    higher = metric == "accuracy"
+    out = []
+    for p in plans:
+        finals = final_records(cfg, p, done)
+        ok = _ok(finals)
+        test = {r["seed"]: r["test"][metric] for r in ok}
+        ref_plan = _reference_plan(cfg, plans, p.rank)
+        ref_finals = _ok(final_records(cfg, ref_plan, done)) if ref_plan else []
+        ref_test = {r["seed"]: r["test"][metric] for r in ref_finals}
+        diff = paired(test, ref_test) if ref_finals else Interval(math.nan, math.nan, math.nan, 0)
+        target = statistics.fmean(smooth(r["loss_curve"])[-1] for r in ref_finals) if ref_finals else None
+        steps = [steps_to(r["loss_curve"], target) for r in ok] if target is not None else []
+        if p.arm == cfg.sweep.reference:  # a reference seed that ends above the mean counts its full length
+            steps = [s or len(r["loss_curve"]) for s, r in zip(steps, ok)]
         reached = [s for s in steps if s is not None]
-        speed = (statistics.mean(ref_steps) / statistics.mean(reached)) if reached and ref_steps and len(reached) == len(steps) else None
-        steps_txt = (_ms([float(s) for s in reached], ".0f") + ("" if len(reached) == len(steps) else
-                     f" ({len(steps) - len(reached)} never)")) if steps else "n/a"
-        eval_loss = f"{_ms([r['final_eval']['loss'] for r in ok(rs)])} | " if extra else ""
-        lines.append(
-            f"| {arm} | {rank if rank is not None else 'full'} | {lr:g} | "
-            f"{_ms([r['final_eval'][metric] for r in ok(rs)])} | {eval_loss}"
-            f"{_ms([statistics.mean(r['loss_curve'][-WINDOW:]) for r in ok(rs)])} | {steps_txt} | "
-            f"{f'{speed:.2f}x' if speed else 'n/a'} | {len(rs) - len(ok(rs))}/{len(rs)} | "
-            f"{_ms([r['wall_time_s'] for r in rs], '.0f')} |")
+        st = mean_ci(reached) if steps and len(reached) == len(steps) else Interval(math.nan, math.nan, math.nan, 0)
+        ref_steps = [steps_to(r["loss_curve"], target) or len(r["loss_curve"]) for r in ref_finals]
+        is_ref = p.arm == cfg.sweep.reference and ref_plan is p
+        t = mean_ci(list(test.values()))
+        out.append({
+            "arm": p.arm, "rank": p.rank, "mode": p.mode, "lr": p.chosen, "lr_interior": p.interior,
+            "search_runs": p.search_runs, "scores": {f"{k:g}": v for k, v in sorted(p.scores.items())},
+            "transfer_predicted_lr": p.predicted, "n_seeds": len(ok), "diverged": len(finals) - len(ok),
+            "pending": len(p.pending_search) + len(p.pending_final) + (1 if p.waiting else 0),
+            "metric": metric, "test_metric": _num(t.mean), "test_metric_ci": t.ci,
+            "test_loss": _num(mean_ci([r["test"]["loss"] for r in ok]).mean),
+            f"val_{metric}": _num(mean_ci([r["val"][metric] for r in ok]).mean),
+            "delta_vs_reference": _num(diff.mean), "delta_ci": diff.ci, "delta_n": diff.n,
+            "verdict": "reference" if is_ref else verdict(diff, higher),
+            "steps_to_reference_loss": _num(st.mean), "steps_ci": st.ci,
+            "steps_never": len(steps) - len(reached),
+            "speed_up": (statistics.fmean(ref_steps) / st.mean) if ref_steps and st.n else None,
+            "time_s": _num(mean_ci([r["wall_time_s"] for r in finals]).mean),
+        })
+    return out
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def _f(x, spec=".3f", none="n/a") -> str:
+    return none if x is None else f"{x:{spec}}"
+
+
+def _ci(mean, ci, spec=".3f") -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:{spec}}" + ("" if ci is None else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
+
+
+def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]], rs: list[dict[str, Any]]) -> str:
+    metric = rs[0]["metric"] if rs else "loss"
+    extra = metric != "loss"  # classification: accuracy and loss; regression: loss once
+    ref = cfg.sweep.reference
+    lines = [f"Each arm at its chosen learning rate (chosen on validation `{cfg.select}`); test metrics, mean and "
+             f"95% t-interval over seeds; Δ = paired difference to {ref} (same seeds and batches).", "",
+             f"| arm | rank | lr | interior | search runs | seeds | test {metric} |" + (" test loss |" if extra else "")
+             + f" Δ test {metric} vs {ref} | verdict | steps to {ref}'s final train loss | speed-up | time (s) |",
+             "|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|"]
+    for r in rs:
+        rank = "full" if r["rank"] is None else r["rank"]
+        interior = {True: "yes", False: "**no**", None: "n/a"}[r["lr_interior"]]
+        steps = _ci(r["steps_to_reference_loss"], r["steps_ci"], ".0f") + (
+            f" ({r['steps_never']} never)" if r["steps_never"] else "")
+        pending = f" ({r['pending']} pending)" if r["pending"] else ""
+        div = f" ({r['diverged']} diverged)" if r["diverged"] else ""
+        lines.append(f"| {r['arm']}{pending} | {rank} | {_f(r['lr'], '.3g')} | {interior} | {r['search_runs']} | "
+                     f"{r['n_seeds']}{div} | {_ci(r['test_metric'], r['test_metric_ci'])} | "
+                     + (f"{_f(r['test_loss'])} | " if extra else "") +
+                     f"{_ci(r['delta_vs_reference'], r['delta_ci'], '+.3f') if r['verdict'] != 'reference' else '0'} | "
+                     f"{r['verdict']} | {steps} | {_f(r['speed_up'], '.2f') + 'x' if r['speed_up'] else 'n/a'} | "
+                     f"{_f(r['time_s'], '.0f')} |")
+    n = min((r["n_seeds"] for r in rs), default=0)
+    if n == 1:
+        lines += ["", "One seed per arm: no intervals and no verdicts; add seeds for a comparison."]
+    elif 1 < n < 5:
+        lines += ["", f"With {n} seeds the t-intervals are wide (t_0.975 = {_t(n):.2f}); 'no difference' means the "
+                      "interval contains 0, not that the arms are equal."]
+    lines += ["", "Learning rates tried (validation " + cfg.select.removeprefix("val_") + ", mean over search seeds; "
+              "chosen rate in bold):", ""]
+    for p in plans:
+        tried = ", ".join((f"**{lr:.3g}: {v:.3f}**" if lr == p.chosen else f"{lr:.3g}: {v:.3f}")
+                          for lr, v in sorted(p.scores.items()))
+        extra = f" (predicted {p.predicted:.3g})" if p.predicted is not None else ""
+        lines.append(f"- {p.arm} (r={'full' if p.rank is None else p.rank}, {p.mode}{extra}): {tried or 'none yet'}")
+    if any(p.mode == "transfer" for p in plans):
+        lines += ["", transfer_table(cfg, plans, done)]
     return "\n".join(lines)
 
 
-def _first_rank(groups, arm):
-    ranks = sorted({k[1] for k in groups if k[0] == arm and k[1] is not None})
-    return ranks[0] if ranks else None
+def _t(n: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1))
 
 
-def best_lr(records: list[dict[str, Any]]) -> dict[tuple, float]:
-    """Each (arm, rank)'s best learning rate by mean final eval metric (accuracy up, loss down)."""
-    metric = _metric(records)
-    sign = -1 if metric == "acc" else 1
-    best: dict[tuple, tuple[float, float]] = {}
-    for (arm, rank, lr), rs in group(records).items():
-        vals = [r["final_eval"][metric] for r in rs if r["status"] == "ok"]
-        if not vals:
-            continue
-        score = sign * statistics.mean(vals)
-        if (arm, rank) not in best or score < best[(arm, rank)][0]:
-            best[(arm, rank)] = (score, lr)
-    return {k: v[1] for k, v in best.items()}
+def transfer_table(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> str:
+    """Runs used and the rate chosen under transfer, against a full search replayed on the same results."""
+    lines = ["Transfer against a full search (a full search is replayed on the same results file; "
+             "'not run' when its runs are missing):", "",
+             "| arm | rank | predicted lr | transfer: lr chosen (runs) | full search: lr chosen (runs) | same rate |",
+             "|---|---|---|---|---|---|"]
+    used = full = 0
+    complete = True
+    for p in plans:
+        arm = next(a for a in cfg.arms if a.name == p.arm)
+        fs = full_search(cfg, arm, p.rank, done) if p.mode in ("transfer", "search") else None
+        used += p.search_runs
+        if fs is None or not fs.selected:
+            complete = False
+        else:
+            full += fs.search_runs
+        lines.append(f"| {p.arm} | {'full' if p.rank is None else p.rank} | {_f(p.predicted, '.3g', '(searched)')} | "
+                     f"{_f(p.chosen, '.3g')} ({p.search_runs}) | "
+                     + (f"{fs.chosen:.3g} ({fs.search_runs}) | {'yes' if fs.chosen == p.chosen else 'no'} |"
+                        if fs is not None and fs.selected else "not run | n/a |"))
+    lines += ["", f"Search-phase runs: transfer {used}" + (f", full search {full} (ratio {used / full:.2f})"
+                                                          if complete and full else ", full search not complete")]
+    return "\n".join(lines)
 
 
 def _pyplot():
@@ -121,29 +185,24 @@ def _save(plt, fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(records: list[dict[str, Any]], path: Path, title: str, pick: dict[tuple, float] | None = None) -> None:
-    """Smoothed train loss and eval metric vs step, mean over seeds, one line per arm (at ``pick``'s lr)."""
+def plot_curves(cfg: Config, plans: list[ArmPlan], done, path: Path, title: str) -> None:
+    """Smoothed train loss and validation metric vs step at each arm's chosen rate, mean over seeds."""
     plt = _pyplot()
-    metric = _metric(records)
+    metric = "accuracy" if "accuracy" in cfg.metrics else "loss"
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    order = {a: i for i, a in enumerate(dict.fromkeys(r["arm"]["name"] for r in records))}
-    for (arm, rank, lr), rs in sorted(group(records).items(), key=lambda kv: order[kv[0][0]]):
-        if pick is not None and pick.get((arm, rank)) != lr:
-            continue
-        rs = [r for r in rs if r["status"] == "ok"]
+    for p in plans:
+        rs = _ok(final_records(cfg, p, done))
         if not rs:
             continue
         n = min(len(r["loss_curve"]) for r in rs)
-        mean = [statistics.mean(smooth(r["loss_curve"])[i] for r in rs) for i in range(n)]
-        label = f"{arm} (lr {lr:g})"
-        ax1.plot(range(1, n + 1), mean, label=label)
-        steps = [e["step"] for e in rs[0]["eval"]]
-        ax2.plot(steps, [statistics.mean(r["eval"][i][metric] for r in rs) for i in range(len(steps))], marker="o",
+        label = f"{p.arm}{'' if p.rank is None or len(cfg.sweep.ranks) == 1 else f' r={p.rank}'} (lr {p.chosen:g})"
+        ax1.plot(range(1, n + 1), [statistics.fmean(smooth(r["loss_curve"])[i] for r in rs) for i in range(n)],
                  label=label)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel(f"train loss (moving average {WINDOW})")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel(f"eval {metric}")
+        steps = [e["step"] for e in rs[0]["eval"]]
+        ax2.plot(steps, [statistics.fmean(r["eval"][i][metric] for r in rs) for i in range(len(steps))], marker="o",
+                 label=label)
+    ax1.set(xlabel="step", ylabel=f"train loss (moving average {WINDOW})")
+    ax2.set(xlabel="step", ylabel=f"validation {metric}")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -151,44 +210,41 @@ def plot_curves(records: list[dict[str, Any]], path: Path, title: str, pick: dic
     _save(plt, fig, path)
 
 
-def plot_lr(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Final eval metric vs learning rate, one line per arm (mean over seeds)."""
+def plot_lr(cfg: Config, plans: list[ArmPlan], path: Path, title: str) -> None:
+    """Validation metric vs learning rate (the search), one line per arm; the chosen rate marked."""
     plt = _pyplot()
-    metric = _metric(records)
-    by_arm: dict[str, list] = defaultdict(list)
-    for (arm, rank, lr), rs in group(records).items():
-        vals = [r["final_eval"][metric] for r in rs if r["status"] == "ok"]
-        by_arm[arm].append((lr, statistics.mean(vals) if vals else float("nan")))
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    for arm, pts in sorted(by_arm.items()):
-        ax.plot(*zip(*sorted(pts)), marker="o", label=arm)
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for p in plans:
+        pts = sorted((lr, v) for lr, v in p.scores.items() if math.isfinite(v))
+        if not pts:
+            continue
+        (line,) = ax.plot(*zip(*pts), marker="o", label=p.arm)
+        if p.chosen in p.scores and math.isfinite(p.scores[p.chosen]):
+            ax.plot([p.chosen], [p.scores[p.chosen]], marker="*", markersize=13, color=line.get_color())
     ax.set_xscale("log")
-    ax.set_xlabel("learning rate (adapters; full FT: all weights)")
-    ax.set_ylabel(f"final eval {metric}")
+    ax.set(xlabel="learning rate (adapters; full FT: all weights)", ylabel=cfg.select.replace("_", " "))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     ax.set_title(title)
     _save(plt, fig, path)
 
 
-def summarize(records: list[dict[str, Any]], results_path: Path, reference: str, title: str) -> str:
-    """Write ``<stem>.md`` and PNG plots next to the results file; return the markdown."""
-    if not records:
-        return "no finished runs yet"
-    stem = results_path.with_suffix("")
-    parts = [f"# {title}", "", table(records, reference), ""]
-    lrs = sorted({r["lr"] for r in records})
-    pick = None
-    if len(lrs) > 1:
-        pick = best_lr(records)
-        parts += ["## Each arm at its own best learning rate (speed-up vs the reference at its own best rate)", "",
-                  table([r for r in records if pick.get((r["arm"]["name"], r["rank"])) == r["lr"]], reference,
-                        ref_lr={k: v for (a, k), v in pick.items() if a == reference}),
-                  "", "Best learning rates: " + ", ".join(f"{a} (r={k if k is not None else 'full'}): {v:g}" for (a, k), v in sorted(
-                      pick.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))), ""]
-        plot_lr(records, Path(f"{stem}_lr.png"), title)
-        parts.append(f"![final metric vs lr]({Path(f'{stem}_lr.png').name})")
-    plot_curves(records, Path(f"{stem}_curves.png"), title, pick)
+def summarize(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]], results_path: Path,
+              as_json: bool = False) -> str:
+    """Write ``<sweep name>.md`` and PNG plots next to the results file (several configs may share one results
+    file); return the markdown, or JSON lines with ``as_json``."""
+    rs = rows(cfg, plans, done)
+    if as_json:
+        return "\n".join(json.dumps(r) for r in rs)
+    if not any(r["n_seeds"] for r in rs):
+        return "no finished runs at a chosen rate yet"
+    stem = results_path.parent / cfg.sweep.name
+    title = f"{cfg.sweep.name}: {cfg.command}"
+    parts = [f"# {title}", "", markdown(cfg, plans, done, rs), ""]
+    if any(len(p.scores) > 1 for p in plans):
+        plot_lr(cfg, plans, Path(f"{stem}_lr.png"), cfg.sweep.name)
+        parts.append(f"![validation metric vs lr]({Path(f'{stem}_lr.png').name})")
+    plot_curves(cfg, plans, done, Path(f"{stem}_curves.png"), cfg.sweep.name)
     parts.append(f"![curves]({Path(f'{stem}_curves.png').name})")
     text = "\n".join(parts) + "\n"
     Path(f"{stem}.md").write_text(text)

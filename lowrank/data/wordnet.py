@@ -59,12 +59,26 @@ def load_supersense(pos: tuple[str, ...] = ("noun", "verb"), root: Path = DEFAUL
 
 
 def supersense_splits(n_train: int | None = None, n_eval: int = 1000, seed: int = 0, **kw):
-    """A fixed, stratified ``(train, eval)`` split; ``n_train`` subsamples the train part (stratified too)."""
+    """A fixed, stratified ``(train, held-out)`` split; ``n_train`` subsamples the train part (stratified too)."""
+    train, _, test = supersense_train_val_test(n_train=n_train, n_val=0, n_test=n_eval, seed=seed, **kw)
+    return train, test
+
+
+def supersense_train_val_test(n_train: int | None = None, n_val: int = 500, n_test: int = 1000, seed: int = 0, **kw):
+    """Fixed, stratified, disjoint ``(train, validation, test)`` splits.
+
+    The test part is carved first (so it is the same set as ``supersense_splits``' held-out part
+    for the same ``n_test`` and ``seed``), then validation from the rest; ``n_train`` subsamples
+    what remains. Select hyper-parameters on validation, report on test.
+    """
     from sklearn.model_selection import train_test_split  # fast stratified index splits
 
     ds = load_supersense(**kw)
     labels = ds["label"]
-    rest, eval_idx = train_test_split(range(len(ds)), test_size=n_eval, stratify=labels, random_state=seed)
+    rest, test_idx = train_test_split(range(len(ds)), test_size=n_test, stratify=labels, random_state=seed)
+    val_idx: list[int] = []
+    if n_val:
+        rest, val_idx = train_test_split(rest, test_size=n_val, stratify=[labels[i] for i in rest], random_state=seed)
     if n_train is not None and n_train < len(rest):
         rest, _ = train_test_split(rest, train_size=n_train, stratify=[labels[i] for i in rest], random_state=seed)
-    return ds.select(rest), ds.select(eval_idx)
+    return ds.select(rest), ds.select(val_idx), ds.select(test_idx)

@@ -4,12 +4,17 @@
 - ``alignment`` (one layer), ``adapted_alignment`` (every adapted layer of a model), ``init_factors`` (any registered initializer on a given ``G``),
   ``gradients`` and ``compare`` (every layer of a real model, all inits on the same ``G``).
 - ``scale_stability``: a mup-style coordinate check over width and rank.
+- ``sharpness``: the largest-magnitude Hessian eigenvalue (plain or Adam-preconditioned) at any point.
+- ``transfer_lr``: a configuration's learning rate predicted from a reference's, measured at initialization.
 - ``python -m lowrank.theory.report``: a per-layer alignment table on a real model.
 """
 
 from .alignment import Alignment, adapted_alignment, alignment, compare, gradients, init_factors
 from .first_step import factor_gradients, first_step_direction, first_step_update
 from .scale import loglog_slope, moments, scale_stability
+from .sharpness import sharpness
+from .transfer import Arm, FullFineTune, transfer_lr
 
 __all__ = ["Alignment", "adapted_alignment", "alignment", "compare", "gradients", "init_factors", "factor_gradients",
-           "first_step_direction", "first_step_update", "loglog_slope", "moments", "scale_stability"]
+           "first_step_direction", "first_step_update", "loglog_slope", "moments", "scale_stability", "sharpness",
+           "transfer_lr", "Arm", "FullFineTune"]

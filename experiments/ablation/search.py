@@ -1,0 +1,156 @@
+"""Which runs a sweep needs next, given the runs it already has: learning-rate search and transfer.
+
+The plan is a pure function of the config and the finished runs, so a sweep resumes anywhere and
+``--summary-only`` replays the same decisions.
+
+Search (``lrs = "search"``), per arm and rank, on the validation split:
+
+1. run the grid ``start * factor^k`` for ``k = -(points-1)/2 .. (points-1)/2`` with the search seeds;
+   a rate's score is the mean validation metric over those seeds (a diverged run scores worst);
+2. while the best rate is at an edge of what was run and fewer than ``max_points`` rates were tried,
+   run one more grid step beyond that edge; ties go to the lower rate;
+3. the chosen rate is *interior* when both its grid neighbours were run (else the summary says so);
+4. run the sweep's seeds at the chosen rate (a search run with one of those seeds is reused).
+
+Transfer (``lrs = "transfer"``): the reference arm is searched as above; every other arm starts
+from a 3-point grid centred on the grid rate nearest to its predicted rate
+(``lowrank.theory.transfer_lr``), then follows rules 2-4.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Arm, Config
+
+
+@dataclass
+class ArmPlan:
+    """The state of one arm and rank."""
+
+    arm: str
+    rank: int | None
+    mode: str
+    """``"list"``, ``"search"`` or ``"transfer"``."""
+    scores: dict[float, float] = field(default_factory=dict)
+    """Finished rate -> mean validation metric over the seeds that scored it (raw value, not signed)."""
+    chosen: float | None = None
+    interior: bool | None = None
+    pending_search: list[dict[str, Any]] = field(default_factory=list)
+    pending_final: list[dict[str, Any]] = field(default_factory=list)
+    waiting: str | None = None
+    """Why the arm cannot be planned yet (transfer: the reference's search is not finished)."""
+    predicted: float | None = None
+    """Transfer: the predicted rate before rounding to the grid."""
+    search_runs: int = 0
+    """Runs the rate selection used (search phase, or every run of a list)."""
+
+    @property
+    def selected(self) -> bool:
+        return self.chosen is not None
+
+
+def _worst(select: str) -> float:
+    return math.inf if select.endswith("loss") else -math.inf
+
+
+def score(records: list[dict[str, Any]], select: str) -> float:
+    """Mean of the validation metric ``select`` over ``records``; the worst value if any diverged."""
+    metric = select.removeprefix("val_")
+    vals = [r["val"][metric] if r.get("status") == "ok" and r.get("val") else None for r in records]
+    if any(v is None or not math.isfinite(v) for v in vals):
+        return _worst(select)
+    return statistics.mean(vals)
+
+
+def _better(select: str):
+    """Sort key: lower is better."""
+    return (lambda v: v) if select.endswith("loss") else (lambda v: -v)
+
+
+def grid_search(cfg: Config, arm: Arm, rank: int | None, center: int, points: int,
+                done: dict[str, dict[str, Any]]) -> ArmPlan:
+    """Rules 1-3 of the module docstring from grid index ``center``; ``pending_search`` is what to run next."""
+    s, key = cfg.search, _better(cfg.select)
+    idx = set(range(center - points // 2, center + points // 2 + 1))
+    plan = ArmPlan(arm.name, rank, "search")
+    while True:
+        runs = {k: [cfg.spec(arm, rank, s.rate(k), seed, "search") for seed in s.seeds] for k in sorted(idx)}
+        plan.search_runs = sum(len(v) for v in runs.values())
+        plan.pending_search = [r for k in sorted(idx) for r in runs[k] if r["key"] not in done]
+        plan.scores = {s.rate(k): score([done[r["key"]] for r in runs[k]], cfg.select) for k in sorted(idx)
+                       if all(r["key"] in done for r in runs[k])}
+        if plan.pending_search:
+            return plan
+        best = min(sorted(idx), key=lambda k: key(plan.scores[s.rate(k)]))  # first minimum: the lower rate
+        lo, hi = min(idx), max(idx)
+        if len(idx) < s.max_points and best in (lo, hi):
+            idx.add(lo - 1 if best == lo else hi + 1)
+            continue
+        plan.chosen, plan.interior = s.rate(best), (best - 1 in idx and best + 1 in idx)
+        return plan
+
+
+def _list_plan(cfg: Config, arm: Arm, rank: int | None, done: dict[str, dict[str, Any]]) -> ArmPlan:
+    lrs = sorted(cfg.listed_lrs(arm))
+    runs = {lr: [cfg.spec(arm, rank, lr, seed, "final") for seed in cfg.sweep.seeds] for lr in lrs}
+    plan = ArmPlan(arm.name, rank, "list", search_runs=sum(len(v) for v in runs.values()))
+    plan.pending_final = [r for lr in lrs for r in runs[lr] if r["key"] not in done]
+    plan.scores = {lr: score([done[r["key"]] for r in rs], cfg.select) for lr, rs in runs.items()
+                   if all(r["key"] in done for r in rs)}
+    if plan.scores:
+        key = _better(cfg.select)
+        plan.chosen = min(sorted(plan.scores), key=lambda lr: key(plan.scores[lr]))
+        plan.interior = lrs.index(plan.chosen) not in (0, len(lrs) - 1) and not plan.pending_final
+    return plan
+
+
+def plan(cfg: Config, done: dict[str, dict[str, Any]], store: dict[str, dict[str, Any]] | None = None) -> list[ArmPlan]:
+    """Every arm and rank of ``cfg`` given the finished runs ``done`` (key -> record) and, under
+    transfer, the predicted rates in ``store`` (``experiments.ablation.transfer``)."""
+    from .transfer import entry_key
+
+    refs: dict[int | None, ArmPlan] = {}
+    out = []
+    arms = sorted(cfg.arms, key=lambda a: a.name != cfg.sweep.reference)  # the reference first: others need it
+    for arm in arms:
+        for rank in cfg.ranks_of(arm):
+            mode = cfg.mode(arm)
+            if mode == "list":
+                p = _list_plan(cfg, arm, rank, done)
+            elif mode == "transfer":
+                ref = refs.get(rank) or next(iter(refs.values()))
+                entry = (store or {}).get(entry_key(cfg, arm, rank, ref.chosen)) if ref.selected else None
+                if entry is None:
+                    out.append(ArmPlan(arm.name, rank, "transfer",
+                                       waiting=f"waits for the transferred rate from {cfg.sweep.reference!r}"))
+                    continue
+                p = grid_search(cfg, arm, rank, cfg.search.index(entry["predicted_lr"]), 3, done)
+                p.mode, p.predicted = "transfer", entry["predicted_lr"]
+            else:
+                p = grid_search(cfg, arm, rank, 0, cfg.search.points, done)
+            if p.mode != "list" and p.selected:
+                p.pending_final = [r for seed in cfg.sweep.seeds
+                                   for r in [cfg.spec(arm, rank, p.chosen, seed, "final")] if r["key"] not in done]
+            if arm.name == cfg.sweep.reference:
+                refs[rank] = p
+            out.append(p)
+    order = {a.name: i for i, a in enumerate(cfg.arms)}
+    return sorted(out, key=lambda p: order[p.arm])  # stable: ranks stay in order within an arm
+
+
+def final_records(cfg: Config, p: ArmPlan, done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished runs at ``p``'s chosen rate with the sweep's seeds (what the tables report)."""
+    if not p.selected:
+        return []
+    arm = next(a for a in cfg.arms if a.name == p.arm)
+    return [done[r["key"]] for seed in cfg.sweep.seeds
+            for r in [cfg.spec(arm, p.rank, p.chosen, seed, "final")] if r["key"] in done]
+
+
+def full_search(cfg: Config, arm: Arm, rank: int | None, done: dict[str, dict[str, Any]]) -> ArmPlan:
+    """What a full search (``lrs = "search"``) of this arm would have run and chosen, from ``done``."""
+    return grid_search(cfg, arm, rank, 0, cfg.search.points, done)
