@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from experiments.ablation import config as config_mod
 from experiments.ablation import transfer
-from experiments.ablation.run import append_record, read_records, train_one
+from experiments.ablation.run import append_record, check_arms, read_records, train_one
 from experiments.ablation.search import plan
 from experiments.ablation.summary import summarize
 from experiments.ablation.tasks import make_task
@@ -60,17 +60,20 @@ def main(argv=None) -> int:
         if not args.summary_only:
             if rank0:
                 print(f"{cfg.sweep.name}: {len(done)} finished runs in {results}", file=sys.stderr)
-            task = None
+            task = make_task(cfg.sweep.task, cfg.task)
+            try:
+                check_arms(cfg, task)
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             while True:
                 plans = plan(cfg, done, predictions)
                 if any(p.waiting for p in plans):
-                    task = task or make_task(cfg.sweep.task, cfg.task)
                     if transfer.predict_waiting(cfg, task, plans, predictions, results, write=rank0):
                         continue
                 todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]
                 if not todo:
                     break
-                task = task or make_task(cfg.sweep.task, cfg.task)
                 phase = todo[0]["phase"]
                 try:
                     for spec in tqdm(todo, desc=f"{cfg.sweep.name} ({phase})", disable=args.no_progress or not rank0):

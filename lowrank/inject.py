@@ -137,6 +137,28 @@ def _check_result(res: InitResult, t: Target, init_name: str) -> None:
             raise FloatingPointError(f"initializer {init_name!r} returned non-finite values in {key} for layer {t.name!r}")
 
 
+def shared_weight_users(model: nn.Module, name: str, module: nn.Module) -> list[str]:
+    """Parameters outside ``module`` that share storage with its weight (tied weights, e.g. GPT-2's
+    ``lm_head`` and ``wte``): changing the weight's data would change them too."""
+    ptr = module.weight.untyped_storage().data_ptr()
+    own = {id(p) for p in module.parameters()}
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if not n.startswith(f"{name}.") and (id(p) in own or p.untyped_storage().data_ptr() == ptr)]
+
+
+def _check_untied(model: nn.Module, targets: Sequence[Target], results: Sequence[InitResult], init_name: str) -> None:
+    for t, res in zip(targets, results):
+        if res.offset:
+            users = shared_weight_users(model, t.name, t.module)
+            if users:
+                raise ValueError(
+                    f"layer {t.name!r} shares its weight with {users[0]!r} (tied weights); initializer {init_name!r} "
+                    f"offsets the base weight (W = W0 - s B A), which would change {users[0]!r} too. Untie first "
+                    f"(e.g. model.{t.name}.weight = torch.nn.Parameter(model.{t.name}.weight.detach().clone()), and "
+                    "set config.tie_word_embeddings = False for transformers models), drop the layer from targets, "
+                    "or use an initializer without offset (kaiming, gaussian, lora_one)")
+
+
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -161,6 +183,11 @@ def commit(model: nn.Module, config: LoRAConfig, targets: Sequence[Target], resu
             layer.set_factors(res.A, res.B)
             if res.offset:
                 old_weights.append((t.module, layer.apply_offset()))
+                if not torch.isfinite(layer.base_weight()).all():
+                    raise FloatingPointError(
+                        f"the offset base weight W0 - s B A of layer {t.name!r} is not finite ({config.init!r} "
+                        f"returned factors too large for the weight's dtype {t.module.weight.dtype}); the model was "
+                        "not changed. Use smaller factors (std, b_std, scale)")
             _set_module(model, t.name, layer)
             swapped.append((t.name, t.module))
         for p in params:
@@ -228,5 +255,6 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
     if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
         # Every rank is here (the gradient estimate was a collective): make A and B rank 0's bits.
         dist_helpers.broadcast_([t for res in results for t in (res.A, res.B)])
+    _check_untied(model, targets, results, config.init)
     commit(model, config, targets, results, trainable)
     return model

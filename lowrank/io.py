@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -27,9 +28,9 @@ from torch import nn
 
 from ._version import __version__
 from .adapters.base import weight_shape
-from .config import LoRAConfig
+from .config import LoRAConfig, matches_targets
 from .init.base import InitResult
-from .inject import RECORD_ATTR, adapted_layers, commit, find_targets, find_trainable
+from .inject import RECORD_ATTR, _check_untied, adapted_layers, commit, find_targets, find_trainable
 
 CONFIG_NAME = "lowrank_config.json"
 WEIGHTS_NAME = "lowrank_adapter.safetensors"
@@ -113,14 +114,74 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         tensors = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as exc:  # pragma: no cover - the checksum catches it first
         raise AdapterFileError(f"{w_path} is corrupted: {exc}") from None
-    for name, info in meta.get("layers", {}).items():
-        for key in ("A", "B") + (("A0", "B0") if info.get("offset") else ()):
-            want = {"A": (info["rank"], info["d_in"]), "B": (info["d_out"], info["rank"])}[key.rstrip("0")]
-            t = tensors.get(f"layers.{name}.{key}")
-            if t is None or tuple(t.shape) != want:
-                got = None if t is None else tuple(t.shape)
-                raise AdapterFileError(f"{w_path}: tensor {key} of layer {name!r} has shape {got}, config says {want}")
+    _check_structure(meta, tensors, cfg_path, w_path)
     return meta, tensors
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg_path: Path, w_path: Path) -> None:
+    """Every field a load relies on is present, typed and consistent; the tensor file holds exactly the
+    tensors the config declares, floating point and finite. A file is untrusted input."""
+    try:
+        config = LoRAConfig.from_dict(meta.get("config"))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise AdapterFileError(f"{cfg_path}: invalid 'config': {exc}") from None
+    layers, trainable = meta.get("layers"), meta.get("trainable", [])
+    if not isinstance(layers, dict) or not layers:
+        raise AdapterFileError(f"{cfg_path}: 'layers' must be a non-empty mapping of layer name -> its shape and scale")
+    if not isinstance(trainable, list) or not all(isinstance(t, str) for t in trainable):
+        raise AdapterFileError(f"{cfg_path}: 'trainable' must be a list of module names")
+    for name in trainable:
+        if not (config.trainable and matches_targets(list(config.trainable), name)):
+            raise AdapterFileError(f"{cfg_path}: trainable module {name!r} is not named by the config's trainable "
+                                   f"{list(config.trainable)}")
+    expected: set[str] = set()
+    for name, info in layers.items():
+        where = f"{cfg_path}: layer {name!r}"
+        if not isinstance(info, dict):
+            raise AdapterFileError(f"{where}: expected a mapping, got {type(info).__name__}")
+        for key, ok, what in (("rank", lambda v: _is_int(v) and v > 0, "a positive integer"),
+                              ("d_out", lambda v: _is_int(v) and v > 0, "a positive integer"),
+                              ("d_in", lambda v: _is_int(v) and v > 0, "a positive integer"),
+                              ("offset", lambda v: isinstance(v, bool), "true or false"),
+                              ("alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and math.isfinite(v) and v > 0, "a positive finite number"),
+                              ("scaling", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                               and math.isfinite(v) and v > 0, "a positive finite number"),
+                              ("dtype", lambda v: isinstance(v, str), "a dtype name")):
+            if key not in info or not ok(info[key]):
+                raise AdapterFileError(f"{where}: {key} must be {what}, got {info.get(key, '<missing>')!r}")
+        if not matches_targets(config.targets, name):
+            raise AdapterFileError(f"{where} is not matched by the config's targets {config.targets!r}")
+        want = (config.rank_for(name), config.alpha_for(name), config.scaling_for(name))
+        got = (info["rank"], info["alpha"], info["scaling"])
+        if got[0] != want[0] or not math.isclose(got[1], want[1]) or not math.isclose(got[2], want[2], rel_tol=1e-9):
+            raise AdapterFileError(f"{where}: (rank, alpha, scaling) = {got} but the file's config gives {want}; "
+                                   "the file was edited or is corrupted")
+        keys = ("A", "B") + (("A0", "B0") if info["offset"] else ())
+        for key in keys:
+            shape = {"A": (info["rank"], info["d_in"]), "B": (info["d_out"], info["rank"])}[key.rstrip("0")]
+            t = tensors.get(f"layers.{name}.{key}")
+            got_shape = None if t is None else tuple(t.shape)
+            if got_shape != shape:
+                raise AdapterFileError(f"{w_path}: tensor {key} of layer {name!r} has shape {got_shape}, config says {shape}")
+            if str(t.dtype).removeprefix("torch.") != info["dtype"]:
+                raise AdapterFileError(f"{w_path}: tensor {key} of layer {name!r} is {t.dtype}, config says {info['dtype']}")
+            expected.add(f"layers.{name}.{key}")
+    for key, t in tensors.items():
+        if not t.dtype.is_floating_point:
+            raise AdapterFileError(f"{w_path}: tensor {key!r} is {t.dtype}; adapter tensors are floating point")
+        if not torch.isfinite(t).all():
+            raise AdapterFileError(f"{w_path}: tensor {key!r} has non-finite values (NaN or inf)")
+        if key.startswith("trainable."):
+            if not any(key.startswith(f"trainable.{m}.") for m in trainable):
+                raise AdapterFileError(f"{w_path}: tensor {key!r} belongs to no module of the file's trainable list "
+                                       f"{trainable}; refusing to load it")
+        elif key not in expected:
+            raise AdapterFileError(f"{w_path}: unexpected tensor {key!r} (not declared by the config's layers)")
 
 
 def _check_fit(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -138,15 +199,23 @@ def _check_fit(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.
         if shape != (info["d_out"], info["d_in"]):
             raise AdapterFileError(f"adapter does not fit layer {name!r}: adapter (d_out, d_in) = "
                                    f"{(info['d_out'], info['d_in'])}, model {shape}")
-    for key, t in tensors.items():
-        if key.startswith("trainable."):
-            pname = key.removeprefix("trainable.")
-            try:
-                p = model.get_parameter(pname)
-            except AttributeError:
-                raise AdapterFileError(f"adapter has trainable parameter {pname!r} that the model lacks") from None
+    for mname in meta.get("trainable", []):
+        try:
+            module = model.get_submodule(mname)
+        except AttributeError:
+            raise AdapterFileError(f"adapter has trainable module {mname!r} that the model lacks") from None
+        for pname, p in module.named_parameters():
+            t = tensors.get(f"trainable.{mname}.{pname}")
+            if t is None:
+                raise AdapterFileError(f"adapter has no tensor for trainable parameter {mname}.{pname}")
             if p.shape != t.shape:
-                raise AdapterFileError(f"trainable parameter {pname!r}: adapter {tuple(t.shape)}, model {tuple(p.shape)}")
+                raise AdapterFileError(f"trainable parameter {mname}.{pname}: adapter {tuple(t.shape)}, "
+                                       f"model {tuple(p.shape)}")
+    declared = {f"trainable.{m}.{pn}" for m in meta.get("trainable", []) for pn, _ in model.get_submodule(m).named_parameters()}
+    extra = sorted(k for k in tensors if k.startswith("trainable.") and k not in declared)
+    if extra:
+        raise AdapterFileError(f"adapter tensor {extra[0]!r} is not a parameter of its trainable modules; refusing "
+                               "to load it")
 
 
 @torch.no_grad()
@@ -170,6 +239,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             if (layer.rank, layer.offset) != (info["rank"], info["offset"]):
                 raise AdapterFileError(f"layer {name!r}: adapter has rank {info['rank']} (offset={info['offset']}), "
                                        f"model has rank {layer.rank} (offset={layer.offset})")
+            if not (math.isclose(layer.alpha, info["alpha"]) and math.isclose(layer.scaling, info["scaling"],
+                                                                              rel_tol=1e-9)):
+                raise AdapterFileError(
+                    f"layer {name!r}: the file's adapter has alpha {info['alpha']:g} (scaling {info['scaling']:.6g}), "
+                    f"the model's has alpha {layer.alpha:g} (scaling {layer.scaling:.6g}); load into the original "
+                    "model (the file's config is then used), or inject with the file's alpha and scaling")
         for name, layer in layers.items():
             if layer.offset:
                 A0, B0 = tensors[f"layers.{name}.A0"], tensors[f"layers.{name}.B0"]
@@ -187,11 +262,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             key = "0" if offset else ""
             results.append(InitResult(A=tensors[f"layers.{t.name}.A{key}"], B=tensors[f"layers.{t.name}.B{key}"],
                                       offset=offset))
+        _check_untied(model, targets, results, config.init)
         commit(model, config, targets, results, trainable)
         layers = dict(adapted_layers(model))
     for name, layer in layers.items():
         layer.set_factors(tensors[f"layers.{name}.A"], tensors[f"layers.{name}.B"])
-    for key, t in tensors.items():
-        if key.startswith("trainable."):
-            model.get_parameter(key.removeprefix("trainable.")).copy_(t)
+    for mname in meta.get("trainable", []):
+        for pname, p in model.get_submodule(mname).named_parameters():
+            p.copy_(tensors[f"trainable.{mname}.{pname}"])
     return model

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Adapter, set_weight
-from .inject import RECORD_ATTR, _set_module, adapted_layers
+from .inject import RECORD_ATTR, _set_module, adapted_layers, shared_weight_users
 
 
 def _layers(model: nn.Module) -> list[tuple[str, Adapter]]:
@@ -18,6 +18,15 @@ def _layers(model: nn.Module) -> list[tuple[str, Adapter]]:
     return layers
 
 
+def _check_untied(model: nn.Module, layers, what: str) -> None:
+    for name, layer in layers:
+        users = shared_weight_users(model, name, layer.base_layer)
+        if users:
+            raise ValueError(f"cannot {what} layer {name!r}: its weight is tied to {users[0]!r}, which would change too; "
+                             f"untie it first (model.{name}.base_layer.weight = torch.nn.Parameter(<a clone>)), or "
+                             "keep the adapter unmerged (lowrank.unload(model, merge=False))")
+
+
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight, ``W <- W + s B A`` (float32 math, cast back)."""
@@ -25,6 +34,7 @@ def merge(model: nn.Module) -> nn.Module:
     merged = [n for n, layer in layers if layer.merged]
     if merged:
         raise ValueError(f"layer {merged[0]!r} is already merged; call lowrank.unmerge(model) first")
+    _check_untied(model, layers, "merge")
     for _, layer in layers:
         layer.merge()
     return model
@@ -51,7 +61,10 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     ``W0 = W + s B0 A0``, exact up to one rounding of the weight's dtype).
     The ``requires_grad`` flags are restored to what they were before :func:`lowrank.inject`.
     """
-    for name, layer in _layers(model):
+    layers = _layers(model)
+    if merge:
+        _check_untied(model, [(n, layer) for n, layer in layers if not layer.merged], "merge")
+    for name, layer in layers:
         if merge and not layer.merged:
             layer.merge()
         elif not merge:

@@ -116,6 +116,7 @@ def test_diverged_run_is_recorded_and_the_sweep_continues(tmp_path):
     ({"seeds = [0, 1]": "seeds = [true]"}, "seeds must be a non-empty list of distinct non-negative integers"),
     ({"hidden = 24": "hidden = -3"}, "hidden must be a positive integer, got -3"),
     ({"n_val = 64": "n_eval = 64"}, r"unknown key\(s\) \['n_eval'\]"),
+    ({"ranks = [2]": "ranks = [6]"}, r"arm 'LoRA-GA' at rank 6: .*'fc2'"),
     ({'reference = "LoRA"': 'reference = "Vanilla"'}, "reference arm 'Vanilla' is not one of the arms"),
     ({"lrs = [1e-2]": 'lrs = "grid"'}, "lrs must be a list of rates or one of \\['search', 'transfer'\\]"),
     ({"[task]": "[search]\nstart = 1e-2\n[task]"}, "only used with lrs"),

@@ -43,6 +43,33 @@ def evaluate(model, batches, accuracy: bool) -> dict[str, float]:
     return {"loss": loss / total, **({"accuracy": correct / total} if accuracy else {})}
 
 
+def lora_config(arm: dict[str, Any], rank: int, alpha: float, seed: int, built) -> lowrank.LoRAConfig:
+    return lowrank.LoRAConfig(rank=rank, alpha=alpha, scaling=arm["scaling"], targets=built.targets, trainable=built.head,
+                              init=arm["init"], init_options=arm["init_options"], seed=seed)
+
+
+def check_arms(cfg, task) -> None:
+    """Every adapter arm x rank fits the task's layers (targets exist, ranks fit their shapes, the
+    initializer accepts each layer), checked on one built model before any training; a ``ValueError``
+    names the arm, the rank and the layer."""
+    from lowrank.init.base import LayerContext
+    from lowrank.inject import find_targets
+
+    built = task.build(cfg.search.seeds[0], cfg.sweep.batch_size)
+    for arm in cfg.arms:
+        if arm.full_finetune:
+            continue
+        for rank in cfg.ranks_of(arm):
+            lc = lora_config(arm.identity(), rank, cfg.sweep.alpha, 0, built)
+            try:
+                init = lc.make_initializer()
+                for t in find_targets(built.model, lc):
+                    init.check_layer(LayerContext(t.name, t.module, rank=t.rank, alpha=t.alpha, scaling=t.scaling,
+                                                  config=lc))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{cfg.path} arm {arm.name!r} at rank {rank}: {exc}") from None
+
+
 def _optimizer(model, spec, built):
     arm, lr = spec["arm_config"], spec["lr"]
     head = [p for name, mod in model.named_modules() if name in built.head for p in mod.parameters()]
@@ -53,8 +80,7 @@ def _optimizer(model, spec, built):
         body = [p for p in model.parameters() if id(p) not in head_ids]
         groups = [{"params": body, "lr": lr}] + ([{"params": head, "lr": spec["head_lr"]}] if head else [])
         return torch.optim.AdamW(groups)
-    cfg = lowrank.LoRAConfig(rank=spec["rank"], alpha=spec["alpha"], scaling=arm["scaling"], targets=built.targets,
-                             trainable=built.head, init=arm["init"], init_options=arm["init_options"], seed=spec["seed"])
+    cfg = lora_config(arm, spec["rank"], spec["alpha"], spec["seed"], built)
     uses_data = lowrank.get_initializer(arm["init"]).uses_data
     lowrank.inject(model, cfg, data=built.init_batches if uses_data else None, progress=False)
     opt = PreconditionedOptimizer(model, base="adamw", preconditioner=arm["preconditioner"], lr=lr,

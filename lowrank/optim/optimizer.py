@@ -77,7 +77,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         preconditioner: a registered name (``lowrank.list_preconditioners()``), a ``Preconditioner``
             instance, or a list of them (applied in order, see ``lowrank.optim.chain``).
         lr: the base learning rate (LoRA+ multiplies it for ``B`` through the param groups).
-        check_finite: raise ``FloatingPointError`` (naming the layer, nothing updated) when an adapter
+        check_finite: raise ``FloatingPointError`` (naming the layer or parameter, nothing updated) when any
             gradient or its preconditioned direction is not finite; one fused reduction and one sync per step.
         **options: keys that are options of a preconditioner given by name go to it (e.g. ``delta``,
             ``ratio``); the rest go to the base optimizer (``weight_decay``, ``betas``, ``momentum``...).
@@ -96,7 +96,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 p.note_base(base_cls)
         mult_A, mult_B = precond.lr_multipliers()
         ab = {id(p) for _, layer in layers for p in (layer.A, layer.B)}
-        others = [p for p in model.parameters() if p.requires_grad and id(p) not in ab]
+        named_others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ab]
+        others = [p for _, p in named_others]
         groups = []
         if precond.trains_A:
             groups.append({"params": [layer.A for _, layer in layers], "lr": lr * mult_A, "lowrank_role": "A"})
@@ -113,6 +114,8 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self.preconditioner = precond
         self.check_finite = check_finite
         self.layers = layers
+        self.others = named_others
+        self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.layer_state = {name: precond.init_state(layer.A.detach(), layer.B.detach()) for name, layer in layers}
         self.steps = 0
         if not precond.trains_A:  # LoRA-FA: A is fixed, do not even compute its gradient
@@ -143,11 +146,18 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         return [(n, it.grad_A, it.grad_B, nA, nB) for n, it, (nA, nB) in zip(names, items, new)]
 
     def _check_finite(self, dirs) -> None:
-        # One fused norm per step (a non-finite entry makes its norm non-finite; an overflowing norm of
-        # finite entries is told apart by the slow path below, which then finds nothing and returns).
+        # One fused norm per step over every gradient the step will use, adapters and the rest (a head):
+        # a non-finite entry makes its norm non-finite; an overflowing norm of finite entries is told
+        # apart by the slow path below, which then finds nothing and returns.
         tensors = list({id(t): t for _, *ts in dirs for t in ts if t is not None}.values())
+        tensors += [p.grad for _, p in self.others if p.grad is not None]
         if not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
             return
+        for name, p in self.others:
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                raise FloatingPointError(
+                    f"non-finite gradient of parameter {name!r} at step {self.steps}; no parameter was updated. "
+                    "Lower the learning rate, clip gradients, or check the loss")
         for name, cA, cB, nA, nB in dirs:
             for what, t in (("grad_A", cA), ("grad_B", cB), ("preconditioned grad_A", nA),
                             ("preconditioned grad_B", nB)):
@@ -195,10 +205,36 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if set(state_dict["layers"]) != set(self.layer_state):
             missing = sorted(set(self.layer_state) ^ set(state_dict["layers"]))
             raise ValueError(f"state_dict adapter layers differ from the model's, first mismatch: {missing[0]!r}")
+        self._check_state_shapes(state_dict)
         self.base.load_state_dict(state_dict["base"])
         self.param_groups, self.state = self.base.param_groups, self.base.state
         self.layer_state = {name: {k: v.clone() for k, v in st.items()} for name, st in state_dict["layers"].items()}
         self.steps = int(state_dict["steps"])
+
+    def _check_state_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Every saved tensor fits this optimizer's parameters and layers, checked before anything is loaded
+        (so a state from another model, e.g. another rank, is an error and not a half-applied step)."""
+        base = state_dict.get("base", {})
+        params = [p for g in self.base.param_groups for p in g["params"]]
+        saved_groups = base.get("param_groups", [])
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.base.param_groups]:
+            raise ValueError(f"state_dict has param groups of sizes {[len(g['params']) for g in saved_groups]}, this "
+                             f"optimizer {[len(g['params']) for g in self.base.param_groups]}: it was saved for another "
+                             "model or preconditioner")
+        index = {pid: i for i, pid in enumerate(p for g in saved_groups for p in g["params"])}
+        for pid, st in base.get("state", {}).items():
+            p = params[index[pid]] if pid in index else None
+            for k, v in st.items():
+                if p is not None and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise ValueError(f"state_dict entry {k!r} of parameter {self.param_names.get(id(p), '?')!r} has "
+                                     f"shape {tuple(v.shape)}, the parameter {tuple(p.shape)}: it was saved for a "
+                                     "model with other ranks or layers; nothing was loaded")
+        for name, st in state_dict["layers"].items():
+            for k, v in st.items():
+                mine = self.layer_state[name].get(k)
+                if isinstance(v, torch.Tensor) and isinstance(mine, torch.Tensor) and v.shape != mine.shape:
+                    raise ValueError(f"state_dict preconditioner state {k!r} of layer {name!r} has shape "
+                                     f"{tuple(v.shape)}, this optimizer's {tuple(mine.shape)}; nothing was loaded")
 
     def __repr__(self) -> str:
         return f"PreconditionedOptimizer({type(self.base).__name__}, {self.preconditioner!r}, {len(self.layers)} layers)"

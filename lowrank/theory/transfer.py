@@ -107,12 +107,13 @@ def _jvp_norm(model: nn.Module, params: Sequence[nn.Parameter], u: Sequence[torc
 
 def measure(model: nn.Module, arm: Arm, data: Iterable, loss_fn: Callable | None = None, *,
             num_batches: int | None = None, rules: Sequence[str] = RULES, output_fn: Callable | None = None,
-            sharpness_iters: int = 50, seed: int = 0) -> dict[str, float]:
+            sharpness_iters: int = 50, sharpness_batches: int | None = None, seed: int = 0) -> dict[str, float]:
     """Each rule's quantity ``q`` (module docstring) for ``model`` as ``arm`` sets it up (already done).
 
     The optimizer's first step is taken for real at ``lr = 1`` without weight decay, on the mean
     gradient over the batches in ``eval()`` mode, and undone: parameters, ``.grad``, flags, modes and
-    the global RNG are restored exactly.
+    the global RNG are restored exactly. ``sharpness_batches`` limits the sharpness rules (``iters``
+    Hessian-vector products each) to the first batches (default: all).
     """
     unknown = sorted(set(rules) - set(RULES))
     if unknown:
@@ -155,9 +156,15 @@ def measure(model: nn.Module, arm: Arm, data: Iterable, loss_fn: Callable | None
             out["function"] = _jvp_norm(model, params, u, batches, output_fn)
     for rule, pre in (("sharpness", "none"), ("sharpness_adam", "adam")):
         if rule in rules:
-            out[rule] = abs(sharpness(model, batches, loss_fn, num_batches=len(batches), preconditioner=pre,
-                                      iters=sharpness_iters, seed=seed))
+            nb = len(batches) if sharpness_batches is None else min(sharpness_batches, len(batches))
+            out[rule] = sharpness(model, batches, loss_fn, num_batches=nb, preconditioner=pre, iters=sharpness_iters,
+                                  seed=seed)  # signed here; its magnitude is the rule's q
     return out
+
+
+def rule_quantity(rule: str, measured: Mapping[str, float]) -> float:
+    """The rule's ``q`` from ``measure``'s output (sharpness enters by its magnitude)."""
+    return abs(measured[rule]) if rule.startswith("sharpness") else measured[rule]
 
 
 def transfer_lr(build_model: Callable[[], nn.Module], reference: LoRAConfig | FullFineTune | Arm,
@@ -183,8 +190,8 @@ def transfer_lr(build_model: Callable[[], nn.Module], reference: LoRAConfig | Fu
         arm = cfg if isinstance(cfg, Arm) else Arm(cfg)
         model = build_model()
         _setup(model, arm, batches, loss_fn or default_loss)
-        q[label] = measure(model, arm, batches, loss_fn, rules=[rule], output_fn=output_fn,
-                           sharpness_iters=sharpness_iters, seed=seed)[rule]
+        q[label] = rule_quantity(rule, measure(model, arm, batches, loss_fn, rules=[rule], output_fn=output_fn,
+                                               sharpness_iters=sharpness_iters, seed=seed))
         if not (math.isfinite(q[label]) and q[label] > 0):
             raise FloatingPointError(f"rule {rule!r} gives q = {q[label]} for {label!r}: it predicts no rate; "
                                      f"try another rule ({list(RULES)})")
