@@ -34,6 +34,8 @@ from .inject import RECORD_ATTR, _check_untied, adapted_layers, commit, find_tar
 
 CONFIG_NAME = "lowrank_config.json"
 WEIGHTS_NAME = "lowrank_adapter.safetensors"
+PREV = ".prev"
+"""Suffix of the previous pair, kept while a save is in progress."""
 FORMAT = "lowrank-adapter"
 FORMAT_VERSION = 1
 
@@ -85,15 +87,47 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
             "weights_sha256": hashlib.sha256(blob).hexdigest()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, blob)
-    _atomic_write(out / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+    # The previous pair stays readable until the new pair is complete: it is hard-linked to *.prev
+    # first, and read_adapter falls back to it if a crash leaves new weights beside the old config.
+    prev = [(out / name, out / (name + PREV)) for name in (WEIGHTS_NAME, CONFIG_NAME)]
+    if all(cur.is_file() for cur, _ in prev):
+        for cur, old in prev:
+            old.unlink(missing_ok=True)
+            os.link(cur, old)
+    try:
+        _atomic_write(out / WEIGHTS_NAME, blob)
+    except BaseException:  # nothing replaced: the current pair is the previous one
+        for _, old in prev:
+            old.unlink(missing_ok=True)
+        raise
+    _atomic_write(out / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())  # the commit point
+    for _, old in prev:
+        old.unlink(missing_ok=True)
     return out
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and verify a saved adapter: ``(metadata, tensors)``. Touches no model."""
+    """Read and verify a saved adapter: ``(metadata, tensors)``. Touches no model.
+
+    If a save was interrupted between its two files (new weights beside the old config), the
+    previous complete pair, kept as ``*.prev`` during the save, is read instead, with a warning."""
     d = Path(path)
-    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    try:
+        return _read_pair(d / CONFIG_NAME, d / WEIGHTS_NAME)
+    except AdapterFileError as exc:
+        old_cfg, old_w = d / (CONFIG_NAME + PREV), d / (WEIGHTS_NAME + PREV)
+        if "checksum" not in str(exc) or not (old_cfg.is_file() and old_w.is_file()):
+            raise
+        out = _read_pair(old_cfg, old_w)
+        import warnings
+
+        warnings.warn(f"{d}: the last save was interrupted ({exc}); loaded the previous complete save from "
+                      f"{old_cfg.name} and {old_w.name}", stacklevel=3)
+        return out
+
+
+def _read_pair(cfg_path: Path, w_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    d = cfg_path.parent
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise AdapterFileError(f"no adapter at {str(d)!r}: missing {p.name} (save one with lowrank.save_adapter)")
@@ -103,7 +137,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         raise AdapterFileError(f"{cfg_path} is corrupted (not valid JSON: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterFileError(f"{cfg_path} is not a lowrank adapter config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise AdapterFileError(f"{cfg_path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise AdapterFileError(f"{cfg_path} has format_version {meta['format_version']}; this lowrank "
                                f"({__version__}) reads up to {FORMAT_VERSION}: upgrade lowrank")
     blob = w_path.read_bytes()

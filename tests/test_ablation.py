@@ -99,7 +99,8 @@ def test_diverged_run_is_recorded_and_the_sweep_continues(tmp_path):
     records = read_records(results)
     status = {(r["arm"], r["seed"]): r["status"] for r in records}
     assert status[("Boom", 0)] == status[("Boom", 1)] == "diverged"
-    assert all(r["val"] == r["test"] == {"loss": None} for r in records if r["arm"] == "Boom")
+    boom = [r for r in records if r["arm"] == "Boom"]
+    assert len(boom) == 2 and all(r["val"] == r["test"] == {"loss": None} for r in boom)
     assert status[("LoRA", 0)] == "ok" and len(status) == 8
 
 

@@ -219,6 +219,36 @@ def test_09_malformed_adapter_files(tmp_path):
     assert meta["layers"][layer]["d_out"] == 32
 
 
+def test_save_interrupted_between_its_two_files_keeps_the_previous_save(tmp_path, monkeypatch):
+    import os
+
+    model = _saved_bert(tmp_path)
+    x = batches("bert", 1)[0]
+    with torch.no_grad():
+        want = model(**x).logits
+        for _, layer in lowrank.adapted_layers(model):
+            layer.B.add_(1.0)
+    real, calls = os.replace, []
+
+    def crash_on_config(src, dst):
+        calls.append(dst)
+        if str(dst).endswith(CONFIG_NAME):
+            raise OSError("killed")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_config)
+    with pytest.raises(OSError, match="killed"):
+        lowrank.save_adapter(model, tmp_path)
+    monkeypatch.undo()
+    assert len(calls) == 2  # the new weights landed, the new config did not
+    with pytest.warns(UserWarning, match="the last save was interrupted"):
+        fresh = lowrank.load_adapter(tiny_bert(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(**x).logits, want)
+    lowrank.save_adapter(model, tmp_path)  # a complete save cleans up
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+
 # 10 ---------------------------------------------------------------------------------------------
 def test_10_non_finite_offset_base_weight_rolls_back():
     model = tiny_bert()

@@ -1,4 +1,4 @@
-"""LoRA-GA against an independent float64 reference written from MATH.md (numpy/scipy, not the code under test)."""
+"""LoRA-GA against an independent float64 reference written from the paper's formulas (numpy/scipy, not the code under test)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def truncation(M, k):
 
 
 def c_reference(scale, m, s, gamma, W0, r):
-    """The factor c of MATH.md, computed independently."""
+    """The paper's factor c, computed independently."""
     return {"stable": m ** 0.25 / math.sqrt(gamma), "gd": 1.0 / s, "unit": 1.0,
             "weight": float(np.mean(np.sqrt(np.linalg.svd(W0, compute_uv=False)[:r] / s)))}[scale]
 

@@ -58,8 +58,9 @@ def test_contract_finite_shapes_and_movement(name, base):
     frozen_A = not lowrank.get_preconditioner(name).trains_A
     moved_A = [n for n in after if n.endswith(".A") and not torch.equal(after[n], before[n])]
     assert (not moved_A) if frozen_A else moved_A
-    base_w = [n for n in after if n.endswith("base.weight")]
-    assert all(torch.equal(after[n], before[n]) for n in base_w), "a frozen base weight moved"
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert len([n for n in frozen if n.endswith("base_layer.weight")]) == len(list(lowrank.adapted_layers(model)))
+    assert all(torch.equal(after[n], before[n]) for n in frozen), "a frozen weight moved"
 
 
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
@@ -148,6 +149,8 @@ def test_lora_fa_freezes_A():
     opt = make(model, "adamw", "lora_fa", lr=1e-2)
     assert all(not layer.A.requires_grad for _, layer in lowrank.adapted_layers(model))
     assert "A" not in {g["lowrank_role"] for g in opt.param_groups}
+    opt.restore_requires_grad()  # the model is trainable as before for the next optimizer
+    assert all(layer.A.requires_grad for _, layer in lowrank.adapted_layers(model))
 
 
 def test_gradient_clipping_and_closure():

@@ -1,4 +1,4 @@
-"""Preconditioner formulas against independent float64 numpy references written from MATH.md.
+"""Preconditioner formulas against independent float64 numpy references written from the papers' formulas.
 
 Notation: A (r, n), B (m, r), G (m, n), s the adapter scale, grad_A = s B^T G, grad_B = s G A^T.
 A first-order SGD step with directions (g_A, g_B) changes s B A by -lr s (B g_A + g_B A).

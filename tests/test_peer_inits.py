@@ -1,4 +1,4 @@
-"""PiSSA, MiLoRA, OLoRA, LoRA-One and the Gaussian ablation arms against float64 references from MATH.md."""
+"""PiSSA, MiLoRA, OLoRA, LoRA-One and the Gaussian ablation arms against float64 references from the papers' formulas."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """LoRA-GA: Low-Rank Adaptation with Gradient Approximation.
 
-Wang, Yu, Li 2024, arXiv 2407.05000, Algorithm 1 (and ``../shared/MATH.md``).
+Wang, Yu, Li 2024, arXiv 2407.05000, Algorithm 1 (the theorem it rests on: ``docs/theory.md``, section 2).
 
 1. ``G = dL/dW`` at initialization, the mean over a few batches (``lowrank.init.gradient``).
 2. ``G = U S V^T``; take the top ``2r`` triplets, split them into two disjoint index sets ``I_A``, ``I_B``.

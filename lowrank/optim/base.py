@@ -7,7 +7,7 @@ its own; a method that is about learning rates (LoRA+) says so through ``lr_mult
 one that freezes ``A`` (LoRA-FA) through ``trains_A``. ``lowrank.optim.PreconditionedOptimizer``
 applies it before the base optimizer's step; ``chain`` composes several.
 
-Conventions (``../shared/MATH.md``): ``A`` is ``(r, n)``, ``B`` is ``(m, r)``, ``s`` the adapter
+Conventions (as in ``docs/theory.md``): ``A`` is ``(r, n)``, ``B`` is ``(m, r)``, ``s`` the adapter
 scale, ``grad_A = s B^T G`` and ``grad_B = s G A^T`` with ``G = dL/dW``. Tensors arrive in the
 compute dtype (float32, or float64 for float64 adapters) and must be returned in it.
 """

@@ -1,13 +1,14 @@
 """LoRA-FA: ``A`` frozen at its initialization, ``B`` trained with a preconditioned gradient.
 
-Zhang et al. 2023, arXiv 2308.03303 (frozen ``A``), with the optimal-gradient form of
-``../shared/MATH.md`` (as analysed in LoRA-Pro, arXiv 2407.18242)::
+Zhang et al. 2023, arXiv 2308.03303 (frozen ``A``), with the optimal-gradient form analysed in
+LoRA-Pro (arXiv 2407.18242)::
 
     g_B = (1/s^2) grad_B (A A^T)^-1
 
 so that the equivalent gradient ``s g_B A = G P_A``, the projection of ``G`` onto the row
 space of ``A``. ``A`` is not given to the base optimizer and its ``requires_grad`` is turned
-off (no gradient is computed for it). ``(A A^T)^-1`` is a damped pseudo-inverse.
+off (no gradient is computed for it; ``PreconditionedOptimizer.restore_requires_grad()`` turns it
+back on). ``(A A^T)^-1`` is a damped pseudo-inverse.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LoRA-Pro: factor gradients whose equivalent full-weight gradient is the best possible.
 
-Wang, Liang, Tan 2024, arXiv 2407.18242 (``../shared/MATH.md``). A LoRA step with factor
+Wang, Liang, Tan 2024, arXiv 2407.18242. A LoRA step with factor
 directions ``(g_A, g_B)`` moves ``W`` along the *equivalent gradient* ``s (B g_A + g_B A)``.
 LoRA-Pro picks the directions that make it closest to ``G``::
 

@@ -118,10 +118,21 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self.param_names = {id(p): n for n, p in model.named_parameters()}
         self.layer_state = {name: precond.init_state(layer.A.detach(), layer.B.detach()) for name, layer in layers}
         self.steps = 0
+        self._frozen_A = []
         if not precond.trains_A:  # LoRA-FA: A is fixed, do not even compute its gradient
             for _, layer in layers:
+                if layer.A.requires_grad:
+                    self._frozen_A.append(layer.A)
                 layer.A.requires_grad_(False)
                 layer.A.grad = None
+
+    def restore_requires_grad(self) -> None:
+        """Undo what building this optimizer did to the model: a preconditioner that fixes ``A`` (LoRA-FA)
+        turns ``A.requires_grad`` off so no gradient is computed for it; this turns it back on (e.g.
+        before training the same model with another optimizer)."""
+        for A in self._frozen_A:
+            A.requires_grad_(True)
+        self._frozen_A = []
 
     def _directions(self) -> list[tuple[str, Any, Any, Any, Any]]:
         """``(name, grad_A, grad_B, new grad_A, new grad_B)`` per layer that has gradients (compute dtype)."""

@@ -1,6 +1,6 @@
 """Riemannian preconditioning of LoRA (scaled GD; scaled AdamW when the base is Adam/AdamW).
 
-Zhang & Pilanci 2024, arXiv 2402.02347 (``../shared/MATH.md``)::
+Zhang & Pilanci 2024, arXiv 2402.02347::
 
     g_A = (B^T B + delta I)^-1 grad_A        g_B = grad_B (A A^T + delta I)^-1
 

@@ -13,7 +13,7 @@ float32 from the cast factors, in the base layer's layout). The rank, alpha and 
 PEFT's. Atomic: on any error, weights are put back bit for bit.
 
 As with PEFT's own LoRA-GA and PiSSA, an adapter saved by PEFT afterwards is relative to the
-offset base; export it for the original base with the conversion of ``../shared/MATH.md``.
+offset base; export it for the original base with ``lowrank.peft.export``'s exact rank-2r conversion.
 """
 
 from __future__ import annotations

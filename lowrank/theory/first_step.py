@@ -1,4 +1,4 @@
-"""The first SGD step of LoRA, exactly and to first order (``../shared/MATH.md``, "One SGD step").
+"""The first SGD step of LoRA, exactly and to first order (``docs/theory.md``, section 1).
 
 With ``grad_A = s B^T G`` and ``grad_B = s G A^T``, one SGD step ``A1 = A - lr grad_A``,
 ``B1 = B - lr grad_B`` changes the adapter's weight ``s B A`` by

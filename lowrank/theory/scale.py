@@ -10,7 +10,7 @@ moments under isotropic Gaussian inputs, where they are exact Frobenius norms::
     backward  E[((s B A)^T g)_j^2]  = ||s B A||_F^2 / n     (g ~ N(0, I_m))
     update    E[(dW_t x)_i^2]       = ||W_eff(t) - W_eff(0)||_F^2 / m   after t optimizer steps
 
-Theory (LoRA-GA, arXiv 2407.05000, Sec. 3.3; ``../shared/MATH.md``): with orthonormal factors
+Theory (LoRA-GA, arXiv 2407.05000, Sec. 3.3; ``docs/theory.md``, section 3): with orthonormal factors
 scaled by ``c = m^(1/4) / sqrt(gamma)`` (``scale="stable"``) and rsLoRA ``s = alpha / sqrt(r)``,
 ``forward = alpha^2 / gamma^2`` for every ``(m, n, r)`` and ``backward = alpha^2 m / (gamma^2 n)``;
 with standard scaling ``s = alpha / r`` the forward moment decays like ``1 / r``.
