@@ -104,8 +104,15 @@ class LoRAConfig:
         # Unknown names and options fail here, before any model is touched.
         from .registry import get_adapter, get_initializer
 
-        get_adapter(self.adapter)
-        get_initializer(self.init)(**self.init_options)
+        adapter = get_adapter(self.adapter)
+        init = get_initializer(self.init)
+        if adapter.kind not in init.adapter_kinds:
+            from .registry import ADAPTERS
+
+            fits = [n for n in ADAPTERS.list() if ADAPTERS.get(n).kind in init.adapter_kinds]
+            raise ValueError(f"initializer {self.init!r} does not support adapter {self.adapter!r} (a {adapter.kind!r} "
+                             f"adapter); it initializes {fits}. Choose one of those adapters or another initializer")
+        init(**self.init_options)
 
     # -- per-layer values ---------------------------------------------------------------------
     def rank_for(self, name: str) -> int:

@@ -14,12 +14,11 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import distributed as dist_helpers
 from .adapters.base import SUPPORTED_TYPES, Adapter, weight_shape
 from .config import LoRAConfig, matches_targets
-from .init.base import InitResult, LayerContext
+from .init.base import InitResult
+from .init.driver import LayerSpec, run_initializer
 from .registry import get_adapter
 
 RECORD_ATTR = "_lowrank_record"
@@ -126,17 +125,6 @@ def find_trainable(model: nn.Module, names: Sequence[str], targets: Sequence[Tar
     return found
 
 
-def _check_result(res: InitResult, t: Target, init_name: str) -> None:
-    m, n = weight_shape(t.module)
-    for key, want in (("A", (t.rank, n)), ("B", (m, t.rank))):
-        got = getattr(res, key)
-        if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise ValueError(f"initializer {init_name!r} returned {key} of shape {shape} for layer {t.name!r}; expected {want}")
-        if not torch.isfinite(got).all():
-            raise FloatingPointError(f"initializer {init_name!r} returned non-finite values in {key} for layer {t.name!r}")
-
-
 def shared_weight_users(model: nn.Module, name: str, module: nn.Module) -> list[str]:
     """Parameters outside ``module`` that share storage with its weight (tied weights, e.g. GPT-2's
     ``lm_head`` and ``wte``): changing the weight's data would change them too."""
@@ -180,14 +168,12 @@ def commit(model: nn.Module, config: LoRAConfig, targets: Sequence[Target], resu
         for t, res in zip(targets, results):
             layer = adapter_cls(t.module, t.rank, t.alpha, t.scaling, config.dropout)
             layer.train(t.module.training)
-            layer.set_factors(res.A, res.B)
-            if res.offset:
-                old_weights.append((t.module, layer.apply_offset()))
-                if not torch.isfinite(layer.base_weight()).all():
-                    raise FloatingPointError(
-                        f"the offset base weight W0 - s B A of layer {t.name!r} is not finite ({config.init!r} "
-                        f"returned factors too large for the weight's dtype {t.module.weight.dtype}); the model was "
-                        "not changed. Use smaller factors (std, b_std, scale)")
+            try:
+                old = layer.initialize(res)
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"layer {t.name!r} ({config.init!r}): {exc}") from None
+            if old is not None:
+                old_weights.append((t.module, old))
             _set_module(model, t.name, layer)
             swapped.append((t.name, t.module))
         for p in params:
@@ -232,29 +218,10 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
     targets = find_targets(model, config)
     trainable = find_trainable(model, config.trainable, targets)
     initializer = config.make_initializer()
-    def context(t: Target, stats: Mapping[str, Any] | None = None) -> LayerContext:
-        return LayerContext(t.name, t.module, rank=t.rank, alpha=t.alpha, scaling=t.scaling, config=config, stats=stats)
-
-    for t in targets:
-        initializer.check_layer(context(t))
-    stats: dict[str, dict[str, Any]] = {}
-    if initializer.uses_data:
-        if data is None:
-            raise ValueError(f"initializer {config.init!r} is data-driven: pass data=<iterable of batches> to "
-                             f"lowrank.inject (and loss_fn=lambda model, batch: <scalar loss> if model(**batch).loss "
-                             f"is not your loss)")
-        stats = initializer.collect(model, {t.name: t.module for t in targets}, data, loss_fn or default_loss)
-    elif data is not None:
+    if not initializer.uses_data and data is not None:
         warnings.warn(f"initializer {config.init!r} does not use data; the data passed to inject is ignored", stacklevel=2)
-    results = []
-    for t in tqdm(targets, desc=f"lowrank init {config.init}", disable=not progress, leave=False):
-        with torch.no_grad():
-            res = initializer.init_layer(context(t, stats.pop(t.name, None)))  # pop: free G layer by layer
-        _check_result(res, t, config.init)
-        results.append(res)
-    if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
-        # Every rank is here (the gradient estimate was a collective): make A and B rank 0's bits.
-        dist_helpers.broadcast_([t for res in results for t in (res.A, res.B)])
+    results = run_initializer(initializer, [LayerSpec(t.name, t.module, t.rank, t.alpha, t.scaling) for t in targets],
+                              seed=config.seed, model=model, data=data, loss_fn=loss_fn, progress=progress)
     _check_untied(model, targets, results, config.init)
     commit(model, config, targets, results, trainable)
     return model

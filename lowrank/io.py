@@ -29,8 +29,8 @@ from torch import nn
 from ._version import __version__
 from .adapters.base import weight_shape
 from .config import LoRAConfig, matches_targets
-from .init.base import InitResult
 from .inject import RECORD_ATTR, _check_untied, adapted_layers, commit, find_targets, find_trainable
+from .registry import get_adapter
 
 CONFIG_NAME = "lowrank_config.json"
 WEIGHTS_NAME = "lowrank_adapter.safetensors"
@@ -70,13 +70,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     for name, layer in adapted_layers(model):
+        own = layer.tensors()
         layers[name] = {"rank": layer.rank, "alpha": layer.alpha, "scaling": layer.scaling, "d_out": layer.d_out,
-                        "d_in": layer.d_in, "offset": layer.offset, "dtype": str(layer.A.dtype).removeprefix("torch.")}
-        tensors[f"layers.{name}.A"] = layer.A.detach()
-        tensors[f"layers.{name}.B"] = layer.B.detach()
-        if layer.offset:
-            tensors[f"layers.{name}.A0"] = layer.A0
-            tensors[f"layers.{name}.B0"] = layer.B0
+                        "d_in": layer.d_in, "offset": layer.offset,
+                        "dtype": str(next(iter(own.values())).dtype).removeprefix("torch.")}
+        for key, t in own.items():
+            tensors[f"layers.{name}.{key}"] = t.detach()
     trainable = [n for n, _ in find_trainable(model, record.config.trainable, [])]
     for mname in trainable:
         for pname, p in model.get_submodule(mname).named_parameters():
@@ -175,6 +174,10 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
         if not (config.trainable and matches_targets(list(config.trainable), name)):
             raise AdapterFileError(f"{cfg_path}: trainable module {name!r} is not named by the config's trainable "
                                    f"{list(config.trainable)}")
+    try:
+        adapter_cls = get_adapter(config.adapter)
+    except KeyError as exc:
+        raise AdapterFileError(f"{cfg_path}: {exc}") from None
     expected: set[str] = set()
     for name, info in layers.items():
         where = f"{cfg_path}: layer {name!r}"
@@ -198,9 +201,7 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
         if got[0] != want[0] or not math.isclose(got[1], want[1]) or not math.isclose(got[2], want[2], rel_tol=1e-9):
             raise AdapterFileError(f"{where}: (rank, alpha, scaling) = {got} but the file's config gives {want}; "
                                    "the file was edited or is corrupted")
-        keys = ("A", "B") + (("A0", "B0") if info["offset"] else ())
-        for key in keys:
-            shape = {"A": (info["rank"], info["d_in"]), "B": (info["d_out"], info["rank"])}[key.rstrip("0")]
+        for key, shape in adapter_cls.tensor_shapes(info).items():
             t = tensors.get(f"layers.{name}.{key}")
             got_shape = None if t is None else tuple(t.shape)
             if got_shape != shape:
@@ -255,6 +256,11 @@ def _check_fit(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.
                                "to load it")
 
 
+def _layer_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    prefix = f"layers.{name}."
+    return {k.removeprefix(prefix): t for k, t in tensors.items() if k.startswith(prefix)}
+
+
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a saved adapter into ``model`` and return it.
@@ -273,6 +279,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise AdapterFileError("the model's adapters are merged; call lowrank.unmerge(model) before loading")
         for name, layer in layers.items():
             info = meta["layers"][name]
+            if layer.registry_name != config.adapter:
+                raise AdapterFileError(f"layer {name!r}: the file holds a {config.adapter!r} adapter, the model has a "
+                                       f"{layer.registry_name!r} adapter; load into the original model instead")
             if (layer.rank, layer.offset) != (info["rank"], info["offset"]):
                 raise AdapterFileError(f"layer {name!r}: adapter has rank {info['rank']} (offset={info['offset']}), "
                                        f"model has rank {layer.rank} (offset={layer.offset})")
@@ -282,28 +291,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     f"layer {name!r}: the file's adapter has alpha {info['alpha']:g} (scaling {info['scaling']:.6g}), "
                     f"the model's has alpha {layer.alpha:g} (scaling {layer.scaling:.6g}); load into the original "
                     "model (the file's config is then used), or inject with the file's alpha and scaling")
-        for name, layer in layers.items():
-            if layer.offset:
-                A0, B0 = tensors[f"layers.{name}.A0"], tensors[f"layers.{name}.B0"]
-                if not (torch.equal(A0, layer.A0.cpu()) and torch.equal(B0, layer.B0.cpu())):
-                    w0 = layer.original_weight()
-                    layer.A0, layer.B0 = A0.to(layer.A0), B0.to(layer.B0)
-                    layer.rebuild_offset(w0)
     else:
         targets = find_targets(model, config)
         _check_fit(model, meta, tensors, {t.name: t.module for t in targets})
         trainable = find_trainable(model, config.trainable, targets)
-        results = []
-        for t in targets:
-            offset = meta["layers"][t.name]["offset"]
-            key = "0" if offset else ""
-            results.append(InitResult(A=tensors[f"layers.{t.name}.A{key}"], B=tensors[f"layers.{t.name}.B{key}"],
-                                      offset=offset))
+        adapter_cls = get_adapter(config.adapter)
+        results = [adapter_cls.init_result(_layer_tensors(tensors, t.name)) for t in targets]
         _check_untied(model, targets, results, config.init)
         commit(model, config, targets, results, trainable)
         layers = dict(adapted_layers(model))
     for name, layer in layers.items():
-        layer.set_factors(tensors[f"layers.{name}.A"], tensors[f"layers.{name}.B"])
+        layer.load_tensors(_layer_tensors(tensors, name))
     for mname in meta.get("trainable", []):
         for pname, p in model.get_submodule(mname).named_parameters():
             p.copy_(tensors[f"trainable.{mname}.{pname}"])

@@ -51,6 +51,44 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _peft_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """lowrank.peft.initialize on a PEFT model, with an initializer whose factors differ by rank (as
+    nondeterministic kernels could make them): the driver's broadcast must leave rank 0's everywhere."""
+    import warnings
+
+    import peft
+
+    from lowrank.init.lora_ga import LoRAGA
+
+    _setup(rank, init_file)
+    try:
+        @lowrank.register_initializer("skewed_lora_ga", override=True)
+        class Skewed(LoRAGA):
+            def init_layer(self, ctx):
+                res = super().init_layer(ctx)
+                res.A = res.A + 1e-3 * dist.get_rank()
+                return res
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True,
+                                                                  target_modules=["query", "value"]))
+        lowrank.peft.initialize(pm, "skewed_lora_ga", data=batches("bert", 4, seed=1)[rank::WORLD],
+                                init_options={"progress": False})
+        out = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n or "query" in n or "value" in n}
+        torch.save(out, os.path.join(out_dir, f"peft{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_peft_initialize_gives_bitwise_identical_factors_and_bases_on_every_rank(tmp_path):
+    _spawn(_peft_worker, tmp_path)
+    a, b = (torch.load(tmp_path / f"peft{r}.pt") for r in range(WORLD))
+    assert set(a) == set(b) and any("lora_A" in n for n in a) and any("base_layer.weight" in n for n in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def _failing_worker(rank: int, init_file: str, out_dir: str) -> None:
     _setup(rank, init_file)
     try:

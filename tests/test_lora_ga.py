@@ -47,7 +47,7 @@ def run_init(name, G, W0, r, alpha=16.0, scaling="rslora", **options):
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(W0))
     cfg = LoRAConfig(targets=["x"], rank=r, alpha=alpha, scaling=scaling, init=name, init_options=options)
-    ctx = LayerContext("x", lin, rank=r, alpha=alpha, scaling=cfg.scaling_for("x"), config=cfg,
+    ctx = LayerContext("x", lin, rank=r, alpha=alpha, scaling=cfg.scaling_for("x"), seed=cfg.seed,
                        stats={"gradient": torch.from_numpy(G)})
     init = cfg.make_initializer()
     init.check_layer(ctx)

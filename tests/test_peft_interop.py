@@ -255,15 +255,15 @@ def test_initialize_rolls_back_a_failed_commit(monkeypatch):
         pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
     snap = Snapshot(pm)
     calls = []
-    real = mod.set_weight
+    real = mod.offset_weight
 
-    def flaky(module, w):
+    def flaky(*args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("simulated failure")
-        return real(module, w)
+        return real(*args)
 
-    monkeypatch.setattr(mod, "set_weight", flaky)
+    monkeypatch.setattr(mod, "offset_weight", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
         lowrank.peft.initialize(pm, "pissa")
     snap.assert_unchanged()

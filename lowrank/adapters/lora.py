@@ -10,6 +10,8 @@ a saved adapter can rebuild the fine-tuned model from the original base.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +56,9 @@ class LoRALayer(Adapter):
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"A": self.A, "B": self.B}
 
+    def factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
+        return self.A, self.B
+
     @property
     def offset(self) -> bool:
         """Whether the base weight was offset at initialization (``W = W0 - s B0 A0``)."""
@@ -68,11 +73,46 @@ class LoRALayer(Adapter):
         dt = self.compute_dtype
         return self.scaling * (B.to(dt) @ A.to(dt))
 
+    # -- initialization and saved state -----------------------------------------------------------
+    @torch.no_grad()
+    def initialize(self, result) -> torch.Tensor | None:
+        """``A``, ``B`` from ``result``; with ``result.offset`` also ``W = W0 - s B A`` (returns the old data)."""
+        self.set_factors(result.A, result.B)
+        return self.apply_offset() if result.offset else None
+
     @torch.no_grad()
     def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
         """Copy ``A (r, d_in)`` and ``B (d_out, r)`` into the parameters (cast to their dtype)."""
         self.A.copy_(A)
         self.B.copy_(B)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"A": self.A.detach(), "B": self.B.detach()}
+        if self.offset:
+            out.update(A0=self.A0, B0=self.B0)
+        return out
+
+    @classmethod
+    def tensor_shapes(cls, info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        A, B = (info["rank"], info["d_in"]), (info["d_out"], info["rank"])
+        return {"A": A, "B": B, **({"A0": A, "B0": B} if info["offset"] else {})}
+
+    @classmethod
+    def init_result(cls, tensors: dict[str, torch.Tensor]):
+        from ..init.base import InitResult
+
+        offset = "A0" in tensors
+        return InitResult(A=tensors["A0" if offset else "A"], B=tensors["B0" if offset else "B"], offset=offset)
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Trained ``A``, ``B``; if the saved initial factors differ from this layer's, the offset base
+        is rebuilt from them (so a resumed model matches the saved one bit for bit)."""
+        if self.offset and not (torch.equal(tensors["A0"], self.A0.cpu()) and torch.equal(tensors["B0"], self.B0.cpu())):
+            w0 = self.original_weight()
+            self.A0, self.B0 = tensors["A0"].to(self.A0), tensors["B0"].to(self.B0)
+            self.rebuild_offset(w0)
+        self.set_factors(tensors["A"], tensors["B"])
 
     @torch.no_grad()
     def apply_offset(self) -> torch.Tensor:
@@ -88,7 +128,9 @@ class LoRALayer(Adapter):
     @torch.no_grad()
     def rebuild_offset(self, w0: torch.Tensor) -> torch.Tensor:
         """Set ``W = w0 - s B0 A0`` from an original weight ``w0 (d_out, d_in)``; returns the old data."""
-        return set_weight(self.base_layer, w0.to(self.compute_dtype) - self._product(self.B0, self.A0))
+        from ..init.driver import offset_weight
+
+        return offset_weight(self.base_layer, w0, self.A0, self.B0, self.scaling)
 
     @torch.no_grad()
     def original_weight(self) -> torch.Tensor:

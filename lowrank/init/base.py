@@ -25,8 +25,9 @@ Adding a method::
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
@@ -50,6 +51,8 @@ class InitResult:
     """``(d_out, r)``."""
     offset: bool = False
     """Set the base weight to ``W0 - s B A`` so the output is unchanged at step 0."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Further tensors for adapters that have them (LoRA-XS's core ``R (r, r)``)."""
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -61,12 +64,17 @@ def layer_seed(seed: int, name: str) -> int:
 class LayerContext:
     """Everything an initializer may need for one layer, computed lazily."""
 
-    def __init__(self, name: str, module: nn.Module, *, rank: int, alpha: float, scaling: float,
-                 config: "LoRAConfig", stats: Mapping[str, Any] | None = None):
-        self.name, self.module, self.config = name, module, config
+    def __init__(self, name: str, module: nn.Module, *, rank: int, alpha: float, scaling: float, seed: int = 0,
+                 stats: Mapping[str, Any] | None = None):
+        self.name, self.module, self.seed = name, module, seed
         self.rank, self.alpha, self.scaling = rank, alpha, scaling
         self.m, self.n = weight_shape(module)  # (d_out, d_in)
         self._stats = dict(stats or {})
+
+    @property
+    def rslora(self) -> bool:
+        """Whether the scale is rsLoRA's ``alpha / sqrt(r)`` (for ``r = 1`` both conventions agree)."""
+        return self.rank == 1 or math.isclose(self.scaling, self.alpha / math.sqrt(self.rank))
 
     @property
     def device(self) -> torch.device:
@@ -80,8 +88,8 @@ class LayerContext:
 
     @cached_property
     def generator(self) -> torch.Generator:
-        """A CPU generator seeded from ``(config.seed, layer name)``; the global RNG is never used."""
-        return torch.Generator(device="cpu").manual_seed(layer_seed(self.config.seed, self.name))
+        """A CPU generator seeded from ``(seed, layer name)``; the global RNG is never used."""
+        return torch.Generator(device="cpu").manual_seed(layer_seed(self.seed, self.name))
 
     def randn(self, *shape: int) -> torch.Tensor:
         """Standard normal float32 samples from :attr:`generator`, on the layer's device."""
@@ -118,6 +126,8 @@ class Initializer(ABC):
     uses_data: ClassVar[bool] = False
     """True for data-driven methods: :func:`lowrank.inject` must get ``data`` (and maybe ``loss_fn``)."""
     registry_name: ClassVar[str] = "?"
+    adapter_kinds: ClassVar[tuple[str, ...]] = ("factors",)
+    """Adapter kinds it can initialize (``Adapter.kind``): a pairing outside them is a config error."""
 
     def __init__(self, **options: Any):
         self.options = build_options(self.Options, options, "initializer", self.registry_name)

@@ -82,10 +82,10 @@ class LoRAGA(GradientInitializer):
         if 2 * ctx.rank > min(ctx.m, ctx.n):
             raise ValueError(f"lora_ga needs 2r <= min(d_out, d_in), but r={ctx.rank} and layer {ctx.name!r} is "
                              f"{ctx.m} x {ctx.n}; the largest valid rank is {min(ctx.m, ctx.n) // 2}")
-        if ctx.config.scaling != "rslora" and not self._warned_scaling:
+        if not ctx.rslora and not self._warned_scaling:
             self._warned_scaling = True
-            warnings.warn("lora_ga is defined with rsLoRA scaling (s = alpha / sqrt(r)); this config uses "
-                          f"scaling={ctx.config.scaling!r}. Pass scaling='rslora' to follow the paper.", stacklevel=4)
+            warnings.warn("lora_ga is defined with rsLoRA scaling (s = alpha / sqrt(r)); this layer's scale is "
+                          f"{ctx.scaling:.4g} = alpha / r. Pass scaling='rslora' to follow the paper.", stacklevel=4)
 
     def init_layer(self, ctx: LayerContext) -> InitResult:
         o, r = self.options, ctx.rank

@@ -54,6 +54,8 @@ class Preconditioner(ABC):
     transforms_gradients: ClassVar[bool] = True
     """``False``: ``update`` returns its gradients unchanged (the optimizer then skips it)."""
     registry_name: ClassVar[str] = "?"
+    adapter_kinds: ClassVar[tuple[str, ...]] = ("factors",)
+    """Adapter kinds (``Adapter.kind``) it can train: transforming ``(grad_A, grad_B)`` needs a trained pair."""
 
     def __init__(self, **options: Any):
         self.options = build_options(self.Options, options, "preconditioner", self.registry_name)

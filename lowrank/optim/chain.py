@@ -25,6 +25,7 @@ class Chain(BatchedPreconditioner):
             raise TypeError(f"chain takes Preconditioner instances, got {type(bad[0]).__name__}")
         self.parts = list(preconditioners)
         self.trains_A = all(p.trains_A for p in self.parts)
+        self.adapter_kinds = tuple(k for k in self.parts[0].adapter_kinds if all(k in p.adapter_kinds for p in self.parts))
         self.transforms_gradients = any(p.transforms_gradients for p in self.parts)
 
     def lr_multipliers(self) -> tuple[float, float]:

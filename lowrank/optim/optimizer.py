@@ -81,6 +81,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             gradient or its preconditioned direction is not finite; one fused reduction and one sync per step.
         **options: keys that are options of a preconditioner given by name go to it (e.g. ``delta``,
             ``ratio``); the rest go to the base optimizer (``weight_decay``, ``betas``, ``momentum``...).
+
+    Param groups carry ``lowrank_role``: ``"A"`` and ``"B"`` (the factor pairs the preconditioner
+    transforms), ``"adapter"`` (other adapter parameters, e.g. DoRA's magnitude, LoRA-XS's core, stepped
+    by the base optimizer at ``lr``) and ``"other"`` (everything else trainable, e.g. a head).
     """
 
     def __init__(self, model: nn.Module, base: str | type[torch.optim.Optimizer] = "adamw",
@@ -88,20 +92,31 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                  check_finite: bool = True, **options: Any):
         base_cls = _base_class(base)
         precond, base_options = _resolve(preconditioner, options)
-        layers = list(adapted_layers(model))
-        if not layers:
+        all_layers = list(adapted_layers(model))
+        if not all_layers:
             raise ValueError("the model has no lowrank adapters; call lowrank.inject(model, config) first")
+        for name, layer in all_layers:
+            if layer.kind not in precond.adapter_kinds:
+                raise ValueError(f"preconditioner {precond!r} cannot train layer {name!r}: its {layer.registry_name!r} "
+                                 f"adapter is of kind {layer.kind!r}, the preconditioner supports "
+                                 f"{list(precond.adapter_kinds)}; use preconditioner='identity' or another adapter")
+        layers = [(name, layer) for name, layer in all_layers if layer.factors() is not None]  # (A, B) pairs
         for p in (precond.parts if isinstance(precond, Chain) else [precond]):
             if hasattr(p, "note_base"):
                 p.note_base(base_cls)
         mult_A, mult_B = precond.lr_multipliers()
         ab = {id(p) for _, layer in layers for p in (layer.A, layer.B)}
+        extra = {id(p) for _, layer in all_layers for p in layer.adapter_parameters().values() if id(p) not in ab}
         named_others = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in ab]
-        others = [p for _, p in named_others]
         groups = []
-        if precond.trains_A:
+        if layers and precond.trains_A:
             groups.append({"params": [layer.A for _, layer in layers], "lr": lr * mult_A, "lowrank_role": "A"})
-        groups.append({"params": [layer.B for _, layer in layers], "lr": lr * mult_B, "lowrank_role": "B"})
+        if layers:
+            groups.append({"params": [layer.B for _, layer in layers], "lr": lr * mult_B, "lowrank_role": "B"})
+        adapter_extra = [p for _, p in named_others if id(p) in extra]  # DoRA's magnitude, LoRA-XS's core
+        if adapter_extra:
+            groups.append({"params": adapter_extra, "lr": lr, "lowrank_role": "adapter"})
+        others = [p for _, p in named_others if id(p) not in extra]
         if others:
             groups.append({"params": others, "lr": lr, "lowrank_role": "other"})
         try:

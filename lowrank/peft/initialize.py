@@ -23,10 +23,9 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..adapters.base import set_weight, weight_view
-from ..config import LoRAConfig
-from ..init.base import LayerContext
-from ..inject import default_loss
+from ..adapters.base import weight_view
+from ..init.driver import LayerSpec, offset_weight, run_initializer
+from ..registry import get_initializer
 
 PEFT_PREFIX = "base_model.model."
 
@@ -58,10 +57,12 @@ def _commit(layers: Mapping[str, nn.Module], adapter: str, results: Mapping[str,
             saved.append((la, la.data.clone(), lb, lb.data.clone(), base, None))
             la.data.copy_(res.A.to(la.dtype))
             lb.data.copy_(res.B.to(lb.dtype))
-            if res.offset:
-                s = module.scaling[adapter]
-                w = weight_view(base).float() - s * (lb.float() @ la.float())
-                saved[-1] = saved[-1][:5] + (set_weight(base, w),)
+            if res.offset:  # from the factors as cast, the same formula as lowrank's own layers
+                try:
+                    old = offset_weight(base, weight_view(base), la, lb, module.scaling[adapter])
+                except FloatingPointError as exc:
+                    raise FloatingPointError(f"layer {name!r}: {exc}") from None
+                saved[-1] = saved[-1][:5] + (old,)
     except BaseException:
         for la, a, lb, b, base, old in reversed(saved):
             la.data.copy_(a)
@@ -75,40 +76,16 @@ def initialize(peft_model: nn.Module, init: str = "lora_ga", data: Iterable | No
                loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, *, adapter_name: str = "default",
                init_options: Mapping[str, Any] | None = None, seed: int = 0) -> nn.Module:
     """Initialize every LoRA layer of ``peft_model`` (adapter ``adapter_name``) with the registered
-    lowrank initializer ``init`` and return the model. ``data`` / ``loss_fn`` as for ``lowrank.inject``."""
+    lowrank initializer ``init`` and return the model. ``data`` / ``loss_fn`` as for ``lowrank.inject``;
+    under torch.distributed the statistics are all-reduced and the factors broadcast from rank 0, as
+    ``inject`` does (one driver: ``lowrank.init.driver``)."""
     layers = _lora_layers(peft_model, adapter_name)
-    peft_cfg = getattr(peft_model, "peft_config", {}).get(adapter_name)
-    rslora = bool(getattr(peft_cfg, "use_rslora", False))
-    ranks = {n: m.r[adapter_name] for n, m in layers.items()}
-    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
-    config = LoRAConfig(rank=r0, alpha=float(next(iter(layers.values())).lora_alpha[adapter_name]),
-                        scaling="rslora" if rslora else "standard", targets=sorted(layers), init=init,
-                        init_options=dict(init_options or {}), seed=seed)
-    initializer = config.make_initializer()
-
-    def context(name: str, stats=None) -> LayerContext:
-        m = layers[name]
-        return LayerContext(name, m.get_base_layer(), rank=m.r[adapter_name], alpha=float(m.lora_alpha[adapter_name]),
-                            scaling=float(m.scaling[adapter_name]), config=config, stats=stats)
-
-    for name in layers:
-        initializer.check_layer(context(name))
-    stats: dict[str, Any] = {}
-    if initializer.uses_data:
-        if data is None:
-            raise ValueError(f"initializer {init!r} is data-driven: pass data=<iterable of batches> (and "
-                             "loss_fn=lambda model, batch: <scalar loss> if model(**batch).loss is not your loss)")
-        stats = initializer.collect(peft_model, {n: m.get_base_layer() for n, m in layers.items()}, data,
-                                    loss_fn or default_loss)
-    results = {}
-    for name, module in layers.items():
-        res = initializer.init_layer(context(name, stats.pop(name, None)))
-        r, (m_, n_) = module.r[adapter_name], weight_view(module.get_base_layer()).shape
-        if tuple(res.A.shape) != (r, n_) or tuple(res.B.shape) != (m_, r):
-            raise ValueError(f"initializer {init!r} returned A {tuple(res.A.shape)}, B {tuple(res.B.shape)} for layer "
-                             f"{name!r}; expected {(r, n_)}, {(m_, r)}")
-        if not (torch.isfinite(res.A).all() and torch.isfinite(res.B).all()):
-            raise FloatingPointError(f"initializer {init!r} returned non-finite values for layer {name!r}")
-        results[name] = res
-    _commit(layers, adapter_name, results)
+    initializer = get_initializer(init)(**dict(init_options or {}))
+    if "factors" not in initializer.adapter_kinds:
+        raise ValueError(f"initializer {init!r} initializes {list(initializer.adapter_kinds)} adapters, not PEFT's "
+                         "LoRA factors")
+    specs = [LayerSpec(n, m.get_base_layer(), m.r[adapter_name], float(m.lora_alpha[adapter_name]),
+                       float(m.scaling[adapter_name])) for n, m in layers.items()]
+    results = run_initializer(initializer, specs, seed=seed, model=peft_model, data=data, loss_fn=loss_fn)
+    _commit(layers, adapter_name, dict(zip(layers, results)))
     return peft_model

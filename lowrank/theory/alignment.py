@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ..config import LoRAConfig
-from ..init.base import InitResult, LayerContext
+from ..init.base import InitResult
+from ..init.driver import LayerSpec, run_initializer
 from ..init.gradient import estimate_gradients
 from ..inject import adapted_layers, default_loss, find_targets, inject
 from .first_step import first_step_direction
@@ -89,9 +90,17 @@ def adapted_alignment(model: nn.Module, data: Iterable, loss_fn: Callable | None
     if not layers:
         raise ValueError("the model has no lowrank adapters; call lowrank.inject first, or use "
                          "lowrank.theory.compare to evaluate initializers on an un-adapted model")
+    _require_factors(layers)
     G = estimate_gradients(model, {name: layer.base_layer for name, layer in layers.items()}, data,
                            loss_fn or default_loss, num_batches=num_batches, progress=progress)
     return {name: alignment(layer.A, layer.B, layer.scaling, G[name]) for name, layer in layers.items()}
+
+
+def _require_factors(layers: Mapping[str, Any]) -> None:
+    bad = [n for n, layer in layers.items() if layer.factors() is None]
+    if bad:
+        raise ValueError(f"layer {bad[0]!r} has a {layers[bad[0]].registry_name!r} adapter without a trained (A, B) pair; "
+                         "first-step alignment is defined for factor adapters (lora, dora)")
 
 
 def init_factors(init: str, G: torch.Tensor, *, W0: torch.Tensor | None = None, rank: int, alpha: float = 16.0,
@@ -105,18 +114,15 @@ def init_factors(init: str, G: torch.Tensor, *, W0: torch.Tensor | None = None, 
     """
     m, n = G.shape
     cfg = LoRAConfig(rank=rank, alpha=alpha, scaling=scaling, targets=["layer"], init=init,
-                     init_options=dict(init_options or {}), seed=seed)
+                     init_options=dict(init_options or {}), seed=seed)  # validates the names and options
     layer = nn.Linear(n, m, bias=False, dtype=G.dtype)
     with torch.no_grad():
         if W0 is None:
             W0 = torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=G.dtype) / math.sqrt(n)
         layer.weight.copy_(W0)
-    initializer = cfg.make_initializer()
-    ctx = LayerContext("layer", layer, rank=rank, alpha=cfg.alpha_for("layer"), scaling=cfg.scaling_for("layer"),
-                       config=cfg, stats={"gradient": G})
-    initializer.check_layer(ctx)
-    with torch.no_grad():
-        return initializer.init_layer(ctx), ctx.scaling
+    spec = LayerSpec("layer", layer, rank, cfg.alpha_for("layer"), cfg.scaling_for("layer"))
+    (res,) = run_initializer(cfg.make_initializer(), [spec], seed=seed, stats={"layer": {"gradient": G}})
+    return res, spec.scaling
 
 
 def gradients(model: nn.Module, config: LoRAConfig, data: Iterable, loss_fn: Callable | None = None, *,
@@ -147,6 +153,7 @@ def compare(build_model: Callable[[], nn.Module], configs: Mapping[str, LoRAConf
         model = build_model()
         inject(model, cfg, data=data if cfg.make_initializer().uses_data else None, loss_fn=loss_fn, progress=progress)
         layers = dict(adapted_layers(model))
+        _require_factors(layers)
         if set(layers) != set(G):
             raise ValueError(f"config {label!r} targets other layers than {next(iter(configs))!r}; "
                              f"first difference: {sorted(set(layers) ^ set(G))[0]!r}")

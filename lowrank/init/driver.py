@@ -1,0 +1,99 @@
+"""The one initialization driver: every path that runs an initializer (``lowrank.inject``,
+``lowrank.load_adapter``'s rebuild, ``lowrank.peft.initialize``, ``lowrank.theory``) goes through
+:func:`run_initializer`, so they cannot drift apart.
+
+It checks every layer (``Initializer.check_layer``), collects the statistics a data-driven method
+needs in one pass (float32 sums, the true mean over batches, all-reduced under torch.distributed),
+runs ``init_layer`` per layer, checks each result (shapes, finite values), and under
+torch.distributed broadcasts the factors from rank 0 so they are bitwise identical on every rank.
+It changes no weight: committing the results (adapter layers, offsets, rollback) is the caller's
+job, with :func:`offset_weight` as the one formula for ``W = W0 - s B A``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed as dist_helpers
+from ..adapters.base import set_weight, weight_shape
+from .base import InitResult, Initializer, LayerContext
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer to initialize: its module and resolved hyper-parameters."""
+
+    name: str
+    module: nn.Module
+    rank: int
+    alpha: float
+    scaling: float
+
+
+def context(spec: LayerSpec, seed: int, stats: Mapping[str, Any] | None = None) -> LayerContext:
+    return LayerContext(spec.name, spec.module, rank=spec.rank, alpha=spec.alpha, scaling=spec.scaling, seed=seed,
+                        stats=stats)
+
+
+def check_result(res: InitResult, spec: LayerSpec, init_name: str) -> None:
+    m, n = weight_shape(spec.module)
+    if not isinstance(res, InitResult):
+        raise TypeError(f"initializer {init_name!r} returned {type(res).__name__} for layer {spec.name!r}; "
+                        "init_layer must return a lowrank.InitResult")
+    for key, want in (("A", (spec.rank, n)), ("B", (m, spec.rank))):
+        got = getattr(res, key)
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise ValueError(f"initializer {init_name!r} returned {key} of shape {shape} for layer {spec.name!r}; "
+                             f"expected {want}")
+    for key, got in [("A", res.A), ("B", res.B), *res.extras.items()]:
+        if not torch.isfinite(got).all():
+            raise FloatingPointError(f"initializer {init_name!r} returned non-finite values in {key} for layer "
+                                     f"{spec.name!r}")
+
+
+def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], *, seed: int = 0,
+                    model: nn.Module | None = None, data: Iterable | None = None, loss_fn: Callable | None = None,
+                    stats: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = False) -> list[InitResult]:
+    """``InitResult`` per layer, checked; see the module docstring. ``stats`` (``{layer: {key: value}}``)
+    replaces the data pass, e.g. to evaluate an initializer on a known gradient."""
+    name = initializer.registry_name
+    for spec in layers:
+        initializer.check_layer(context(spec, seed))
+    collected: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (stats or {}).items()}
+    if initializer.uses_data and stats is None:
+        if data is None:
+            raise ValueError(f"initializer {name!r} is data-driven: pass data=<iterable of batches> (and "
+                             "loss_fn=lambda model, batch: <scalar loss> if model(**batch).loss is not your loss)")
+        from ..inject import default_loss
+
+        collected = initializer.collect(model, {s.name: s.module for s in layers}, data, loss_fn or default_loss)
+    results = []
+    for spec in tqdm(layers, desc=f"lowrank init {name}", disable=not progress, leave=False):
+        with torch.no_grad():
+            res = initializer.init_layer(context(spec, seed, collected.pop(spec.name, None)))  # pop: free G per layer
+        check_result(res, spec, name)
+        results.append(res)
+    if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
+        # Every rank is here (the statistics were a collective): make the factors rank 0's bits.
+        dist_helpers.broadcast_([t for res in results for t in (res.A, res.B, *res.extras.values())])
+    return results
+
+
+@torch.no_grad()
+def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Set ``module``'s weight to ``w0 - s B A`` (float32, or float64 for float64 weights, from the factors as
+    given, then cast to the weight's dtype and layout); return the previous data for rollback. A result that
+    is not finite is an error and the weight is put back."""
+    dt = torch.promote_types(module.weight.dtype, torch.float32)
+    old = set_weight(module, w0.to(dt) - scaling * (B.to(dt) @ A.to(dt)))
+    if not torch.isfinite(module.weight).all():
+        module.weight.data = old
+        raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large for the "
+                                 f"weight's dtype {old.dtype}); the model was not changed. Use smaller factors")
+    return old
