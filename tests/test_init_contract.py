@@ -1,4 +1,5 @@
-"""Contract tests run for every registered initializer (a newly registered one is covered automatically).
+"""Contract tests run for every registered initializer x every registered adapter it supports (a newly
+registered one of either is covered automatically).
 
 Shapes, dtypes (float32, bfloat16), finite values, output unchanged at step 0 (unless the
 method declares ``preserves_output = False``), bitwise determinism under the seed, the global
@@ -15,16 +16,22 @@ from lowrank import LoRAConfig
 
 from .conftest import MODELS, batches
 
-INITS = lowrank.list_initializers()
+PAIRS = [(adapter, init) for adapter in lowrank.list_adapters() for init in lowrank.list_initializers()
+         if lowrank.get_adapter(adapter).kind in lowrank.get_initializer(init).adapter_kinds]
 KINDS = ["bert", "gpt2", "llama"]
 
 
-def _inject(kind, init, dtype=torch.float32, seed=0, check_rng=False):
+def test_every_adapter_and_initializer_has_a_partner():
+    assert {a for a, _ in PAIRS} == set(lowrank.list_adapters())
+    assert {i for _, i in PAIRS} == set(lowrank.list_initializers())
+
+
+def _inject(kind, init, dtype=torch.float32, seed=0, check_rng=False, adapter="lora"):
     factory, targets, _, _ = MODELS[kind]
     model = factory(dtype=dtype)
     cls = lowrank.get_initializer(init)
     data = batches(kind, 2) if cls.uses_data else None
-    cfg = LoRAConfig(rank=2, alpha=4, targets=targets, init=init, scaling="rslora", seed=seed)
+    cfg = LoRAConfig(rank=2, alpha=4, targets=targets, init=init, scaling="rslora", seed=seed, adapter=adapter)
     rng = torch.get_rng_state()
     lowrank.inject(model, cfg, data=data, progress=False)
     if check_rng:
@@ -39,40 +46,47 @@ def _logits(model, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("init", INITS)
-def test_shapes_finite_and_output_preserved_float32(init, kind):
+@pytest.mark.parametrize("adapter,init", PAIRS)
+def test_shapes_finite_and_output_preserved_float32(adapter, init, kind):
     factory = MODELS[kind][0]
     y0 = _logits(factory(), kind)
-    model = _inject(kind, init)
+    model = _inject(kind, init, adapter=adapter)
     layers = dict(lowrank.adapted_layers(model))
     assert layers
     for name, layer in layers.items():
+        assert layer.registry_name == adapter
         assert layer.A.shape == (2, layer.d_in) and layer.B.shape == (layer.d_out, 2), name
-        assert layer.A.dtype == layer.B.dtype == torch.float32
-        assert torch.isfinite(layer.A).all() and torch.isfinite(layer.B).all() and torch.isfinite(layer.base_weight()).all()
-        assert layer.A.requires_grad and layer.B.requires_grad and not layer.base_layer.weight.requires_grad
+        info = {"rank": 2, "d_in": layer.d_in, "d_out": layer.d_out, "offset": layer.offset}
+        assert {k: tuple(t.shape) for k, t in layer.tensors().items()} == layer.tensor_shapes(info)
+        assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in layer.tensors().values())
+        assert torch.isfinite(layer.base_weight()).all() and not layer.base_layer.weight.requires_grad
+        params = layer.adapter_parameters()
+        assert params and all(p.requires_grad for p in params.values())
+        trainable = {id(p) for p in layer.parameters() if p.requires_grad}
+        assert trainable == {id(p) for p in params.values()}, "only the adapter's declared parameters train"
     y1 = _logits(model, kind)
-    if lowrank.get_initializer(init).preserves_output:
+    if LoRAConfig(rank=2, targets=["x"], init=init, adapter=adapter).make_initializer().preserves_output:
         torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5 * y0.abs().max().item())
 
 
-@pytest.mark.parametrize("init", INITS)
-def test_bfloat16_output_preserved_within_rounding(init):
+@pytest.mark.parametrize("adapter,init", PAIRS)
+def test_bfloat16_output_preserved_within_rounding(adapter, init):
     kind = "bert"
     factory = MODELS[kind][0]
     y0 = _logits(factory(dtype=torch.bfloat16), kind)
-    model = _inject(kind, init, dtype=torch.bfloat16)
+    model = _inject(kind, init, dtype=torch.bfloat16, adapter=adapter)
     for _, layer in lowrank.adapted_layers(model):
-        assert layer.A.dtype == layer.B.dtype == layer.base_layer.weight.dtype == torch.bfloat16
-    if lowrank.get_initializer(init).preserves_output:
+        assert all(t.dtype == torch.bfloat16 for t in layer.tensors().values())
+        assert layer.base_layer.weight.dtype == torch.bfloat16
+    if LoRAConfig(rank=2, targets=["x"], init=init, adapter=adapter).make_initializer().preserves_output:
         # a few bfloat16 ulps (2^-8 relative) of the logits, accumulated over two layers
         torch.testing.assert_close(_logits(model, kind), y0, rtol=2 ** -5, atol=2 ** -5 * y0.abs().max().item())
 
 
-@pytest.mark.parametrize("init", INITS)
-def test_deterministic_under_seed_and_global_rng_untouched(init):
+@pytest.mark.parametrize("adapter,init", PAIRS)
+def test_deterministic_under_seed_and_global_rng_untouched(adapter, init):
     def state(seed):
-        model = _inject("gpt2", init, seed=seed, check_rng=True)
+        model = _inject("gpt2", init, seed=seed, check_rng=True, adapter=adapter)
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     a, b = state(7), state(7)

@@ -2,7 +2,7 @@
 
 from .base import InitResult, Initializer, LayerContext, layer_seed
 from .gradient import GradientInitializer, GradientOptions, estimate_gradients
-from . import gaussian, kaiming, lora_ga, lora_one, milora, olora, pissa  # noqa: F401  (registration)
+from . import gaussian, kaiming, lora_ga, lora_one, lora_sb, lora_xs, milora, olora, pissa  # noqa: F401
 
 __all__ = ["InitResult", "Initializer", "LayerContext", "layer_seed", "GradientInitializer", "GradientOptions",
            "estimate_gradients"]

@@ -1,4 +1,4 @@
-"""Export lowrank adapters as a PEFT LoRA adapter for the *original* base model.
+"""Export lowrank adapters as a PEFT LoRA (or DoRA) adapter for the *original* base model.
 
 For a layer whose base was offset at initialization (``W = W0 - s B0 A0``, e.g. LoRA-GA, PiSSA),
 the trained ``(A, B)`` and the initial ``(A0, B0)`` are one rank-``2r`` LoRA on ``W0``::
@@ -7,7 +7,9 @@ the trained ``(A, B)`` and the initial ``(A0, B0)`` are one rank-``2r`` LoRA on 
     alpha' = 2 alpha (s = alpha / r)   or   sqrt(2) alpha (rsLoRA, s = alpha / sqrt(r))
 
 so ``s' = s`` and ``W0 + s' B' A' = W + s B A`` exactly (up to float rounding of ``W``).
-Layers without an offset are exported as they are. Per-layer ranks and alphas become PEFT's
+Layers without an offset are exported as they are. A ``dora`` adapter is written as PEFT DoRA
+(``use_dora``, the magnitude as ``lora_magnitude_vector``): PEFT's norm ``||W0 + s' B' A'||`` equals
+lowrank's ``||W + s B A||``, so the conversion holds for DoRA too. Per-layer ranks and alphas become PEFT's
 ``rank_pattern`` / ``alpha_pattern`` (escaped full module names); ``config.trainable`` modules
 become ``modules_to_save``. ``lowrank_export.json`` records the method that produced it.
 """
@@ -58,9 +60,9 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
     if record is None or not layers:
         raise ValueError(f"{type(model).__name__} has no lowrank adapters; call lowrank.inject(model, config) first")
     cfg = record.config
-    if cfg.adapter != "lora":
-        raise ValueError(f"adapter kind {cfg.adapter!r} cannot be exported to PEFT: PEFT LoRA represents only "
-                         "lowrank's 'lora' adapter")
+    if cfg.adapter not in ("lora", "dora"):
+        raise ValueError(f"adapter {cfg.adapter!r} cannot be exported to PEFT: PEFT has no such adapter (it "
+                         "represents lowrank's 'lora' and 'dora'); save it with lowrank.save_adapter instead")
     merged = [n for n, layer in layers.items() if getattr(layer, "merged", False)]
     if merged:
         raise ValueError(f"layer {merged[0]!r} is merged; call lowrank.unmerge(model) before exporting")
@@ -72,6 +74,8 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
         A, B, r, alpha = _factors(layer)
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
+        if cfg.adapter == "dora":  # PEFT's key has no ".weight"; the norm of W0 + s' B' A' equals ours
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.m.detach().contiguous().cpu()
         ranks[name], alphas[name] = r, alpha
         fan_in_fan_out.add(isinstance(layer.base_layer, Conv1D))
     if len(fan_in_fan_out) > 1:
@@ -92,7 +96,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
         "fan_in_fan_out": fan_in_fan_out.pop(), "init_lora_weights": True,
         "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != r0},
         "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != a0},
-        "modules_to_save": saved_modules or None, "use_dora": False, "layers_to_transform": None,
+        "modules_to_save": saved_modules or None, "use_dora": cfg.adapter == "dora", "layers_to_transform": None,
         "layers_pattern": None,
     }
     note = {"exported_by": f"lowrank {__version__}", "init": cfg.init, "init_options": dict(cfg.init_options),

@@ -1,4 +1,4 @@
-"""Load a PEFT LoRA adapter into a plain model as lowrank adapters.
+"""Load a PEFT LoRA (or DoRA) adapter into a plain model as lowrank adapters.
 
 Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (written by ``save_pretrained``
 or ``lowrank.peft.export``). The adapted layers come from the saved tensors themselves, so
@@ -27,6 +27,7 @@ from ..io import AdapterFileError
 from .export import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 UNSUPPORTED = {"lora_embedding_A": "LoRA on embeddings", "lora_embedding_B": "LoRA on embeddings",
                "lora_magnitude_vector": "DoRA", "lora_A.bias": "lora_bias", "lora_B.bias": "lora_bias"}
 
@@ -56,7 +57,7 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{cfg_path} is not a PEFT LoRA adapter (peft_type="
                                f"{cfg.get('peft_type') if isinstance(cfg, dict) else None!r})")
-    for key, what in (("use_dora", "DoRA"), ("lora_bias", "lora_bias")):
+    for key, what in (("lora_bias", "lora_bias"),):
         if cfg.get(key):
             raise AdapterFileError(f"{cfg_path}: {what} adapters cannot be loaded as lowrank LoRA ({key}=true)")
     if cfg.get("bias", "none") != "none":
@@ -65,8 +66,9 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
         tensors = st_load(w_path.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise AdapterFileError(f"{w_path} is corrupted or truncated: {exc}") from None
+    unsupported = {k: v for k, v in UNSUPPORTED.items() if not (cfg.get("use_dora") and k == "lora_magnitude_vector")}
     for key in tensors:
-        for marker, what in UNSUPPORTED.items():
+        for marker, what in unsupported.items():
             if marker in key:
                 raise AdapterFileError(f"{w_path}: tensor {key!r} is {what}, which lowrank LoRA cannot represent")
     return cfg, tensors
@@ -82,10 +84,14 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                          "base model (lowrank.unload(model) first)")
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
+    dora = bool(cfg.get("use_dora"))
     for key, t in tensors.items():
         m = LORA_KEY.match(key)
+        mag = MAGNITUDE_KEY.match(key) if dora else None
         if m:
             factors.setdefault(m["name"], {})[m["which"]] = t
+        elif mag:
+            factors.setdefault(mag["name"], {})["m"] = t
         elif key.startswith(PREFIX):
             extra[key.removeprefix(PREFIX)] = t
         else:
@@ -95,8 +101,11 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     modules = dict(model.named_modules())
     ranks, alphas = {}, {}
     for name, ab in factors.items():
-        if set(ab) != {"A", "B"}:
-            raise AdapterFileError(f"layer {name!r}: the adapter has only lora_{next(iter(ab))}; the file is partial")
+        want = {"A", "B", "m"} if dora else {"A", "B"}
+        if set(ab) != want:
+            missing = sorted(want - set(ab))[0]
+            raise AdapterFileError(f"layer {name!r}: the adapter lacks {'lora_magnitude_vector' if missing == 'm' else 'lora_' + missing}; "
+                                   "the file is partial")
         module = modules.get(name)
         if module is None:
             raise AdapterFileError(f"adapter layer {name!r} is not a module of {type(model).__name__} (first mismatch)")
@@ -108,6 +117,9 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != (m_, n_):
             raise AdapterFileError(f"adapter layer {name!r} does not fit: lora_A {tuple(A.shape)}, lora_B "
                                    f"{tuple(B.shape)}; the model's layer is (d_out, d_in) = {(m_, n_)} (first mismatch)")
+        if dora and tuple(ab["m"].shape) != (m_,):
+            raise AdapterFileError(f"adapter layer {name!r}: lora_magnitude_vector {tuple(ab['m'].shape)}, expected "
+                                   f"{(m_,)}")
         ranks[name] = A.shape[0]
         alphas[name] = _peft_alpha(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
     trainable = sorted({k.rsplit(".", 1)[0] for k in extra})
@@ -125,10 +137,11 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         rank=r0, alpha=a0, scaling="rslora" if cfg.get("use_rslora") else "standard", targets=sorted(factors),
         rank_pattern={re.escape(n): r for n, r in ranks.items() if r != r0},
         alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0},
-        dropout=float(cfg.get("lora_dropout") or 0.0), init="kaiming", trainable=trainable)
+        dropout=float(cfg.get("lora_dropout") or 0.0), init="kaiming", trainable=trainable,
+        adapter="dora" if dora else "lora")
     inject(model, config, progress=False)  # atomic; shapes were checked above, so the copies below cannot fail
     for name, layer in adapted_layers(model):
-        layer.set_factors(factors[name]["A"], factors[name]["B"])
+        layer.load_tensors(factors[name])
     for key, t in extra.items():
         model.get_parameter(key).copy_(t)
     return model
