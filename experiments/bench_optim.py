@@ -104,6 +104,8 @@ def main(argv=None) -> None:
     for name in lowrank.list_preconditioners():
         m, _ = lowrank_model(n, args.rank, args.alpha)
         arms[f"lowrank adamw+{name}"] = Arm(m, PreconditionedOptimizer(m, "adamw", name, lr=args.lr), batch)
+    m, _ = lowrank_model(n, args.rank, args.alpha)  # LoRA-RITE as the paper runs it: its own update, no Adam
+    arms["lowrank sgd+lora_rite (the method)"] = Arm(m, PreconditionedOptimizer(m, "sgd", "lora_rite", lr=args.lr), batch)
     for name in ("identity", "lora_plus"):
         m, _ = lowrank_model(n, args.rank, args.alpha)
         arms[f"lowrank adamw+{name} check_finite=False"] = Arm(
