@@ -13,7 +13,7 @@ from lowrank import registry
 
 def test_builtins_are_registered():
     assert {"kaiming", "gaussian"} <= set(lowrank.list_initializers())
-    assert lowrank.list_adapters() == ["lora"]
+    assert lowrank.list_adapters() == ["dora", "lora", "lora_xs"]
     assert "identity" in lowrank.list_preconditioners()
     assert lowrank.get_adapter("lora") is lowrank.LoRALayer
 

@@ -52,7 +52,7 @@ def check_arms(cfg, task) -> None:
     """Every adapter arm x rank fits the task's layers (targets exist, ranks fit their shapes, the
     initializer accepts each layer), checked on one built model before any training; a ``ValueError``
     names the arm, the rank and the layer."""
-    from lowrank.init.base import LayerContext
+    from lowrank.init.driver import LayerSpec, context
     from lowrank.inject import find_targets
 
     built = task.build(cfg.search.seeds[0], cfg.sweep.batch_size)
@@ -64,8 +64,7 @@ def check_arms(cfg, task) -> None:
             try:
                 init = lc.make_initializer()
                 for t in find_targets(built.model, lc):
-                    init.check_layer(LayerContext(t.name, t.module, rank=t.rank, alpha=t.alpha, scaling=t.scaling,
-                                                  config=lc))
+                    init.check_layer(context(LayerSpec(t.name, t.module, t.rank, t.alpha, t.scaling), 0))
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"{cfg.path} arm {arm.name!r} at rank {rank}: {exc}") from None
 
