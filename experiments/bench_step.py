@@ -1,6 +1,8 @@
 """Training-step time and memory: lowrank LoRA vs PEFT LoRA on the same model, interleaved.
 
-    python -m experiments.bench_step [--repeats 30] [--rank 8] [--batch-size 32]
+    python -m experiments.bench_step [--repeats 30] [--rank 8] [--batch-size 32] [--adapter dora]
+
+``--adapter dora`` compares lowrank's ``dora`` adapter with PEFT's DoRA (``use_dora=True``).
 
 MiniLM + a 41-way head, LoRA r=8 on all 37 linear layers (PEFT's ``target_modules`` list
 ``query, key, value, dense``; the pooler's ``dense`` included on both sides), AdamW, the same
@@ -27,19 +29,19 @@ from lowrank.data.offline import load_minilm_classifier
 from lowrank.data.wordnet import supersense_splits
 
 
-def make_lowrank(num_labels, rank, alpha):
+def make_lowrank(num_labels, rank, alpha, adapter="lora"):
     model, tok = load_minilm_classifier(num_labels)
     cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, targets=["query", "key", "value", "dense"],
-                             trainable=["classifier"], init="kaiming")
+                             trainable=["classifier"], init="kaiming", adapter=adapter)
     return lowrank.inject(model, cfg, progress=False), tok
 
 
-def make_peft(num_labels, rank, alpha):
+def make_peft(num_labels, rank, alpha, adapter="lora"):
     import peft
 
     model, tok = load_minilm_classifier(num_labels)
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["query", "key", "value", "dense"],
-                          modules_to_save=["classifier"], lora_dropout=0.0)
+                          modules_to_save=["classifier"], lora_dropout=0.0, use_dora=adapter == "dora")
     return peft.get_peft_model(model, cfg), tok
 
 
@@ -81,11 +83,13 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--adapter", choices=["lora", "dora"], default="lora")
     args = p.parse_args(argv)
 
     train, _ = supersense_splits(n_train=args.batch_size * (args.repeats + args.warmup), n_eval=100)
     n = train.features["label"].num_classes
-    arms = {"lowrank": make_lowrank(n, args.rank, args.alpha), "peft": make_peft(n, args.rank, args.alpha)}
+    arms = {"lowrank": make_lowrank(n, args.rank, args.alpha, args.adapter),
+            "peft": make_peft(n, args.rank, args.alpha, args.adapter)}
     tok = arms["lowrank"][1]
     batches = [{k: v.to(args.device) for k, v in b.items()}
                for b in classification_batches(train, tok, args.batch_size, shuffle=True)]
@@ -107,7 +111,7 @@ def main(argv=None) -> None:
         print(f"{k:8s} median step {t * 1e3:7.1f} ms   memory {m / 2**20:7.1f} MiB")
     print(f"ratio lowrank/peft: time {med['lowrank'][0] / med['peft'][0]:.3f}   "
           f"memory {med['lowrank'][1] / med['peft'][1]:.3f}   ({len(results['peft'][0])} interleaved steps, "
-          f"device {args.device}, torch {torch.__version__})")
+          f"device {args.device}, torch {torch.__version__}, adapter {args.adapter})")
 
 
 if __name__ == "__main__":
