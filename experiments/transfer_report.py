@@ -68,8 +68,9 @@ def report(cfg, plans, data) -> tuple[str, dict]:
             continue
         preds = {}
         for r in RULES:
-            q = rule_quantity(r, m)
-            preds[r] = ref.chosen * q_ref[r] / q if q > 0 and math.isfinite(q) else math.nan
+            q = rule_quantity(r, m)  # a rule whose quantity is not positive for the arm or the reference predicts nothing
+            ok = q > 0 and q_ref[r] > 0 and math.isfinite(q) and math.isfinite(q_ref[r])
+            preds[r] = ref.chosen * q_ref[r] / q if ok else math.nan
             if p.arm != ref.arm:
                 errors[r].append(abs(math.log2(preds[r] / p.chosen)) if math.isfinite(preds[r]) else math.inf)
         rows.append((p, m, preds))
@@ -112,7 +113,8 @@ def plot(rows, path: Path, title: str) -> None:
     ax.fill_between([lo, hi], [lo / 2, hi / 2], [lo * 2, hi * 2], color="k", alpha=0.08, label="within 2x")
     for rule in RULES:
         pts = [(r["tuned_lr"], r["predicted"][rule]) for r in rows if math.isfinite(r["predicted"][rule])]
-        ax.scatter(*zip(*pts), label=rule, s=22)
+        if pts:
+            ax.scatter(*zip(*pts), label=rule, s=22)
     ax.set(xscale="log", yscale="log", xlabel="tuned learning rate (search)", ylabel="predicted at initialization",
            title=title)
     ax.grid(alpha=0.3)

@@ -213,17 +213,26 @@ def _torchrun_like(rank: int, world: int, port: int, cfg_path: str, out: str) ->
     Path(out, f"rank{rank}.code").write_text(str(code))
 
 
-def test_sweep_under_two_processes_writes_results_once(tmp_path):
-    """What ``torchrun --nproc-per-node 2 -m experiments.ablate CONFIG`` does: DDP runs, rank 0 writes."""
+@pytest.mark.parametrize("mode", ["list", "search"])
+def test_sweep_under_two_processes_writes_results_once(tmp_path, mode):
+    """What ``torchrun --nproc-per-node 2 -m experiments.ablate CONFIG`` does: DDP runs, rank 0 writes; under a
+    search every rank plans from rank 0's records, so both take the same decisions."""
     import socket
 
     import torch.multiprocessing as mp
 
-    cfg_path, results = write(tmp_path, arms=ARMS.replace('[[arm]]\nname = "Full FT"\nfull_finetune = true\n', ""))
+    search = {"lrs = [1e-2]": 'lrs = "search"', "[task]": "[search]\nstart = 1e-2\nmax_points = 4\n[task]"}
+    cfg_path, results = write(tmp_path, arms=ARMS.replace('[[arm]]\nname = "Full FT"\nfull_finetune = true\n', ""),
+                              **(search if mode == "search" else {}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_torchrun_like, args=(2, port, str(cfg_path), str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}.code").read_text() for r in range(2)] == ["0", "0"]
     records = read_records(results)
-    assert len(records) == 4 and all(r["world_size"] == 2 and r["status"] == "ok" for r in records)
+    assert all(r["world_size"] == 2 and r["status"] == "ok" for r in records)
+    if mode == "list":
+        assert len(records) == 4
+    else:  # 3 to 4 search rates per arm (seed 0), then seed 1 at the chosen rate; no run twice
+        assert len({r["key"] for r in records}) == len(records) >= 2 * (3 + 1)
+        assert {r["phase"] for r in records} == {"search", "final"}
