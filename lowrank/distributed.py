@@ -36,14 +36,14 @@ def _collective(t: torch.Tensor, fn) -> None:
         t.copy_(tmp.to(t.device))
 
 
-def agree(error: BaseException | None) -> None:
+def agree(error: BaseException | None, what: str = "gradient estimation") -> None:
     """Raise on every rank if any rank failed (``error`` is this rank's, or ``None``)."""
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
     _collective(flag, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
     if error is not None:
         raise error
     if flag.item():
-        raise RuntimeError("gradient estimation failed on another rank (rank-local error above in that rank's log); "
+        raise RuntimeError(f"{what} failed on another rank (rank-local error above in that rank's log); "
                            "nothing was changed here either")
 
 

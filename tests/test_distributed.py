@@ -33,7 +33,17 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         model = tiny_bert()
         mods = {n: m for n, m in model.named_modules() if n.endswith(("query", "value"))}
         G = estimate_gradients(model, mods, shard, lowrank.default_loss, progress=False)
-        cfg = lowrank.LoRAConfig(init="lora_ga", init_options={"progress": False}, **CFG)
+        from lowrank.init.lora_ga import LoRAGA
+
+        calls = []
+
+        @lowrank.register_initializer("counting_lora_ga", override=True)
+        class Counting(LoRAGA):  # LoRA-GA that records which layers this rank factorized
+            def init_layer(self, ctx):
+                calls.append(ctx.name)
+                return super().init_layer(ctx)
+
+        cfg = lowrank.LoRAConfig(init="counting_lora_ga", init_options={"progress": False}, **CFG)
         lowrank.inject(model, cfg, data=shard, progress=False)
         layers = {n: {"A": l.A.detach().clone(), "B": l.B.detach().clone(), "W": l.base_weight().detach().clone()}
                   for n, l in lowrank.adapted_layers(model)}
@@ -46,7 +56,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         ddp(**shard[0]).loss.backward()
         opt.step()
         stepped = {n: p.detach().clone() for n, p in ddp_model.named_parameters() if p.requires_grad}
-        torch.save({"G": G, "layers": layers, "stepped": stepped}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"G": G, "layers": layers, "stepped": stepped, "calls": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -133,6 +143,12 @@ def test_inits_are_bitwise_identical_on_every_rank(ranks):
         assert torch.equal(a["G"][name], b["G"][name])
 
 
+def test_each_layer_is_factorized_on_one_rank_only(ranks):
+    a, b = (set(r["calls"]) for r in ranks)
+    assert a and b and not (a & b) and a | b == set(ranks[0]["layers"])  # split, and every layer covered
+    assert len(ranks[0]["calls"]) + len(ranks[1]["calls"]) == len(ranks[0]["layers"])
+
+
 def test_equal_to_one_process_on_the_union(ranks):
     data = batches("bert", 4, seed=1)
     model = tiny_bert()
@@ -161,6 +177,39 @@ def test_ddp_step_equals_single_process_step_on_the_union_batch(ranks):
         if p.requires_grad:
             torch.testing.assert_close(ranks[0]["stepped"][name], p.detach(), rtol=1e-5, atol=1e-6)
             assert torch.equal(ranks[0]["stepped"][name], ranks[1]["stepped"][name])
+
+
+def _failing_init_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from lowrank.init.lora_ga import LoRAGA
+
+    _setup(rank, init_file)
+    try:
+        @lowrank.register_initializer("fails_on_rank_1", override=True)
+        class Fails(LoRAGA):
+            def init_layer(self, ctx):
+                if dist.get_rank() == 1:
+                    raise ValueError(f"no factors for {ctx.name}")
+                return super().init_layer(ctx)
+
+        model = tiny_bert()
+        try:
+            lowrank.inject(model, lowrank.LoRAConfig(init="fails_on_rank_1", init_options={"progress": False}, **CFG),
+                           data=batches("bert", 2, seed=1)[rank::WORLD], progress=False)
+            msg = "no error"
+        except Exception as exc:  # noqa: BLE001
+            msg = f"{type(exc).__name__}: {exc}"
+        msg += f" | adapters: {len(list(lowrank.adapted_layers(model)))}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_initializer_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    _spawn(_failing_init_worker, tmp_path)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert msgs[1].startswith("ValueError: no factors for") and msgs[1].endswith("adapters: 0"), msgs
+    assert msgs[0].startswith("RuntimeError: initialization failed on another rank") and msgs[0].endswith("adapters: 0")
 
 
 def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):

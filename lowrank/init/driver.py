@@ -4,8 +4,10 @@
 
 It checks every layer (``Initializer.check_layer``), collects the statistics a data-driven method
 needs in one pass (float32 sums, the true mean over batches, all-reduced under torch.distributed),
-runs ``init_layer`` per layer, checks each result (shapes, finite values), and under
-torch.distributed broadcasts the factors from rank 0 so they are bitwise identical on every rank.
+runs ``init_layer`` per layer, checks each result (shapes, finite values). Under torch.distributed
+each layer's ``init_layer`` (its SVD) runs on one rank, chosen to balance the work, and the factors
+are broadcast from it, so they are bitwise identical on every rank and the SVD time falls with the
+number of ranks.
 It changes no weight: committing the results (adapter layers, offsets, rollback) is the caller's
 job, with :func:`offset_weight` as the one formula for ``W = W0 - s B A``.
 """
@@ -73,15 +75,74 @@ def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], *, se
         from ..inject import default_loss
 
         collected = initializer.collect(model, {s.name: s.module for s in layers}, data, loss_fn or default_loss)
+    if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
+        return _split_across_ranks(initializer, layers, seed, collected, progress)
     results = []
     for spec in tqdm(layers, desc=f"lowrank init {name}", disable=not progress, leave=False):
         with torch.no_grad():
             res = initializer.init_layer(context(spec, seed, collected.pop(spec.name, None)))  # pop: free G per layer
         check_result(res, spec, name)
         results.append(res)
-    if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
-        # Every rank is here (the statistics were a collective): make the factors rank 0's bits.
-        dist_helpers.broadcast_([t for res in results for t in (res.A, res.B, *res.extras.values())])
+    return results
+
+
+def owners(layers: Sequence[LayerSpec], world: int) -> list[int]:
+    """The rank that factorizes each layer: largest layers first, each to the least-loaded rank (cost
+    ``m n min(m, n)``, an SVD's), ties to the lower rank; the same answer on every rank."""
+    cost = [weight_shape(s.module)[0] * weight_shape(s.module)[1] * min(weight_shape(s.module)) for s in layers]
+    load, out = [0] * world, [0] * len(layers)
+    for i in sorted(range(len(layers)), key=lambda i: (-cost[i], i)):
+        out[i] = min(range(world), key=lambda r: (load[r], r))
+        load[out[i]] += cost[i]
+    return out
+
+
+def _split_across_ranks(initializer: Initializer, layers: Sequence[LayerSpec], seed: int,
+                        collected: dict[str, dict[str, Any]], progress: bool) -> list[InitResult]:
+    """Under torch.distributed (every rank holds the same all-reduced statistics): each layer's
+    ``init_layer`` (its SVD) runs on one rank only, then its factors are broadcast from that rank, so
+    the work falls with the number of ranks and every rank ends with the same bits."""
+    import torch.distributed as dist
+
+    name, rank, world = initializer.registry_name, dist.get_rank(), dist.get_world_size()
+    owner = owners(layers, world)
+    mine: dict[int, InitResult] = {}
+    error: BaseException | None = None
+    try:
+        for i, spec in enumerate(tqdm(layers, desc=f"lowrank init {name} (rank {rank})", disable=not progress,
+                                      leave=False)):
+            stats = collected.pop(spec.name, None)
+            if owner[i] != rank:
+                continue
+            with torch.no_grad():
+                res = initializer.init_layer(context(spec, seed, stats))
+            check_result(res, spec, name)
+            mine[i] = res
+    except Exception as exc:  # noqa: BLE001  (raised below on this rank, and as an error on every other)
+        error = exc
+    dist_helpers.agree(error, what="initialization")
+    # What each owner produced (dtypes, extras' shapes, offset), so the others can receive it.
+    layout = {i: (str(r.A.dtype), str(r.B.dtype), r.offset, {k: (tuple(t.shape), str(t.dtype)) for k, t in r.extras.items()})
+              for i, r in mine.items()}
+    gathered: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(gathered, layout)
+    every = {i: lay for part in gathered for i, lay in part.items()}
+    device = layers[0].module.weight.device if layers else torch.device("cpu")
+    dt = lambda s: getattr(torch, s.removeprefix("torch."))  # noqa: E731
+    results = []
+    for i, spec in enumerate(layers):
+        res = mine.get(i)
+        if res is None:
+            a_dt, b_dt, offset, extras = every[i]
+            m, n = weight_shape(spec.module)
+            res = InitResult(A=torch.empty(spec.rank, n, dtype=dt(a_dt), device=device),
+                             B=torch.empty(m, spec.rank, dtype=dt(b_dt), device=device), offset=offset,
+                             extras={k: torch.empty(shape, dtype=dt(d), device=device) for k, (shape, d) in extras.items()})
+        else:
+            res.A, res.B = res.A.contiguous(), res.B.contiguous()
+            res.extras = {k: t.contiguous() for k, t in res.extras.items()}
+        dist_helpers.broadcast_([res.A, res.B, *res.extras.values()], src=owner[i])
+        results.append(res)
     return results
 
 
