@@ -146,7 +146,7 @@ def test_bad_config_is_rejected_before_anything_runs(tmp_path, capsys, change, m
 
 def test_presets_are_valid_and_the_demo_is_small():
     root = Path(__file__).resolve().parents[1] / "experiments" / "configs"
-    for name in ("demo", "fair-ablation", "fair-ablation-transfer", "paper-ablation"):
+    for name in ("demo", "fair-ablation", "fair-ablation-transfer", "paper-ablation", "synthetic-fair"):
         cfg = load(root / f"{name}.toml")
         assert cfg.command == f"python -m experiments.ablate experiments/configs/{name}.toml"
     demo = load(root / "demo.toml")
