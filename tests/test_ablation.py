@@ -13,6 +13,7 @@ import pytest
 from experiments.ablate import main
 from experiments.ablation.config import load
 from experiments.ablation.run import read_records
+from experiments.ablation.search import plan
 
 SYNTH = """\
 # python -m experiments.ablate {path}
@@ -151,8 +152,12 @@ def test_presets_are_valid_and_the_demo_is_small():
         assert cfg.command == f"python -m experiments.ablate experiments/configs/{name}.toml"
     demo = load(root / "demo.toml")
     assert [a.name for a in demo.arms] == ["Full FT", "LoRA", "PiSSA", "LoRA-GA"] and len(demo.runs()) == 4
-    assert len({r["lr"] for r in demo.runs()}) == 4  # each arm at its own tuned rate, not one shared rate
+    # each arm at the rate fair-ablation's search chose for it (replayed from the committed results)
     fair = load(root / "fair-ablation.toml")
+    results = root.parent / "results" / "fair-ablation.jsonl"
+    chosen = {p.arm: p.chosen for p in plan(fair, {r["key"]: r for r in read_records(results)})}
+    assert all(chosen.values()) and {a.name: a.lrs for a in demo.arms} == {a.name: [chosen[a.name]] for a in demo.arms}
+    assert all(a.identity() == next(f for f in fair.arms if f.name == a.name).identity() for a in demo.arms)
     assert fair.sweep.lrs == "search" and fair.sweep.seeds == [0, 1, 2] and len(fair.arms) == 12
     assert {"LoRA", "LoRA-GA", "LoRA-GA + riemannian", "Full FT"} <= {a.name for a in fair.arms}
     assert load(root / "fair-ablation-transfer.toml").sweep.lrs == "transfer"

@@ -105,12 +105,14 @@ def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]],
     ref = cfg.sweep.reference
     lines = [f"Each arm at its chosen learning rate (chosen on validation `{cfg.select}`); test metrics, mean and "
              f"95% t-interval over seeds; Δ = paired difference to {ref} (same seeds and batches).", "",
-             f"| arm | rank | lr | interior | search runs | seeds | test {metric} |" + (" test loss |" if extra else "")
+             f"| arm | rank | lr | interior | runs to choose lr | seeds | test {metric} |" + (" test loss |" if extra else "")
              + f" Δ test {metric} vs {ref} | verdict | steps to {ref}'s final train loss | speed-up | time (s) |",
              "|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|"]
     for r in rs:
         rank = "full" if r["rank"] is None else r["rank"]
         interior = {True: "yes", False: "**no**", None: "n/a"}[r["lr_interior"]]
+        if r["mode"] == "list" and len(r["scores"]) <= 1:
+            interior = "given"  # one rate from the config: nothing was searched
         steps = _ci(r["steps_to_reference_loss"], r["steps_ci"], ".0f") + (
             f" ({r['steps_never']} never)" if r["steps_never"] else "")
         pending = f" ({r['pending']} pending)" if r["pending"] else ""
