@@ -16,7 +16,7 @@ and ``transformers.Trainer(optimizers=(opt, sched))`` work unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -68,6 +68,14 @@ def _resolve(preconditioner, options: dict[str, Any]) -> tuple[Preconditioner, d
     return (built[0] if len(built) == 1 else Chain(built)), rest
 
 
+class FactorPair(NamedTuple):
+    """One adapter's trained ``A (r, d_in)``, ``B (d_out, r)`` and its scale."""
+
+    A: nn.Parameter
+    B: nn.Parameter
+    scaling: float
+
+
 class PreconditionedOptimizer(torch.optim.Optimizer):
     """Precondition the LoRA factors' gradients, then step a base torch optimizer.
 
@@ -100,7 +108,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"preconditioner {precond!r} cannot train layer {name!r}: its {layer.registry_name!r} "
                                  f"adapter is of kind {layer.kind!r}, the preconditioner supports "
                                  f"{list(precond.adapter_kinds)}; use preconditioner='identity' or another adapter")
-        layers = [(name, layer) for name, layer in all_layers if layer.factors() is not None]  # (A, B) pairs
+        # the (A, B) pairs the preconditioner transforms, as the adapters declare them (Adapter.factors)
+        layers = [(name, FactorPair(*layer.factors(), layer.scaling)) for name, layer in all_layers
+                  if layer.factors() is not None]
         for p in (precond.parts if isinstance(precond, Chain) else [precond]):
             if hasattr(p, "note_base"):
                 p.note_base(base_cls)

@@ -38,13 +38,14 @@ PREFIX = "base_model.model."
 
 
 def _factors(layer) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """``(A', B', r', alpha')`` of one layer on the original base weight."""
-    A, B = layer.A.detach(), layer.B.detach()
+    """``(A', B', r', alpha')`` of one layer on the original base weight (from the adapter's saved tensors)."""
+    t = layer.tensors()
+    A, B = t["A"].detach(), t["B"].detach()
     if not layer.offset:
         return A, B, layer.rank, layer.alpha
     # s' = alpha' / r' or alpha' / sqrt(r') must equal s with r' = 2r.
     factor = 2.0 if math.isclose(layer.scaling, layer.alpha / layer.rank) else math.sqrt(2.0)
-    return (torch.cat([A, layer.A0.to(A)], dim=0), torch.cat([B, -layer.B0.to(B)], dim=1), 2 * layer.rank,
+    return (torch.cat([A, t["A0"].to(A)], dim=0), torch.cat([B, -t["B0"].to(B)], dim=1), 2 * layer.rank,
             factor * layer.alpha)
 
 
@@ -75,7 +76,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
         if cfg.adapter == "dora":  # PEFT's key has no ".weight"; the norm of W0 + s' B' A' equals ours
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.m.detach().contiguous().cpu()
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.tensors()["m"].detach().contiguous().cpu()
         ranks[name], alphas[name] = r, alpha
         fan_in_fan_out.add(isinstance(layer.base_layer, Conv1D))
     if len(fan_in_fan_out) > 1:

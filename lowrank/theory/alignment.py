@@ -93,7 +93,7 @@ def adapted_alignment(model: nn.Module, data: Iterable, loss_fn: Callable | None
     _require_factors(layers)
     G = estimate_gradients(model, {name: layer.base_layer for name, layer in layers.items()}, data,
                            loss_fn or default_loss, num_batches=num_batches, progress=progress)
-    return {name: alignment(layer.A, layer.B, layer.scaling, G[name]) for name, layer in layers.items()}
+    return {name: alignment(*layer.factors(), layer.scaling, G[name]) for name, layer in layers.items()}
 
 
 def _require_factors(layers: Mapping[str, Any]) -> None:
@@ -157,5 +157,5 @@ def compare(build_model: Callable[[], nn.Module], configs: Mapping[str, LoRAConf
         if set(layers) != set(G):
             raise ValueError(f"config {label!r} targets other layers than {next(iter(configs))!r}; "
                              f"first difference: {sorted(set(layers) ^ set(G))[0]!r}")
-        out[label] = {name: alignment(layers[name].A, layers[name].B, layers[name].scaling, G[name]) for name in G}
+        out[label] = {name: alignment(*layers[name].factors(), layers[name].scaling, G[name]) for name in G}
     return out, G
