@@ -113,7 +113,11 @@ def init_factors(init: str, G: torch.Tensor, *, W0: torch.Tensor | None = None, 
     raise a ``KeyError`` naming them.
     """
     m, n = G.shape
-    cfg = LoRAConfig(rank=rank, alpha=alpha, scaling=scaling, targets=["layer"], init=init,
+    from ..registry import get_adapter, get_initializer, list_adapters
+
+    kinds = get_initializer(init).adapter_kinds  # an adapter it initializes, for the config's pairing check
+    adapter = next(a for a in ["lora", *list_adapters()] if get_adapter(a).kind in kinds)
+    cfg = LoRAConfig(rank=rank, alpha=alpha, scaling=scaling, targets=["layer"], init=init, adapter=adapter,
                      init_options=dict(init_options or {}), seed=seed)  # validates the names and options
     layer = nn.Linear(n, m, bias=False, dtype=G.dtype)
     with torch.no_grad():
