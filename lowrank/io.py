@@ -44,6 +44,10 @@ class AdapterFileError(ValueError):
     """A saved adapter is missing, corrupted, or does not fit the model."""
 
 
+class _ChecksumMismatch(AdapterFileError):
+    """The tensor file is not the one its config was written with (corruption, or a save cut between files)."""
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -115,7 +119,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
         return _read_pair(d / CONFIG_NAME, d / WEIGHTS_NAME)
     except AdapterFileError as exc:
         old_cfg, old_w = d / (CONFIG_NAME + PREV), d / (WEIGHTS_NAME + PREV)
-        if "checksum" not in str(exc) or not (old_cfg.is_file() and old_w.is_file()):
+        if not isinstance(exc, _ChecksumMismatch) or not (old_cfg.is_file() and old_w.is_file()):
             raise
         out = _read_pair(old_cfg, old_w)
         import warnings
@@ -144,7 +148,7 @@ def _read_pair(cfg_path: Path, w_path: Path) -> tuple[dict[str, Any], dict[str, 
                                f"({__version__}) reads up to {FORMAT_VERSION}: upgrade lowrank")
     blob = w_path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != meta.get("weights_sha256"):
-        raise AdapterFileError(f"{w_path} does not match its config's checksum: the file is corrupted or a save was "
+        raise _ChecksumMismatch(f"{w_path} does not match its config's checksum: the file is corrupted or a save was "
                                f"interrupted; save the adapter again")
     try:
         tensors = st_load(blob)

@@ -131,7 +131,7 @@ def plan(cfg: Config, done: dict[str, dict[str, Any]], store: dict[str, dict[str
                 p = grid_search(cfg, arm, rank, cfg.search.index(entry["predicted_lr"]), 3, done)
                 p.mode, p.predicted = "transfer", entry["predicted_lr"]
             else:
-                p = grid_search(cfg, arm, rank, 0, cfg.search.points, done)
+                p = full_search(cfg, arm, rank, done)
             if p.mode != "list" and p.selected:
                 p.pending_final = [r for seed in cfg.sweep.seeds
                                    for r in [cfg.spec(arm, rank, p.chosen, seed, "final")] if r["key"] not in done]

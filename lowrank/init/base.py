@@ -29,16 +29,13 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .._options import build_options
 from ..adapters.base import weight_shape, weight_view
-
-if TYPE_CHECKING:
-    from ..config import LoRAConfig
 
 
 @dataclass
