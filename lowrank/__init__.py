@@ -26,7 +26,7 @@ from .init import InitResult, Initializer, LayerContext
 from .optim import Preconditioner
 from .config import LoRAConfig
 from .inject import adapted_layers, default_loss, inject
-from .model_ops import merge, summary, trainable_parameters, unload, unmerge
+from .model_ops import merge, rank_allocation, summary, trainable_parameters, unload, unmerge
 from .io import AdapterFileError, load_adapter, save_adapter
 from . import optim, peft, theory  # noqa: E402  (subpackages; none of them imports peft the library)
 
@@ -38,5 +38,5 @@ __all__ = [
     "register_preconditioner", "get_preconditioner", "list_preconditioners",
     "register_adapter", "get_adapter", "list_adapters",
     "inject", "adapted_layers", "default_loss", "merge", "unmerge", "unload",
-    "trainable_parameters", "summary", "save_adapter", "load_adapter",
+    "trainable_parameters", "summary", "rank_allocation", "save_adapter", "load_adapter",
 ]

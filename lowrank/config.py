@@ -68,6 +68,14 @@ class LoRAConfig:
     """Seed of the per-layer generators of random initializers (the global RNG is never touched)."""
     adapter: str = "lora"
     """Registered adapter layer (``lowrank.list_adapters()``)."""
+    rank_budget: int | None = None
+    """Total rank summed over the target layers, allocated per layer by an initializer that supports it
+    (EVA, GoRA) from its statistics. ``None``: fixed ranks, except for an initializer that always allocates
+    (EVA with ``rho > 1``), whose budget is then ``rank`` (and ``rank_pattern``) summed over the targets."""
+    rank_min: int = 1
+    """Smallest rank an allocation may give a layer."""
+    rank_max: int | None = None
+    """Largest rank an allocation may give a layer (``None``: what the method and the layer's shape allow)."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -112,19 +120,54 @@ class LoRAConfig:
             fits = [n for n in ADAPTERS.list() if ADAPTERS.get(n).kind in init.adapter_kinds]
             raise ValueError(f"initializer {self.init!r} does not support adapter {self.adapter!r} (a {adapter.kind!r} "
                              f"adapter); it initializes {fits}. Choose one of those adapters or another initializer")
-        init(**self.init_options)
+        initializer = init(**self.init_options)
+        if self.rank_budget is not None:
+            _check_rank("rank_budget", self.rank_budget)
+            if not init.supports_budget:
+                from .registry import INITIALIZERS
+
+                fits = [n for n in INITIALIZERS.list() if INITIALIZERS.get(n).supports_budget]
+                raise ValueError(f"initializer {self.init!r} cannot allocate ranks under rank_budget={self.rank_budget}; "
+                                 f"use one that can ({fits}) or drop rank_budget for fixed ranks")
+        _check_rank("rank_min", self.rank_min)
+        if self.rank_max is not None:
+            _check_rank("rank_max", self.rank_max)
+            if self.rank_max < self.rank_min:
+                raise ValueError(f"invalid rank_max={self.rank_max} < rank_min={self.rank_min}")
+        set_("_initializer", initializer)
+        set_("_allocates", self.rank_budget is not None or initializer.allocates())
 
     # -- per-layer values ---------------------------------------------------------------------
     def rank_for(self, name: str) -> int:
         return int(lookup_pattern(self.rank_pattern, name, self.rank))
 
-    def alpha_for(self, name: str) -> float:
-        return float(lookup_pattern(self.alpha_pattern, name, self.alpha))
+    def alpha_for(self, name: str, rank: int | None = None) -> float:
+        """The layer's alpha; at an allocated ``rank`` other than the config's, as the initializer adjusts
+        it (``Initializer.scale_alpha``; EVA keeps ``alpha / r`` fixed)."""
+        alpha = float(lookup_pattern(self.alpha_pattern, name, self.alpha))
+        if rank is not None and rank != self.rank_for(name):
+            alpha = float(self._initializer.scale_alpha(alpha, self.rank_for(name), rank))  # type: ignore[attr-defined]
+        return alpha
 
-    def scaling_for(self, name: str) -> float:
-        """``s = alpha / r`` (standard) or ``alpha / sqrt(r)`` (rslora) for the layer ``name``."""
-        r, alpha = self.rank_for(name), self.alpha_for(name)
+    def scaling_for(self, name: str, rank: int | None = None) -> float:
+        """``s = alpha / r`` (standard) or ``alpha / sqrt(r)`` (rslora) for the layer ``name`` (at ``rank``,
+        default the config's rank for it)."""
+        r, alpha = self.rank_for(name) if rank is None else rank, self.alpha_for(name, rank)
         return alpha / r if self.scaling == "standard" else alpha / math.sqrt(r)
+
+    @property
+    def allocates_ranks(self) -> bool:
+        """Whether the initializer chooses per-layer ranks (``rank_budget`` set, or it always allocates)."""
+        return self._allocates  # type: ignore[attr-defined]
+
+    def allocation(self, names: Sequence[str]):
+        """The driver's :class:`~lowrank.init.driver.Allocation` for these target layers, or ``None``."""
+        if not self.allocates_ranks:
+            return None
+        from .init.driver import Allocation
+
+        total = self.rank_budget if self.rank_budget is not None else sum(self.rank_for(n) for n in names)
+        return Allocation(total, self.rank_min, self.rank_max, alpha=self.alpha_for, scaling=self.scaling_for)
 
     def make_initializer(self):
         from .registry import get_initializer

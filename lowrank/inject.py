@@ -81,8 +81,9 @@ def _check_not_sharded(name: str, weight: torch.Tensor) -> None:
                         "full weight. Inject (and initialize) before sharding the model, then wrap it")
 
 
-def find_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
-    """The modules ``config.targets`` selects, validated (type, rank limits, dtype)."""
+def find_targets(model: nn.Module, config: LoRAConfig, ranks: Mapping[str, int] | None = None) -> list[Target]:
+    """The modules ``config.targets`` selects, validated (type, rank limits, dtype); ``ranks`` overrides
+    the config's per-layer ranks (allocated ones, read back from a saved adapter)."""
     adapter_cls = get_adapter(config.adapter)
     targets = []
     for name, module in model.named_modules():
@@ -97,11 +98,11 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> list[Target]:
         if not module.weight.dtype.is_floating_point:
             raise TypeError(f"layer {name!r} has a {module.weight.dtype} weight; lowrank adapts floating-point weights only")
         m, n = weight_shape(module)
-        rank = config.rank_for(name)
+        rank = ranks[name] if ranks is not None and name in ranks else config.rank_for(name)
         if rank > min(m, n):
             raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = min({m}, {n}) = {min(m, n)} for layer {name!r}; "
                              f"use rank <= {min(m, n)} (or rank_pattern={{{name!r}: {min(m, n)}}})")
-        targets.append(Target(name, module, rank, config.alpha_for(name), config.scaling_for(name)))
+        targets.append(Target(name, module, rank, config.alpha_for(name, rank), config.scaling_for(name, rank)))
     if not targets:
         raise ValueError(f"targets {config.targets!r} matched no module of {type(model).__name__}; names match the "
                          f"full dotted path or its last components. Adaptable modules include: {_adaptable_names(model)}")
@@ -221,7 +222,12 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
     if not initializer.uses_data and data is not None:
         warnings.warn(f"initializer {config.init!r} does not use data; the data passed to inject is ignored", stacklevel=2)
     results = run_initializer(initializer, [LayerSpec(t.name, t.module, t.rank, t.alpha, t.scaling) for t in targets],
-                              seed=config.seed, model=model, data=data, loss_fn=loss_fn, progress=progress)
+                              seed=config.seed, model=model, data=data, loss_fn=loss_fn, progress=progress,
+                              allocation=config.allocation([t.name for t in targets]))
+    for t, res in zip(targets, results):  # ranks an initializer allocated under a budget
+        if res.A.shape[0] != t.rank:
+            t.rank = res.A.shape[0]
+            t.alpha, t.scaling = config.alpha_for(t.name, t.rank), config.scaling_for(t.name, t.rank)
     _check_untied(model, targets, results, config.init)
     commit(model, config, targets, results, trainable)
     return model

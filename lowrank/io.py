@@ -200,7 +200,8 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
                 raise AdapterFileError(f"{where}: {key} must be {what}, got {info.get(key, '<missing>')!r}")
         if not matches_targets(config.targets, name):
             raise AdapterFileError(f"{where} is not matched by the config's targets {config.targets!r}")
-        want = (config.rank_for(name), config.alpha_for(name), config.scaling_for(name))
+        rank = info["rank"] if config.allocates_ranks else config.rank_for(name)  # allocated: checked below
+        want = (rank, config.alpha_for(name, rank), config.scaling_for(name, rank))
         got = (info["rank"], info["alpha"], info["scaling"])
         if got[0] != want[0] or not math.isclose(got[1], want[1]) or not math.isclose(got[2], want[2], rel_tol=1e-9):
             raise AdapterFileError(f"{where}: (rank, alpha, scaling) = {got} but the file's config gives {want}; "
@@ -213,6 +214,14 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
             if str(t.dtype).removeprefix("torch.") != info["dtype"]:
                 raise AdapterFileError(f"{w_path}: tensor {key} of layer {name!r} is {t.dtype}, config says {info['dtype']}")
             expected.add(f"layers.{name}.{key}")
+    if config.allocates_ranks:  # ranks chosen by the initializer: within the bounds, summing to the budget
+        ranks = {n: info["rank"] for n, info in layers.items()}
+        total = config.rank_budget if config.rank_budget is not None else sum(config.rank_for(n) for n in layers)
+        out = [n for n, r in ranks.items() if r < config.rank_min or (config.rank_max is not None and r > config.rank_max)]
+        if out or sum(ranks.values()) != total:
+            raise AdapterFileError(f"{cfg_path}: allocated ranks {ranks} do not fit the config's budget {total} "
+                                   f"(rank_min={config.rank_min}, rank_max={config.rank_max}); the file was edited or "
+                                   "is corrupted")
     for key, t in tensors.items():
         if not t.dtype.is_floating_point:
             raise AdapterFileError(f"{w_path}: tensor {key!r} is {t.dtype}; adapter tensors are floating point")
@@ -296,7 +305,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     f"the model's has alpha {layer.alpha:g} (scaling {layer.scaling:.6g}); load into the original "
                     "model (the file's config is then used), or inject with the file's alpha and scaling")
     else:
-        targets = find_targets(model, config)
+        targets = find_targets(model, config, {n: info["rank"] for n, info in meta["layers"].items()})
         _check_fit(model, meta, tensors, {t.name: t.module for t in targets})
         trainable = find_trainable(model, config.trainable, targets)
         adapter_cls = get_adapter(config.adapter)

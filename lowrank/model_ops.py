@@ -99,5 +99,16 @@ def summary(model: nn.Module) -> str:
         adapter_params[kind] += sum(p.numel() for p in layer.adapter_parameters().values())
     per_type = ", ".join(f"{counts[k]} x {k} ({adapter_params[k]:,})" for k in sorted(counts)) or "no adapters"
     other = trainable - sum(adapter_params.values())
-    return (f"trainable {trainable:,} / {total:,} ({100.0 * trainable / max(total, 1):.2f}%) | "
+    line = (f"trainable {trainable:,} / {total:,} ({100.0 * trainable / max(total, 1):.2f}%) | "
             f"adapters: {per_type} | other trainable: {other:,}")
+    ranks = rank_allocation(model)
+    record = getattr(model, RECORD_ATTR, None)
+    if ranks and record is not None and record.config.allocates_ranks:
+        line += (f" | ranks allocated by {record.config.init!r}: sum {sum(ranks.values())} over {len(ranks)} layers, "
+                 f"min {min(ranks.values())}, max {max(ranks.values())} (lowrank.rank_allocation(model) per layer)")
+    return line
+
+
+def rank_allocation(model: nn.Module) -> dict[str, int]:
+    """``{layer name: rank}`` of every adapter (the allocation, when an initializer chose the ranks)."""
+    return {name: layer.rank for name, layer in adapted_layers(model)}

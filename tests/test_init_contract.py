@@ -53,10 +53,13 @@ def test_shapes_finite_and_output_preserved_float32(adapter, init, kind):
     model = _inject(kind, init, adapter=adapter)
     layers = dict(lowrank.adapted_layers(model))
     assert layers
+    if model._lowrank_record.config.allocates_ranks:  # EVA (rho > 1), GoRA: ranks chosen under the budget
+        assert sum(layer.rank for layer in layers.values()) == 2 * len(layers)
     for name, layer in layers.items():
+        r = layer.rank if model._lowrank_record.config.allocates_ranks else 2
         assert layer.registry_name == adapter
-        assert layer.A.shape == (2, layer.d_in) and layer.B.shape == (layer.d_out, 2), name
-        info = {"rank": 2, "d_in": layer.d_in, "d_out": layer.d_out, "offset": layer.offset}
+        assert layer.A.shape == (r, layer.d_in) and layer.B.shape == (layer.d_out, r), name
+        info = {"rank": r, "d_in": layer.d_in, "d_out": layer.d_out, "offset": layer.offset}
         assert {k: tuple(t.shape) for k, t in layer.tensors().items()} == layer.tensor_shapes(info)
         assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in layer.tensors().values())
         assert torch.isfinite(layer.base_weight()).all() and not layer.base_layer.weight.requires_grad

@@ -4,6 +4,7 @@ base, PEFT -> lowrank.peft.load, lowrank.peft.initialize on a PEFT model, and ba
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -65,6 +66,11 @@ def test_export_loads_in_peft_on_the_original_base(kind, init, scaling, tmp_path
     assert note["init"] == init
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     offset = any(layer.offset for _, layer in lowrank.adapted_layers(model))
+    layers = dict(lowrank.adapted_layers(model))
+    if model._lowrank_record.config.allocates_ranks:  # EVA, GoRA: per-layer ranks and alphas as PEFT patterns
+        ranks = {re.escape(n): layer.rank * (2 if offset else 1) for n, layer in layers.items()}
+        assert {k: cfg["rank_pattern"].get(k, cfg["r"]) for k in ranks} == ranks
+        return
     assert cfg["r"] == (4 if offset else 2)  # the rank-2r conversion for offset inits
     want_alpha = 4 * (1 if not offset else (2 if scaling == "standard" else 2 ** 0.5))
     assert cfg["lora_alpha"] == pytest.approx(want_alpha)

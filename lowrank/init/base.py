@@ -29,13 +29,16 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .._options import build_options
 from ..adapters.base import weight_shape, weight_view
+
+if TYPE_CHECKING:
+    from .budget import RankBudget
 
 
 @dataclass
@@ -110,6 +113,21 @@ class LayerContext:
         """The estimated mean gradient ``G = dL/dW`` at initialization, float32 ``(d_out, d_in)``."""
         return self.stat("gradient")
 
+    def covariance(self) -> torch.Tensor:
+        """The layer-input second moment ``C = X^T X / N``, float32 ``(d_in, d_in)`` (need ``"covariance"``)."""
+        return self.stat("covariance")
+
+    def input_svd(self, *, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(S (d_in,), V (d_in, d_in))``: singular values (descending) and right-singular vectors of the
+        layer's input rows ``X``, centred or not (need ``"input_svd"``; see ``lowrank.init.statistics``)."""
+        from .statistics import input_svd
+
+        key = f"input_svd(centred={centred})"  # cached: the eigendecomposition is the expensive part
+        if key not in self._stats:
+            self._stats[key] = input_svd({k: self.stat(k) for k in ("covariance", "input_mean", "rows")},
+                                         centred=centred)
+        return self._stats[key]
+
 
 class Initializer(ABC):
     """Base class of initialization methods. Subclass, declare ``Options``, implement ``init_layer``."""
@@ -121,13 +139,50 @@ class Initializer(ABC):
     preserves_output: ClassVar[bool] = True
     """False for methods whose init is itself a step (LoRA-One): output changes at step 0."""
     uses_data: ClassVar[bool] = False
-    """True for data-driven methods: :func:`lowrank.inject` must get ``data`` (and maybe ``loss_fn``)."""
+    """True for data-driven methods: :func:`lowrank.inject` must get ``data`` (and maybe ``loss_fn``).
+    Set for you when ``needs`` is not empty."""
+    needs: ClassVar[tuple[str, ...]] = ()
+    """Statistics the data pass must collect (``lowrank.init.statistics.STATISTICS``): ``"gradient"``,
+    ``"covariance"``, ``"input_svd"``. One pass collects exactly these (forward-only ones without backward)."""
+    supports_budget: ClassVar[bool] = False
+    """True if :meth:`allocate` can choose per-layer ranks under ``LoRAConfig(rank_budget=...)``."""
     registry_name: ClassVar[str] = "?"
     adapter_kinds: ClassVar[tuple[str, ...]] = ("factors",)
     """Adapter kinds it can initialize (``Adapter.kind``): a pairing outside them is a config error."""
 
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if cls.needs:
+            from .statistics import check_needs
+
+            check_needs(cls.needs, f"initializer {cls.__name__}")
+            cls.uses_data = True
+
     def __init__(self, **options: Any):
         self.options = build_options(self.Options, options, "initializer", self.registry_name)
+
+    def allocates(self) -> bool:
+        """Whether this initializer (with these options) chooses per-layer ranks even without a
+        ``rank_budget`` (then the budget is the config's ranks summed over the targets), e.g. EVA with ``rho > 1``."""
+        return False
+
+    def max_rank(self, ctx: LayerContext) -> int:
+        """The largest rank an allocation may give the layer (``ctx.rank`` is the config's rank for it)."""
+        return min(ctx.m, ctx.n)
+
+    def min_rank(self, ctx: LayerContext) -> int:
+        """The smallest rank an allocation may give the layer (with ``LoRAConfig.rank_min``, the larger wins)."""
+        return 1
+
+    def scale_alpha(self, alpha: float, rank: int, allocated: int) -> float:
+        """The alpha of a layer allocated rank ``allocated`` instead of the config's ``rank`` (default: unchanged)."""
+        return alpha
+
+    def allocate(self, contexts: Sequence[LayerContext], budget: "RankBudget") -> dict[str, int]:
+        """Per-layer ranks summing to ``budget.total`` within each layer's bounds, from the collected
+        statistics (``contexts[i].stat(...)``; ``contexts[i].rank`` is the config's rank). Methods that
+        set ``supports_budget`` override this (helpers: ``lowrank.init.budget``)."""
+        raise NotImplementedError(f"initializer {self.registry_name!r} cannot allocate ranks under a budget")
 
     def check_layer(self, ctx: LayerContext) -> None:
         """Raise ``ValueError`` (naming the layer, the value and the fix) if ``ctx`` cannot be initialized."""
@@ -136,7 +191,10 @@ class Initializer(ABC):
                 loss_fn: Callable | None) -> dict[str, dict[str, Any]]:
         """Data-driven methods: return per-layer statistics (``{name: {"gradient": G}}``) from ``data``.
 
-        Runs on the model before any change. Must leave the model as it found it.
+        Runs on the model before any change. Must leave the model as it found it. ``loss_fn`` is
+        the user's, or ``None`` (then the model's ``.loss``, or its plain forward for forward-only
+        statistics). Declaring ``needs`` (and deriving from ``lowrank.init.gradient.DataInitializer``)
+        is the usual way; override this only for a statistic the pass does not collect.
         """
         return {}
 

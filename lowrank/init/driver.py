@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist_helpers
 from ..adapters.base import set_weight, weight_shape
 from .base import InitResult, Initializer, LayerContext
+from .budget import RankBudget
 
 
 @dataclass(frozen=True)
@@ -59,22 +60,60 @@ def check_result(res: InitResult, spec: LayerSpec, init_name: str) -> None:
                                      f"{spec.name!r}")
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """Ask the driver to let the initializer choose per-layer ranks (``Initializer.allocate``)."""
+
+    total: int
+    """The rank budget: the sum of the allocated ranks."""
+    rank_min: int = 1
+    rank_max: int | None = None
+    alpha: Callable[[str, int], float] | None = None
+    """``alpha(layer name, rank)``: the layer's alpha at an allocated rank (``None``: unchanged)."""
+    scaling: Callable[[str, int], float] | None = None
+    """``scaling(layer name, rank)``: the layer's scale ``s`` at an allocated rank (the config's rule)."""
+
+    def budget(self, initializer: Initializer, layers: Sequence[LayerSpec], seed: int) -> RankBudget:
+        ctxs = {s.name: context(s, seed) for s in layers}
+        lo = {n: max(self.rank_min, initializer.min_rank(c)) for n, c in ctxs.items()}
+        hi = {n: min(initializer.max_rank(c), self.rank_max or initializer.max_rank(c)) for n, c in ctxs.items()}
+        return RankBudget(self.total, lo, hi)
+
+
 def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], *, seed: int = 0,
                     model: nn.Module | None = None, data: Iterable | None = None, loss_fn: Callable | None = None,
-                    stats: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = False) -> list[InitResult]:
+                    stats: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = False,
+                    allocation: Allocation | None = None) -> list[InitResult]:
     """``InitResult`` per layer, checked; see the module docstring. ``stats`` (``{layer: {key: value}}``)
-    replaces the data pass, e.g. to evaluate an initializer on a known gradient."""
+    replaces the data pass, e.g. to evaluate an initializer on a known gradient.
+
+    With ``allocation``, the initializer chooses each layer's rank from the statistics
+    (``Initializer.allocate``) under the budget; the ranks are checked (bounds, exact sum) and the
+    layers initialized at them (a result's rank is ``res.A.shape[0]``)."""
     name = initializer.registry_name
     for spec in layers:
         initializer.check_layer(context(spec, seed))
+    budget = None
+    if allocation is not None:
+        if not initializer.supports_budget:
+            raise ValueError(f"initializer {name!r} cannot allocate ranks under a budget; drop rank_budget or use one "
+                             "that can (EVA, GoRA)")
+        budget = allocation.budget(initializer, layers, seed)  # bad budgets fail before the data pass
     collected: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (stats or {}).items()}
     if initializer.uses_data and stats is None:
         if data is None:
             raise ValueError(f"initializer {name!r} is data-driven: pass data=<iterable of batches> (and "
                              "loss_fn=lambda model, batch: <scalar loss> if model(**batch).loss is not your loss)")
-        from ..inject import default_loss
-
-        collected = initializer.collect(model, {s.name: s.module for s in layers}, data, loss_fn or default_loss)
+        collected = initializer.collect(model, {s.name: s.module for s in layers}, data, loss_fn)
+    if budget is not None:
+        ranks = budget.check(initializer.allocate([context(s, seed, collected.get(s.name)) for s in layers], budget),
+                             name)
+        layers = [LayerSpec(s.name, s.module, ranks[s.name],
+                            allocation.alpha(s.name, ranks[s.name]) if allocation.alpha else s.alpha,
+                            allocation.scaling(s.name, ranks[s.name]) if allocation.scaling else s.scaling)
+                  for s in layers]
+        for spec in layers:
+            initializer.check_layer(context(spec, seed))
     if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
         return _split_across_ranks(initializer, layers, seed, collected, progress)
     results = []

@@ -1,0 +1,274 @@
+"""One pass over the data that collects exactly the statistics an initializer declares it needs.
+
+An :class:`~lowrank.init.base.Initializer` lists its needs in ``needs`` (a tuple of names from
+:data:`STATISTICS`); :func:`collect_statistics` runs one pass over the data and returns, per
+target layer, what those needs ask for:
+
+``"gradient"``
+    ``G = (1/N_b) sum_b dL_b/dW``: the true mean over ``N_b`` batches of each batch's gradient of
+    its loss w.r.t. the layer's weight, float32 ``(d_out, d_in)``. Collected by hooks, never
+    through ``.grad``: a forward hook keeps the layer's input ``x`` and taps its output ``y``
+    (``y + 0`` with a zero scalar that requires grad, if ``y`` is not already in the graph); a
+    tensor hook on ``y`` receives ``g = dL/dy`` and adds ``g^T x`` to the accumulator. So
+    every backward call in the loss function counts once, whatever it does with ``.grad``,
+    and the sum is divided by the number of *batches* (not of backward calls, PEFT's pitfall).
+``"covariance"``
+    ``C = X^T X / N`` (float32 ``(d_in, d_in)``), ``X`` the layer's input rows over all batches
+    (``N`` rows: tokens, padding excluded, see ``mask_padding``), with ``input_mean`` ``(d_in,)``
+    and ``rows`` ``N`` (CorDA's statistic).
+``"input_svd"``
+    The singular values and right-singular vectors of ``X`` (optionally centred), for EVA:
+    collected incrementally as the same ``X^T X`` and ``sum x`` (no activation is kept), and
+    factorized once at the end (:func:`input_svd`), so the result is exact, not the estimate of
+    an incremental PCA.
+
+A pass whose needs are forward-only (no ``"gradient"``) runs under ``torch.no_grad()`` and does
+no backward pass: ``loss_fn`` (default: the model's forward) is only called for its forward.
+
+Guarantees: float32 sums; nothing left behind (hooks removed, ``requires_grad`` flags, ``.grad``
+references, train/eval modes and the global RNG, CPU and CUDA, restored, also on error);
+optional CPU offload of the accumulators; under ``torch.distributed`` every rank passes its
+own shard, the float32 sums and counts are all-reduced and rank 0's totals broadcast, so every
+rank holds the same bits, the mean over the union of the shards; an error on any rank is raised
+on all; a layer the data never reaches is an error that names it.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed as dist_helpers
+from ..adapters.base import weight_shape
+
+STATISTICS = ("gradient", "covariance", "input_svd")
+"""What an initializer can declare in ``needs``."""
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """The model's forward on a dict (``model(**batch)``), tuple (``model(*batch)``) or tensor batch."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def check_needs(needs: Sequence[str], owner: str) -> tuple[str, ...]:
+    unknown = [n for n in needs if n not in STATISTICS]
+    if unknown:
+        raise ValueError(f"{owner} declares unknown statistics {unknown}; the statistics pass collects {STATISTICS}")
+    return tuple(needs)
+
+
+def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
+                       loss_fn: Callable[[nn.Module, Any], Any] | None, needs: Sequence[str], *,
+                       num_batches: int | None = None, train_mode: bool = False, offload: bool = False,
+                       progress: bool = True, distributed: bool = True,
+                       mask_padding: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """Per layer, the statistics named in ``needs`` (see the module docstring), from one pass over ``data``.
+
+    Args:
+        model: the model, unchanged on return (or on error).
+        modules: ``{dotted name: nn.Linear or Conv1D}`` inside ``model``.
+        data: iterable of batches; dict/tuple/tensor batches are moved to the model's device.
+        loss_fn: ``loss_fn(model, batch)``; with ``"gradient"`` it must return the batch's scalar loss (a mean
+            over its examples) and may call ``backward`` itself (then return a detached loss). ``None``: the
+            model's ``.loss`` for gradients, its plain forward for forward-only statistics.
+        needs: names from :data:`STATISTICS`.
+        num_batches: batches to use (``None``: all of ``data``); fewer available is an error.
+        train_mode: run in ``model.train()`` (dropout on) instead of ``eval()``.
+        offload: keep the float32 accumulators on the CPU.
+        progress: a tqdm bar over batches.
+        distributed: under an initialized process group (world size > 1) the result is over all ranks'
+            batches, bitwise identical on every rank; ``num_batches`` counts this rank's batches.
+        mask_padding: input statistics skip the rows of padding tokens, where a dict batch has an
+            ``attention_mask`` of the layer input's leading shape.
+    """
+    needs = check_needs(needs, "collect_statistics")
+    if not needs:
+        raise ValueError("collect_statistics needs at least one statistic")
+    if not modules:
+        raise ValueError("no layers to collect statistics for")
+    want_grad = "gradient" in needs
+    want_inputs = "covariance" in needs or "input_svd" in needs
+    if loss_fn is None:
+        from ..inject import default_loss
+
+        loss_fn = default_loss if want_grad else default_forward
+    device = next(iter(modules.values())).weight.device
+    acc_device = torch.device("cpu") if offload else device
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=acc_device)  # noqa: E731
+    grad = {n: zeros(weight_shape(m)) for n, m in modules.items()} if want_grad else {}
+    gram = {n: zeros(weight_shape(m)[1], weight_shape(m)[1]) for n, m in modules.items()} if want_inputs else {}
+    xsum = {n: zeros(weight_shape(m)[1]) for n, m in modules.items()} if want_inputs else {}
+    rows = torch.zeros(len(modules), dtype=torch.int64)
+    index = {n: i for i, n in enumerate(modules)}
+    calls = dict.fromkeys(modules, 0)
+    state: dict[str, Any] = {"mask": None}
+
+    def add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        if offload:
+            acc.add_((a @ b).cpu())
+        else:  # in place: no (m, n) temporary
+            acc.addmm_(a, b)
+
+    def grad_hook(name: str, x: torch.Tensor):
+        def hook(g: torch.Tensor) -> None:
+            add(grad[name], g.reshape(-1, g.shape[-1]).float().T, x.reshape(-1, x.shape[-1]).float())
+            calls[name] += 1
+        return hook
+
+    def forward_hook(name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            x = args[0].detach()
+            if want_inputs:
+                mask = state["mask"]
+                rows_x = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+                rows_x = rows_x.float()
+                add(gram[name], rows_x.T, rows_x)
+                xsum[name].add_(rows_x.sum(0).to(acc_device))
+                rows[index[name]] += rows_x.shape[0]
+                calls[name] += not want_grad
+            if not want_grad or not torch.is_grad_enabled():
+                return None  # no_grad inside loss_fn: the layer is reported as unreached
+            replaced = None
+            if not out.requires_grad:  # tap: y joins the graph without giving any weight a gradient
+                replaced = out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            out.register_hook(grad_hook(name, x))
+            return replaced
+        return hook
+
+    accumulators = [*grad.values(), *gram.values(), *xsum.values()]
+    combine = distributed and dist_helpers.active()
+    n_done = 0
+    error: BaseException | None = None
+    try:
+        n_done = _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators, want_grad, mask_padding,
+                             num_batches, train_mode, progress, device)
+        if num_batches is not None and n_done < num_batches:
+            raise ValueError(f"data gave only {n_done} batches but num_batches={num_batches}; pass more data or lower "
+                             f"init_options['num_batches']")
+    except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank if distributed)
+        error = exc
+    if combine:
+        dist_helpers.agree(error, what="gradient estimation" if want_grad else "the input statistics pass")  # an error on one rank is an error on all, not a hang
+        n_total = dist_helpers.combine_sums([*accumulators, rows], n_done)
+        reached = {n for n in modules if (not want_grad or grad[n].any()) and (not want_inputs or rows[index[n]] > 0)}
+    else:
+        if error is not None:
+            raise error
+        n_total = n_done
+        reached = {n for n in modules if calls[n] and (not want_grad or grad[n].any())
+                   and (not want_inputs or rows[index[n]] > 0)}
+    if n_total == 0:
+        raise ValueError("data gave no batches; pass data=<iterable of batches> (e.g. a DataLoader) to lowrank.inject")
+    unreached = [n for n in modules if n not in reached]
+    if unreached:
+        what = "their gradient is zero or missing" if want_grad else "they never receive an input"
+        raise ValueError(f"the data does not reach {len(unreached)} target layer(s), {what}: "
+                         f"{unreached[:5]}{' ...' if len(unreached) > 5 else ''}; remove them from targets or fix "
+                         "loss_fn / the data")
+    out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in modules}
+    for n in modules:
+        if want_grad:
+            out[n]["gradient"] = grad[n].div_(n_total)
+        if want_inputs:
+            N = int(rows[index[n]])
+            out[n]["covariance"] = gram[n].div_(N)
+            out[n]["input_mean"] = xsum[n].div_(N)
+            out[n]["rows"] = torch.tensor(N)
+    return out
+
+
+def input_svd(stats: Mapping[str, torch.Tensor], *, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S, V)``: the singular values (descending, ``(d_in,)``) and right-singular vectors (columns of
+    ``V (d_in, d_in)``) of the layer's input rows ``X (N, d_in)``, centred (``X - 1 mu^T``) or not.
+
+    From the collected ``C = X^T X / N`` and ``mu``: ``X^T X = N C`` (centred: ``N (C - mu mu^T)``),
+    whose eigenvectors are ``V`` and eigenvalues ``S^2``; factorized in float64.
+    """
+    C, mu, N = stats["covariance"].double(), stats["input_mean"].double(), int(stats["rows"])
+    gram = N * (C - torch.outer(mu, mu) if centred else C)
+    gram = (gram + gram.T) / 2
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    S = evals.flip(0).clamp_min(0).sqrt()
+    return S.float(), evecs.flip(1).float()
+
+
+def data_options_check(num_batches: Any) -> None:
+    if num_batches is not None and (not isinstance(num_batches, int) or isinstance(num_batches, bool)
+                                    or num_batches <= 0):
+        raise ValueError(f"invalid num_batches={num_batches!r}: must be a positive int or None (all data)")
+
+
+def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators, want_grad, mask_padding,
+                num_batches, train_mode, progress, device) -> int:
+    """This process's batches: returns how many were used; every contribution lands in the accumulators."""
+    params = list(model.parameters())
+    saved = [(p, p.requires_grad, p.grad) for p in params]
+    modes = [(m, m.training) for m in model.modules()]
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    n_done = 0
+    with ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda))
+        stack.enter_context(torch.enable_grad() if want_grad else torch.no_grad())
+        handles = [m.register_forward_hook(forward_hook(n)) for n, m in modules.items()]
+        stack.callback(lambda: [h.remove() for h in handles])
+        stack.callback(lambda: [m.train(t) for m, t in modes])
+        stack.callback(lambda: [(p.requires_grad_(f), setattr(p, "grad", g)) for p, f, g in saved])
+        stack.callback(lambda: state.update(mask=None))
+        for p in params:
+            p.requires_grad_(False)
+        model.train(train_mode)
+        desc = "lowrank gradient estimate" if want_grad else "lowrank input statistics"
+        bar = tqdm(total=num_batches, desc=desc, disable=not progress, leave=False)
+        stack.callback(bar.close)
+        for batch in data:
+            if num_batches is not None and n_done >= num_batches:
+                break
+            batch = _to_device(batch, device)
+            mask = batch.get("attention_mask") if mask_padding and isinstance(batch, Mapping) else None
+            state["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
+            loss = loss_fn(model, batch)
+            if want_grad:
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise TypeError(f"loss_fn must return a scalar tensor; batch {n_done} gave {type(loss).__name__}"
+                                    f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} on batch {n_done}; check the data or "
+                                             "loss_fn")
+                if loss.requires_grad:
+                    loss.backward()
+            del loss  # drop the graph now: its nodes hold this batch's hooks, and they hold the layer inputs
+            # One reduction per accumulator and a single sync: a non-finite entry makes its sum non-finite.
+            if accumulators and not torch.isfinite(torch.stack([a.sum() for a in accumulators])).all():
+                bad = [n for n in modules if _nonfinite(accumulators, n, modules)]
+                if bad:  # (a sum can also overflow on finite entries: that is not an error)
+                    kind = "gradient" if want_grad else "input statistics"
+                    raise FloatingPointError(f"non-finite {kind} on batch {n_done} for layer {bad[0]!r}"
+                                             + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+            n_done += 1
+            bar.update()
+    return n_done
+
+
+def _nonfinite(accumulators: list[torch.Tensor], name: str, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether any accumulator of layer ``name`` holds a non-finite value (accumulators are per-kind
+    lists in ``modules`` order, so layer ``i`` owns every ``len(modules)``-th one from ``i``)."""
+    i, L = list(modules).index(name), len(modules)
+    return any(not torch.isfinite(a).all() for a in accumulators[i::L])
