@@ -233,3 +233,42 @@ def test_inject_refuses_ddp_wrapped_and_sharded_models(tmp_path):
     q.weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
     with pytest.raises(TypeError, match="sharded weight"):
         lowrank.inject(model, lowrank.LoRAConfig(rank=2, targets=["query"]))
+
+
+def _input_stats_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """EVA (forward-only statistics, ranks allocated) and CorDA on each rank's shard."""
+    _setup(rank, init_file)
+    try:
+        shard = batches("bert", 4, seed=1)[rank::WORLD]
+        out = {}
+        for init, opts in (("eva", {"rho": 2.0}), ("corda", {})):
+            cfg = lowrank.LoRAConfig(rank=2, alpha=4, targets=["query", "value", "dense"], init=init,
+                                     init_options={"progress": False, **opts})
+            model = lowrank.inject(tiny_bert(), cfg, data=shard, progress=False)
+            out[init] = {n: (l.rank, l.A.detach().clone(), l.B.detach().clone(), l.base_weight().detach().clone())
+                         for n, l in lowrank.adapted_layers(model)}
+        torch.save(out, os.path.join(out_dir, f"stats{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_input_statistics_inits_are_identical_on_every_rank_and_equal_one_process(tmp_path):
+    _spawn(_input_stats_worker, tmp_path)
+    a, b = (torch.load(tmp_path / f"stats{r}.pt") for r in range(WORLD))
+    data = batches("bert", 4, seed=1)
+    for init, opts in (("eva", {"rho": 2.0}), ("corda", {})):
+        for name in a[init]:
+            assert a[init][name][0] == b[init][name][0], name  # the same allocated rank
+            for x, y in zip(a[init][name][1:], b[init][name][1:]):
+                assert torch.equal(x, y), (init, name)
+        cfg = lowrank.LoRAConfig(rank=2, alpha=4, targets=["query", "value", "dense"], init=init,
+                                 init_options={"progress": False, **opts})
+        single = dict(lowrank.adapted_layers(lowrank.inject(tiny_bert(), cfg, data=data, progress=False)))
+        assert sum(a[init][n][0] for n in single) == 2 * len(single)
+        for name, layer in single.items():
+            rk, A, B, W = a[init][name]
+            assert rk == layer.rank, (init, name)
+            torch.testing.assert_close(layer.scaling * B @ A, layer.scaling * layer.B.detach() @ layer.A.detach(),
+                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(A.T @ A, layer.A.detach().T @ layer.A.detach(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(W, layer.base_weight().detach(), rtol=1e-5, atol=1e-6)

@@ -91,7 +91,7 @@ def allocate_proportional(weights: Mapping[str, float], budget: RankBudget) -> d
     if any(not math.isfinite(v) or v < 0 for v in w.values()):
         raise ValueError(f"rank allocation weights must be finite and >= 0, got {w}")
     top = max(w.values(), default=0.0)
-    w = {n: max(v, 1e-12 * top) if top > 0 else 1.0 for n, v in w.items()}  # a zero weight still gets its share
+    w = {n: max(v / top, 1e-12) if top > 0 else 1.0 for n, v in w.items()}  # in (0, 1]: a zero weight still counts
     fill = lambda lam: {n: min(max(lam * w[n], budget.lo[n]), budget.hi[n]) for n in names}  # noqa: E731
     lo_lam, hi_lam = 0.0, max(budget.hi[n] / w[n] for n in names)
     for _ in range(200):  # water-filling: sum_n clip(lam w_n, lo_n, hi_n) = total, monotone in lam
