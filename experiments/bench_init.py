@@ -16,6 +16,16 @@ Three measurements, each side by side with PEFT in one run (PEFT version printed
    LoRA step ``s^2 (B B^T G + G A^T A)`` and ``G_2r`` (0 = exactly proportional, LoRA-GA's
    theorem), for lowrank's and PEFT's ``lora_ga``.
 
+4. EVA vs PEFT's EVA (``--only eva``): the init phase (statistics + SVD + adapters) as each library is
+   used, on the same batches (lowrank: one pass; PEFT: its incremental PCA, cycling until the
+   components converge at ``tau = 0.99``), time and extra peak memory in fresh subprocesses, ratios
+   lowrank/PEFT. Then both on the same rows (the batches as one, where PEFT's PCA fits exactly
+   those rows): the rank allocation, and the principal angles of each layer's ``A`` to the other
+   library's and to the exact centred SVD (float64). Label masking is off in PEFT (a classification
+   batch has no per-token labels).
+5. The statistics pass (``--only stats``): a forward-only statistic (``covariance``, ``input_svd``)
+   against the gradient estimate on the same batches and layers, in one process, median time.
+
 Dropout is switched off in the model config so that PEFT (which estimates in train mode) and
 lowrank (eval mode) see the same gradient.
 """
@@ -37,6 +47,8 @@ from lowrank.data.wordnet import supersense_splits
 from .ablation.memory import PeakMemory
 
 TARGETS = ["query", "key", "value", "dense"]
+ENCODER = r"bert\.encoder\.layer\.\d+\..*(query|key|value|dense)"
+"""The encoder's linear layers (the pooler's ``dense`` sees 2-D inputs, which PEFT's EVA cannot take)."""
 
 
 def load_model(num_labels: int):
@@ -206,6 +218,127 @@ def bench_alignment(args, n, batches):
         print(f"| {label} | {statistics.median(sines):.2e} | {max(sines):.2e} | {statistics.median(sines_full):.3f} |")
 
 
+def _one_batch(batches):
+    """The batches as one, padded to the longest (the attention mask marks the padding)."""
+    L = max(b["input_ids"].shape[1] for b in batches)
+    pad = lambda t: torch.nn.functional.pad(t, (0, L - t.shape[1]))  # noqa: E731
+    return {"input_ids": torch.cat([pad(b["input_ids"]) for b in batches]),
+            "attention_mask": torch.cat([pad(b["attention_mask"]) for b in batches]),
+            "labels": torch.cat([b["labels"] for b in batches])}
+
+
+def lowrank_eva(model, batches, rank, alpha):
+    cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, targets=ENCODER, init="eva", init_options={"progress": False})
+    return lowrank.inject(model, cfg, data=batches, progress=False)
+
+
+def peft_eva(model, batches, rank, alpha):
+    import peft
+
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=ENCODER, init_lora_weights="eva",
+                          eva_config=peft.EvaConfig(rho=2.0, tau=0.99, use_label_mask=False))
+    pm = peft.get_peft_model(model, cfg, low_cpu_mem_usage=True)
+    peft.initialize_lora_eva_weights(pm, dataloader=batches, show_progress_bar=False)
+    return pm
+
+
+def _eva_worker(arm, rank, alpha, n_batches, batch_size, queue):
+    import warnings
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    n, batches = get_batches(n_batches, batch_size)
+    model, _ = load_model(n)
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        {"lowrank eva": lowrank_eva, "peft eva": peft_eva}[arm](model, batches, rank, alpha)
+        seconds = time.perf_counter() - t0
+    queue.put((arm, seconds, mem.extra))
+
+
+def _angles(A, B):
+    qa, qb = torch.linalg.qr(A.double().T).Q, torch.linalg.qr(B.double().T).Q
+    return torch.arccos(torch.linalg.svdvals(qa.T @ qb).clamp(-1, 1))
+
+
+def bench_eva(args, n, batches):
+    import warnings
+
+    import peft
+
+    ctx = mp.get_context("spawn")
+    arms = ["lowrank eva", "peft eva"]
+    results = {k: [] for k in arms}
+    for i in range(args.repeats):
+        for arm in (arms if i % 2 == 0 else arms[::-1]):
+            q = ctx.Queue()
+            p = ctx.Process(target=_eva_worker, args=(arm, args.rank, args.alpha, args.batches, args.batch_size, q))
+            p.start()
+            res = q.get()
+            p.join()
+            results[arm].append(res[1:])
+    med = {k: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
+    print(f"\n## 4. EVA init phase (statistics + SVD + adapters), {args.batches} batches x {args.batch_size}, "
+          f"r={args.rank}, rho=2, {args.repeats} repeats")
+    print("| | time (s) | extra peak RSS (MiB) |\n|---|---|---|")
+    for k, (s, m) in med.items():
+        print(f"| {k} | {s:.2f} | {m / 2**20:.0f} |")
+    print(f"| ratio lowrank/peft | {med[arms[0]][0] / med[arms[1]][0]:.3f} | {med[arms[0]][1] / med[arms[1]][1]:.3f} |")
+    one = _one_batch(batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = {k: a for k, (a, _, _) in _pairs_lowrank(lowrank_eva(load_model(n)[0], [one], args.rank,
+                                                                      args.alpha)).items()}
+        theirs = {k: a for k, (a, _, _) in _pairs_peft(peft_eva(load_model(n)[0], [one], args.rank,
+                                                                  args.alpha)).items()}
+    model, _ = load_model(n)
+    rows = {}
+    handles = [model.get_submodule(k).register_forward_hook(
+        lambda mod, a, out, k=k: rows.__setitem__(k, a[0].detach().double()[one["attention_mask"].bool()]))
+        for k in ours]
+    with torch.no_grad():
+        model(**one)
+    for h in handles:
+        h.remove()
+    same_rank = sum(ours[k].shape[0] == theirs[k].shape[0] for k in ours)
+    worst = {"ours-peft": [], "ours-exact": [], "peft-exact": []}
+    for k in ours:
+        r = min(ours[k].shape[0], theirs[k].shape[0])
+        x = rows[k] - rows[k].mean(0)
+        exact = torch.linalg.svd(x, full_matrices=False).Vh
+        worst["ours-peft"].append(_angles(ours[k][:r], theirs[k][:r]).max().item())
+        worst["ours-exact"].append(_angles(ours[k], exact[:ours[k].shape[0]]).max().item())
+        worst["peft-exact"].append(_angles(theirs[k], exact[:theirs[k].shape[0]]).max().item())
+    print(f"\nSame rows ({one['attention_mask'].sum().item()} tokens, the batches as one): rank allocation equal on "
+          f"{same_rank}/{len(ours)} layers (lowrank {sorted(a.shape[0] for a in ours.values())}, "
+          f"peft {sorted(a.shape[0] for a in theirs.values())})")
+    print("| largest principal angle (rad) | median over layers | max |\n|---|---|---|")
+    for key, v in worst.items():
+        print(f"| {key} | {statistics.median(v):.2e} | {max(v):.2e} |")
+    print(f"(peft {peft.__version__}: randomized incremental PCA, svd_lowrank q = 2k, niter = 4)")
+
+
+def bench_stats(args, n, batches):
+    from lowrank.init.statistics import collect_statistics
+
+    model, _ = load_model(n)
+    import re
+
+    modules = {k: m for k, m in model.named_modules() if re.fullmatch(ENCODER, k)}
+    times = {need: [] for need in ("gradient", "covariance", "input_svd")}
+    for i in range(args.repeats):
+        for need in (times if i % 2 == 0 else list(times)[::-1]):
+            t0 = time.perf_counter()
+            collect_statistics(model, modules, batches, None, (need,), progress=False)
+            times[need].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n## 5. Statistics pass, {len(modules)} layers, {args.batches} batches x {args.batch_size}, "
+          f"{args.repeats} repeats (median)")
+    print("| need | time (s) | ratio to the gradient pass |\n|---|---|---|")
+    for k, t in med.items():
+        print(f"| {k} | {t:.2f} | {t / med['gradient']:.3f} |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -213,7 +346,7 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--only", choices=["lora_ga", "pissa", "alignment"], default=None)
+    p.add_argument("--only", choices=["lora_ga", "pissa", "alignment", "eva", "stats"], default=None)
     args = p.parse_args(argv)
     import peft
 
@@ -226,6 +359,10 @@ def main(argv=None) -> None:
         bench_pissa(args, n)
     if args.only in (None, "alignment"):
         bench_alignment(args, n, batches)
+    if args.only in (None, "eva"):
+        bench_eva(args, n, batches)
+    if args.only in (None, "stats"):
+        bench_stats(args, n, batches)
 
 
 if __name__ == "__main__":

@@ -175,3 +175,15 @@ def test_a_custom_initializer_declares_its_needs():
                 needs = ("hessian",)
     finally:
         lowrank.registry.INITIALIZERS.unregister("test_input_pca")
+
+
+def test_wide_inputs_take_the_blocked_upper_triangle_path_exactly():
+    from lowrank.init.statistics import GRAM_BLOCK
+
+    torch.manual_seed(0)
+    n = GRAM_BLOCK + 300  # two blocks, one partial
+    model = torch.nn.Sequential(torch.nn.Linear(n, 4))
+    data = [torch.randn(3, 5, n) for _ in range(2)]
+    stats = collect_statistics(model, {"0": model[0]}, data, None, ("covariance",), progress=False)
+    x = torch.cat([b.reshape(-1, n) for b in data]).double()
+    torch.testing.assert_close(stats["0"]["covariance"].double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)

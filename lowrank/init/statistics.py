@@ -119,7 +119,7 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
     rows = torch.zeros(len(modules), dtype=torch.int64)
     index = {n: i for i, n in enumerate(modules)}
     calls = dict.fromkeys(modules, 0)
-    state: dict[str, Any] = {"mask": None}
+    state: dict[str, Any] = {"mask": None, "seen": {}}
 
     def add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         if offload:
@@ -137,12 +137,18 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             x = args[0].detach()
             if want_inputs:
-                mask = state["mask"]
-                rows_x = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
-                rows_x = rows_x.float()
-                add(gram[name], rows_x.T, rows_x)
-                xsum[name].add_(rows_x.sum(0).to(acc_device))
-                rows[index[name]] += rows_x.shape[0]
+                # Layers fed the same tensor (query, key, value) share one product per batch; the cache holds
+                # the tensor itself, so its identity cannot be reused by another one during the batch.
+                hit = state["seen"].get(id(x))
+                if hit is None or hit[0] is not x:
+                    mask = state["mask"]
+                    rows_x = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+                    rows_x = rows_x.float()
+                    hit = state["seen"][id(x)] = (x, upper_gram(rows_x), rows_x.sum(0), rows_x.shape[0])
+                _, g, sx, nrows = hit
+                gram[name].add_(g.to(acc_device))
+                xsum[name].add_(sx.to(acc_device))
+                rows[index[name]] += nrows
                 calls[name] += not want_grad
             if not want_grad or not torch.is_grad_enabled():
                 return None  # no_grad inside loss_fn: the layer is reported as unreached
@@ -189,10 +195,39 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
             out[n]["gradient"] = grad[n].div_(n_total)
         if want_inputs:
             N = int(rows[index[n]])
-            out[n]["covariance"] = gram[n].div_(N)
+            out[n]["covariance"] = symmetrize_(gram[n]).div_(N)
             out[n]["input_mean"] = xsum[n].div_(N)
             out[n]["rows"] = torch.tensor(N)
     return out
+
+
+GRAM_BLOCK = 512
+"""Inputs wider than this get their Gram matrix in blocks, upper triangle only (about half the work)."""
+
+
+def upper_gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """``x^T x`` (``(n, n)``) for ``x (N, n)``; for ``n > block`` only its upper block triangle is filled
+    (the rest zero; :func:`symmetrize_` completes it), so a wide input costs about half a full product."""
+    n = x.shape[1]
+    if n <= block:
+        return x.T @ x
+    out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
+    edges = list(range(0, n, block)) + [n]
+    for i in range(len(edges) - 1):
+        a = x[:, edges[i]:edges[i + 1]]
+        out[edges[i]:edges[i + 1], edges[i]:] = a.T @ x[:, edges[i]:]
+    return out
+
+
+def symmetrize_(gram: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """Complete in place a sum of :func:`upper_gram` results: mirror the upper block triangle."""
+    n = gram.shape[0]
+    if n <= block:
+        return gram
+    edges = list(range(0, n, block)) + [n]
+    for i in range(1, len(edges) - 1):
+        gram[edges[i]:, edges[i - 1]:edges[i]] = gram[edges[i - 1]:edges[i], edges[i]:].T
+    return gram
 
 
 def input_svd(stats: Mapping[str, torch.Tensor], *, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +266,7 @@ def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators
         stack.callback(lambda: [h.remove() for h in handles])
         stack.callback(lambda: [m.train(t) for m, t in modes])
         stack.callback(lambda: [(p.requires_grad_(f), setattr(p, "grad", g)) for p, f, g in saved])
-        stack.callback(lambda: state.update(mask=None))
+        stack.callback(lambda: state.update(mask=None, seen={}))
         for p in params:
             p.requires_grad_(False)
         model.train(train_mode)
@@ -255,6 +290,7 @@ def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators
                 if loss.requires_grad:
                     loss.backward()
             del loss  # drop the graph now: its nodes hold this batch's hooks, and they hold the layer inputs
+            state["seen"].clear()  # and this batch's shared input products
             # One reduction per accumulator and a single sync: a non-finite entry makes its sum non-finite.
             if accumulators and not torch.isfinite(torch.stack([a.sum() for a in accumulators])).all():
                 bad = [n for n in modules if _nonfinite(accumulators, n, modules)]
