@@ -161,3 +161,27 @@ def test_adapted_alignment_matches_compare_and_needs_adapters():
         assert a.excess < 1e-4 and abs(a.rel_error - there["ga"][name].rel_error) < 1e-4, name
     with pytest.raises(ValueError, match="no lowrank adapters"):
         lowrank.theory.adapted_alignment(tiny_bert(), data)
+
+
+def test_report_tables_show_allocated_ranks_and_the_floor():
+    import lowrank
+    from lowrank.theory.alignment import compare
+    from lowrank.theory.report import per_layer, summarize
+
+    from .conftest import batches as make_batches
+    from .conftest import tiny_bert
+
+    data = make_batches("bert", 2)
+    configs = {name: lowrank.LoRAConfig(rank=2, alpha=4, scaling="rslora", targets=["query", "value"], init=name,
+                                        init_options={"progress": False, **opts})
+               for name, opts in (("lora_ga", {}), ("eva", {"rho": 2.0}))}
+    results, G = compare(lambda: tiny_bert(), configs, data, progress=False)
+    table = per_layer(results, G, 2)
+    rows = table.splitlines()[2:]
+    assert len(rows) == len(G) == 4
+    for row in rows:  # lora_ga sits at the rank-4 floor: its error equals the floor column
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == cells[2].split()[0], row
+    ranks = [a.rank for a in results["eva"].values()]
+    assert sum(ranks) == 8 and (len(set(ranks)) == 1 or "(r=" in table)
+    assert "| lora_ga |" in summarize(results) and "| eva |" in summarize(results)

@@ -1,7 +1,7 @@
 """Per-layer first-step alignment of several initializers on a real model and real data.
 
     python -m lowrank.theory.report                                  # offline MiniLM + WordNet
-    python -m lowrank.theory.report --inits lora_ga,pissa,kaiming --rank 8 --batches 4 --out out/theory
+    python -m lowrank.theory.report --inits lora_ga,pissa,kaiming,eva,corda,gora --rank 8 --batches 4 --out out/theory
     python -m lowrank.theory.report --model PATH --targets query,value  # any local HF classifier
 
 The gradient ``G`` of every target layer is estimated once at the pretrained weights, on WordNet
@@ -34,14 +34,21 @@ def summarize(results: dict[str, dict[str, "lowrank.theory.Alignment"]]) -> str:
     return "\n".join(lines)
 
 
-def per_layer(results) -> str:
+def per_layer(results, G, rank: int) -> str:
+    """Per layer: the rank-``2 rank`` floor and each arm's error; an arm whose initializer allocated this
+    layer another rank (EVA, GoRA) shows it, ``(r=k)``: its floor is that of ``2k``."""
+    import torch
+
     labels = list(results)
     layers = list(next(iter(results.values())))
-    head = "| layer | floor | " + " | ".join(f"{lab} error" for lab in labels) + " |"
+    head = f"| layer | floor (rank {2 * rank}) | " + " | ".join(f"{lab} error" for lab in labels) + " |"
     lines = [head, "|---|---|" + "---|" * len(labels)]
     for name in layers:
-        floor = results[labels[0]][name].floor
-        cells = " | ".join(f"{results[lab][name].rel_error:.4f}" for lab in labels)
+        S2 = torch.linalg.svdvals(G[name].double()).square()
+        floor = (S2[2 * rank:].sum() / S2.sum()).sqrt().item() if S2.sum() > 0 else 0.0
+        cells = " | ".join(f"{results[lab][name].rel_error:.4f}"
+                           + (f" (r={results[lab][name].rank})" if results[lab][name].rank != rank else "")
+                           for lab in labels)
         lines.append(f"| {name} | {floor:.4f} | {cells} |")
     return "\n".join(lines)
 
@@ -49,7 +56,7 @@ def per_layer(results) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="local path of a sequence classifier (default: the offline MiniLM)")
-    p.add_argument("--inits", default="lora_ga,pissa,kaiming")
+    p.add_argument("--inits", default="lora_ga,pissa,kaiming,eva,corda,gora")
     p.add_argument("--targets", default="query,key,value,dense")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
@@ -90,7 +97,7 @@ def main(argv=None) -> None:
     title = (f"# First-step alignment: {name}, WordNet supersense, r={args.rank}, {len(data)} x {args.batch_size} "
              f"examples, {len(G)} layers")
     text = "\n\n".join([title, "## Summary", summarize(results), "## Per layer (relative error; floor = Eckart-Young)",
-                        per_layer(results)])
+                        per_layer(results, G, args.rank)])
     print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
