@@ -272,3 +272,32 @@ def test_input_statistics_inits_are_identical_on_every_rank_and_equal_one_proces
                                        rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(A.T @ A, layer.A.detach().T @ layer.A.detach(), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(W, layer.base_weight().detach(), rtol=1e-5, atol=1e-6)
+
+
+def _sketch_worker(rank: int, init_file: str, out_dir: str) -> None:
+    _setup(rank, init_file)
+    try:
+        shard = batches("bert", 4, seed=1)[rank::WORLD]
+        cfg = lowrank.LoRAConfig(init="lora_ga", init_options={"progress": False, "estimator": "sketch"}, **CFG)
+        model = lowrank.inject(tiny_bert(), cfg, data=shard, progress=False)
+        torch.save({n: (l.A.detach().clone(), l.B.detach().clone(), l.base_weight().detach().clone())
+                    for n, l in lowrank.adapted_layers(model)}, os.path.join(out_dir, f"sketch{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sketched_inits_are_identical_on_every_rank_and_equal_one_process(tmp_path):
+    """Sketches are linear in the gradient pieces: all-reduced after every pass, they equal one process's on
+    the union of the shards (up to summation order), and every rank holds the same bits."""
+    _spawn(_sketch_worker, tmp_path)
+    a, b = (torch.load(tmp_path / f"sketch{r}.pt") for r in range(WORLD))
+    cfg = lowrank.LoRAConfig(init="lora_ga", init_options={"progress": False, "estimator": "sketch"}, **CFG)
+    single = dict(lowrank.adapted_layers(lowrank.inject(tiny_bert(), cfg, data=batches("bert", 4, seed=1),
+                                                        progress=False)))
+    assert set(a) == set(single)
+    for name, layer in single.items():
+        for x, y in zip(a[name], b[name]):
+            assert torch.equal(x, y), name
+        A, B, _ = a[name]
+        torch.testing.assert_close(A.T @ A, layer.A.detach().T @ layer.A.detach(), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(B @ B.T, layer.B.detach() @ layer.B.detach().T, rtol=1e-3, atol=1e-4)

@@ -113,6 +113,20 @@ class LayerContext:
         """The estimated mean gradient ``G = dL/dW`` at initialization, float32 ``(d_out, d_in)``."""
         return self.stat("gradient")
 
+    def gradient_svd(self, k: int, **svd_options: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top ``k`` singular triplets of ``G``: ``U (m, k)``, ``S (k,)`` descending, ``V (n, k)``. From the
+        sketched estimate when the pass made one (``estimator="sketch"``), else the SVD of ``ctx.gradient()``
+        (``svd_options``: those of ``lowrank.init.svd.top_svd``)."""
+        if "gradient_svd" in self._stats:
+            U, S, V = self._stats["gradient_svd"]
+            if U.shape[1] < k:
+                raise ValueError(f"layer {self.name!r}: the sketch holds {U.shape[1]} singular triplets of G, {k} "
+                                 "are needed")
+            return U[:, :k].to(self.device), S[:k].to(self.device), V[:, :k].to(self.device)
+        from .svd import top_svd
+
+        return top_svd(self.gradient(), k, **svd_options)
+
     def covariance(self) -> torch.Tensor:
         """The layer-input second moment ``C = X^T X / N``, float32 ``(d_in, d_in)`` (need ``"covariance"``)."""
         return self.stat("covariance")

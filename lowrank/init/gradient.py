@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .base import Initializer
+from .sketch import DEFAULT_PASSES, ESTIMATORS, sketch_gradient_svd
 from .statistics import collect_statistics, data_options_check
 
 
@@ -56,10 +57,6 @@ class DataOptions:
         data_options_check(self.num_batches)
 
 
-GradientOptions = DataOptions
-"""The options of gradient-based initializers (the statistics pass's)."""
-
-
 class DataInitializer(Initializer):
     """Base of initializers that declare statistics in ``needs``; the pass runs with :class:`DataOptions`."""
 
@@ -73,7 +70,69 @@ class DataInitializer(Initializer):
                                   distributed=o.distributed, mask_padding=o.mask_padding)
 
 
-class GradientInitializer(DataInitializer):
-    """Base of initializers that need ``G = dL/dW`` at initialization (``ctx.gradient()``)."""
+@dataclass(frozen=True)
+class GradientOptions(DataOptions):
+    """Options of gradient-based initializers: the statistics pass's, and how ``G`` is estimated."""
 
+    estimator: str = "dense"
+    """``dense``: ``G`` itself, ``(d_out, d_in)`` float32 per layer. ``sketch``: only its top singular
+    triplets, from sketches in ``O((d_out + d_in) k)`` memory (``lowrank.init.sketch``), for methods that
+    need no more (LoRA-GA, LoRA-One)."""
+    sketch_size: int | None = None
+    """Sketch width ``k`` (default twice the triplets the method needs, e.g. ``4r`` for LoRA-GA)."""
+    passes: int | None = None
+    """Passes over the data for the sketch (default ``lowrank.init.sketch.DEFAULT_PASSES``); each one more
+    forward + backward over the same batches."""
+    sketch_seed: int = 0
+    """Seed of the sketches' random test matrices."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"invalid estimator={self.estimator!r}: must be one of {ESTIMATORS}")
+        for key in ("sketch_size", "passes"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"invalid {key}={v!r}: must be a positive int or None (the default)")
+        if self.estimator == "dense" and (self.sketch_size is not None or self.passes is not None):
+            raise ValueError("sketch_size and passes apply to estimator='sketch'; set estimator='sketch' or drop them")
+
+
+class GradientInitializer(DataInitializer):
+    """Base of initializers that need ``G = dL/dW`` at initialization (``ctx.gradient()``, or its top
+    singular triplets ``ctx.gradient_svd(k)``, which a sketch can give without forming ``G``)."""
+
+    Options = GradientOptions
     needs = ("gradient",)
+    sketchable: ClassVar[bool] = False
+    """True if ``init_layer`` only uses ``ctx.gradient_svd(triplets(rank))``, so ``estimator="sketch"`` fits."""
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        if self.options.estimator == "sketch" and not self.sketchable:
+            raise ValueError(f"initializer {self.registry_name!r} needs the dense gradient G, not only its top singular "
+                             "triplets; estimator='sketch' cannot give it. Use estimator='dense' (optionally "
+                             "offload=True), or a method that works from triplets (lora_ga, lora_one)")
+
+    def triplets(self, rank: int) -> int:
+        """How many top singular triplets of ``G`` ``init_layer`` reads at this rank (sketchable methods)."""
+        raise NotImplementedError
+
+    def check_layer(self, ctx) -> None:
+        super().check_layer(ctx)
+        o = self.options
+        if o.estimator == "sketch" and o.sketch_size is not None and o.sketch_size < self.triplets(ctx.rank):
+            raise ValueError(f"sketch_size={o.sketch_size} is smaller than the {self.triplets(ctx.rank)} singular "
+                             f"triplets {self.registry_name!r} needs at rank {ctx.rank} (layer {ctx.name!r}); use "
+                             f"sketch_size >= {self.triplets(ctx.rank)} or the default")
+
+    def collect(self, model, modules, data, loss_fn):
+        o = self.options
+        if o.estimator == "dense":
+            return super().collect(model, modules, data, loss_fn)
+        ranks = getattr(self, "ranks", None) or {}
+        svd = sketch_gradient_svd(model, modules, data, loss_fn, k={n: self.triplets(ranks[n]) for n in modules},
+                                  sketch_size=dict.fromkeys(modules, o.sketch_size) if o.sketch_size else None,
+                                  passes=o.passes or DEFAULT_PASSES, seed=o.sketch_seed, num_batches=o.num_batches,
+                                  train_mode=o.train_mode, progress=o.progress, distributed=o.distributed)
+        return {n: {"gradient_svd": v} for n, v in svd.items()}

@@ -31,7 +31,7 @@ from ..registry import register_initializer
 from .base import InitResult, LayerContext
 from .gradient import GradientInitializer, GradientOptions
 from .scale import check_scale, scale_factor
-from .svd import check_svd_options, top_svd
+from .svd import check_svd_options
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 
@@ -77,8 +77,13 @@ class LoRAGA(GradientInitializer):
             check_svd_options(self.svd, self.oversample, self.niter)
 
     _warned_scaling = False
+    sketchable = True
+
+    def triplets(self, rank: int) -> int:
+        return 2 * rank
 
     def check_layer(self, ctx: LayerContext) -> None:
+        super().check_layer(ctx)
         if 2 * ctx.rank > min(ctx.m, ctx.n):
             raise ValueError(f"lora_ga needs 2r <= min(d_out, d_in), but r={ctx.rank} and layer {ctx.name!r} is "
                              f"{ctx.m} x {ctx.n}; the largest valid rank is {min(ctx.m, ctx.n) // 2}")
@@ -89,8 +94,8 @@ class LoRAGA(GradientInitializer):
 
     def init_layer(self, ctx: LayerContext) -> InitResult:
         o, r = self.options, ctx.rank
-        U, _, V = top_svd(ctx.gradient(), 2 * r, method=o.svd, oversample=o.oversample, niter=o.niter,
-                          generator=ctx.generator)  # (m, 2r), (n, 2r)
+        U, _, V = ctx.gradient_svd(2 * r, method=o.svd, oversample=o.oversample, niter=o.niter,
+                                   generator=ctx.generator)  # (m, 2r), (n, 2r)
         ia, ib = split_indices(o.direction, r, ctx.generator)
         c = scale_factor(o.scale, m=ctx.m, rank=r, scaling=ctx.scaling, gamma=o.stable_gamma,
                          weight=ctx.weight if o.scale == "weight" else None)

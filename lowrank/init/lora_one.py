@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from ..registry import register_initializer
 from .base import InitResult, LayerContext
 from .gradient import GradientInitializer, GradientOptions
-from .svd import top_svd
 
 
 @register_initializer("lora_one")
@@ -24,6 +23,10 @@ class LoRAOne(GradientInitializer):
     """LoRA-One (arXiv 2502.01235): s B A = -(s / (gamma sigma_1)) G_r, base unchanged."""
 
     preserves_output = False
+    sketchable = True
+
+    def triplets(self, rank: int) -> int:
+        return rank
 
     @dataclass(frozen=True)
     class Options(GradientOptions):
@@ -36,7 +39,8 @@ class LoRAOne(GradientInitializer):
                 raise ValueError(f"invalid gamma={self.gamma!r}: must be > 0")
 
     def init_layer(self, ctx: LayerContext) -> InitResult:
-        U, S, V = top_svd(-ctx.gradient(), ctx.rank)
+        U, S, V = ctx.gradient_svd(ctx.rank)
+        U = -U  # -G = (-U) S V^T
         norm = math.sqrt(self.options.gamma * S[0].item())
         root = S.sqrt() / norm
         A = root[:, None] * V.T  # (r, n)

@@ -78,8 +78,9 @@ def check_needs(needs: Sequence[str], owner: str) -> tuple[str, ...]:
 def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
                        loss_fn: Callable[[nn.Module, Any], Any] | None, needs: Sequence[str], *,
                        num_batches: int | None = None, train_mode: bool = False, offload: bool = False,
-                       progress: bool = True, distributed: bool = True,
-                       mask_padding: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+                       progress: bool = True, distributed: bool = True, mask_padding: bool = True,
+                       gradient_sink: "GradientSink | None" = None,
+                       losses: list[float] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Per layer, the statistics named in ``needs`` (see the module docstring), from one pass over ``data``.
 
     Args:
@@ -98,6 +99,11 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
             batches, bitwise identical on every rank; ``num_batches`` counts this rank's batches.
         mask_padding: input statistics skip the rows of padding tokens, where a dict batch has an
             ``attention_mask`` of the layer input's leading shape.
+        gradient_sink: with ``"gradient"``, hand each gradient piece ``(g, x)`` (``g = dL/dy`` and ``x`` as
+            ``(tokens, d)`` float32 matrices, ``G = sum g^T x``) to the sink instead of forming ``G``
+            (``lowrank.init.sketch``); the result then has no ``"gradient"`` entry, the sink's
+            accumulators are summed (and all-reduced) in its place.
+        losses: if a list, each batch's loss is appended to it (to check later passes see the same data).
     """
     needs = check_needs(needs, "collect_statistics")
     if not needs:
@@ -113,7 +119,8 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
     device = next(iter(modules.values())).weight.device
     acc_device = torch.device("cpu") if offload else device
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=acc_device)  # noqa: E731
-    grad = {n: zeros(weight_shape(m)) for n, m in modules.items()} if want_grad else {}
+    grad = {n: zeros(weight_shape(m)) for n, m in modules.items()} if want_grad and gradient_sink is None else {}
+    grad_kinds = [grad] if grad else list(gradient_sink.accumulators) if gradient_sink is not None and want_grad else []
     gram = {n: zeros(weight_shape(m)[1], weight_shape(m)[1]) for n, m in modules.items()} if want_inputs else {}
     xsum = {n: zeros(weight_shape(m)[1]) for n, m in modules.items()} if want_inputs else {}
     rows = torch.zeros(len(modules), dtype=torch.int64)
@@ -129,7 +136,11 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
 
     def grad_hook(name: str, x: torch.Tensor):
         def hook(g: torch.Tensor) -> None:
-            add(grad[name], g.reshape(-1, g.shape[-1]).float().T, x.reshape(-1, x.shape[-1]).float())
+            g2, x2 = g.reshape(-1, g.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+            if gradient_sink is not None:
+                gradient_sink.accumulate(name, g2, x2)
+            else:
+                add(grad[name], g2.T, x2)
             calls[name] += 1
         return hook
 
@@ -159,13 +170,13 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
             return replaced
         return hook
 
-    accumulators = [*grad.values(), *gram.values(), *xsum.values()]
+    accumulators = [t for kind in (*grad_kinds, gram, xsum) for t in kind.values()]
     combine = distributed and dist_helpers.active()
     n_done = 0
     error: BaseException | None = None
     try:
         n_done = _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators, want_grad, mask_padding,
-                             num_batches, train_mode, progress, device)
+                             num_batches, train_mode, progress, device, losses)
         if num_batches is not None and n_done < num_batches:
             raise ValueError(f"data gave only {n_done} batches but num_batches={num_batches}; pass more data or lower "
                              f"init_options['num_batches']")
@@ -174,12 +185,13 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
     if combine:
         dist_helpers.agree(error, what="gradient estimation" if want_grad else "the input statistics pass")  # an error on one rank is an error on all, not a hang
         n_total = dist_helpers.combine_sums([*accumulators, rows], n_done)
-        reached = {n for n in modules if (not want_grad or grad[n].any()) and (not want_inputs or rows[index[n]] > 0)}
+        reached = {n for n in modules if (not want_grad or any(k[n].any() for k in grad_kinds))
+                   and (not want_inputs or rows[index[n]] > 0)}
     else:
         if error is not None:
             raise error
         n_total = n_done
-        reached = {n for n in modules if calls[n] and (not want_grad or grad[n].any())
+        reached = {n for n in modules if calls[n] and (not want_grad or any(k[n].any() for k in grad_kinds))
                    and (not want_inputs or rows[index[n]] > 0)}
     if n_total == 0:
         raise ValueError("data gave no batches; pass data=<iterable of batches> (e.g. a DataLoader) to lowrank.inject")
@@ -191,8 +203,10 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
                          "loss_fn / the data")
     out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in modules}
     for n in modules:
-        if want_grad:
+        if grad:
             out[n]["gradient"] = grad[n].div_(n_total)
+        for kind in grad_kinds if not grad else ():
+            kind[n].div_(n_total)  # the sink's sums become means, as G is
         if want_inputs:
             N = int(rows[index[n]])
             out[n]["covariance"] = symmetrize_(gram[n]).div_(N)
@@ -251,8 +265,22 @@ def data_options_check(num_batches: Any) -> None:
         raise ValueError(f"invalid num_batches={num_batches!r}: must be a positive int or None (all data)")
 
 
+class GradientSink:
+    """Receives the gradient pieces of a statistics pass instead of a dense ``G`` accumulator.
+
+    ``accumulators`` is a list of ``{layer name: tensor}`` dicts (one per kind of accumulator, every
+    layer in each): the pass checks them for non-finite values, all-reduces them under
+    torch.distributed and divides them by the number of batches, as it does ``G``."""
+
+    accumulators: list[dict[str, torch.Tensor]]
+
+    def accumulate(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
+        """Add the piece ``g^T x`` of layer ``name``'s gradient (``g (T, d_out)``, ``x (T, d_in)``, float32)."""
+        raise NotImplementedError
+
+
 def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators, want_grad, mask_padding,
-                num_batches, train_mode, progress, device) -> int:
+                num_batches, train_mode, progress, device, losses=None) -> int:
     """This process's batches: returns how many were used; every contribution lands in the accumulators."""
     params = list(model.parameters())
     saved = [(p, p.requires_grad, p.grad) for p in params]
@@ -287,6 +315,8 @@ def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} on batch {n_done}; check the data or "
                                              "loss_fn")
+                if losses is not None:
+                    losses.append(float(loss.detach()))
                 if loss.requires_grad:
                     loss.backward()
             del loss  # drop the graph now: its nodes hold this batch's hooks, and they hold the layer inputs

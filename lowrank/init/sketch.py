@@ -1,0 +1,173 @@
+"""Sketched gradient estimation: the top singular triplets of each layer's mean gradient ``G`` without
+ever forming ``G``, in ``O((d_out + d_in) k)`` memory per layer instead of ``O(d_out d_in)``.
+
+``G = (1/N) sum_t g_t^T x_t`` reaches the hooks of the statistics pass in pieces (``g = dL/dy``,
+``x`` the layer input, ``(tokens, d)`` each). A sketch is a product of ``G`` with a thin matrix,
+and it is linear in the pieces, so it streams (Tropp, Yurtsever, Udell, Cevher 2017, "Practical
+sketching algorithms for low-rank matrix approximation", SIAM J. Matrix Anal. Appl.; Halko,
+Martinsson, Tropp 2011 for the multi-pass range finder):
+
+- right sketch ``Y = G Omega`` (``Omega (d_in, k)``): ``Y += g^T (x Omega)``;
+- left sketch ``Z = G^T Q`` (``Q (d_out, k)``): ``Z += x^T (g Q)``;
+- co-range sketch ``W = Psi G`` (``Psi (l, d_out)``, ``l = 2k + 1``): ``W += (Psi g^T) x``.
+
+``passes = 1`` (one forward + backward per batch, as the dense estimate): ``Y`` and ``W`` together,
+``Q = orth(Y)``, ``X = (Psi Q)^+ W``, ``G ~ Q X`` (Tropp et al., Alg. 7). ``passes = p > 1``: the
+range finder with power iterations, each pass one more forward + backward over the same batches,
+alternating sides: ``Q_1 = orth(G Omega)``, ``P_1 = orth(G^T Q_1)``, ``Q_2 = orth(G P_1)``, ...; the last
+pass gives ``G ~ Q Q^T G = Q (G^T Q)^T`` (or ``G P P^T``), whose small SVD gives the triplets. Work per
+batch ``O(T (d_out + d_in) k)`` instead of ``O(T d_out d_in)``.
+
+Every pass must see the same ``G``: ``eval()`` mode and the same batches; a batch whose loss differs
+from the first pass's beyond rounding is an error naming it. ``Omega`` and ``Psi`` are seeded per layer
+(``layer_seed(seed, name)``); under torch.distributed the sketches are all-reduced after every pass, so
+the result equals one process on the union of the shards, the same bits on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..adapters.base import weight_shape
+from .base import layer_seed
+from .statistics import GradientSink, collect_statistics
+
+ESTIMATORS = ("dense", "sketch")
+
+
+def _orth(M: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of ``M`` (float64 QR)."""
+    return torch.linalg.qr(M.double()).Q
+
+
+class _Sketches(GradientSink):
+    """One pass's sketches: per layer, ``G @ right[name]`` and/or ``left[name]^T @ G`` (as ``G^T left``)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], device: torch.device,
+                 right: Mapping[str, torch.Tensor] | None = None, left: Mapping[str, torch.Tensor] | None = None,
+                 corange: Mapping[str, torch.Tensor] | None = None):
+        self.right, self.left, self.corange = right, left, corange
+        f32 = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
+        self.accumulators = []
+        if right is not None:
+            self.Y = {n: f32(shapes[n][0], right[n].shape[1]) for n in shapes}  # G Omega (m, k)
+            self.accumulators.append(self.Y)
+        if left is not None:
+            self.Z = {n: f32(shapes[n][1], left[n].shape[1]) for n in shapes}  # G^T Q (n, k)
+            self.accumulators.append(self.Z)
+        if corange is not None:
+            self.W = {n: f32(corange[n].shape[0], shapes[n][1]) for n in shapes}  # Psi G (l, n)
+            self.accumulators.append(self.W)
+
+    def accumulate(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
+        if self.right is not None:
+            self.Y[name].addmm_(g.T, x @ self.right[name])
+        if self.left is not None:
+            self.Z[name].addmm_(x.T, g @ self.left[name])
+        if self.corange is not None:
+            self.W[name].addmm_(self.corange[name] @ g.T, x)
+
+
+def default_sketch_size(k: int, m: int, n: int) -> int:
+    """Sketch width for the top ``k`` triplets: ``2 k`` (``k`` oversampled by ``k``), at most ``min(m, n)``."""
+    return min(2 * k, m, n)
+
+
+DEFAULT_PASSES = 3
+"""Passes of the default sketched estimate (measured in ``experiments/bench_init.py --only sketch``)."""
+
+
+def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
+                        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None, *, k: Mapping[str, int],
+                        sketch_size: Mapping[str, int] | None = None, passes: int = DEFAULT_PASSES, seed: int = 0,
+                        num_batches: int | None = None, train_mode: bool = False, progress: bool = True,
+                        distributed: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layer the top ``k[name]`` singular triplets ``(U (m, k), S (k,), V (n, k))`` of the mean gradient,
+    float32, from ``passes`` passes over ``data`` with sketches of width ``sketch_size[name]`` (default
+    :func:`default_sketch_size`). ``data`` must be re-iterable for ``passes > 1`` (a list, a DataLoader)."""
+    if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
+        raise ValueError(f"invalid passes={passes!r}: must be an int >= 1")
+    if passes > 1 and train_mode:
+        raise ValueError("a sketch over several passes needs the same G on every pass: train_mode=True (dropout) "
+                         "changes it; use train_mode=False or passes=1")
+    if passes > 1 and iter(data) is data:
+        raise ValueError(f"passes={passes} go over the data {passes} times, but data is a one-shot iterator "
+                         f"({type(data).__name__}); pass re-iterable data (a list or a DataLoader) or passes=1")
+    shapes = {n: weight_shape(m) for n, m in modules.items()}
+    width = {}
+    for n, (m_, n_) in shapes.items():
+        w = (sketch_size or {}).get(n) or default_sketch_size(k[n], m_, n_)
+        if w < k[n]:
+            raise ValueError(f"sketch_size={w} is smaller than the {k[n]} singular triplets layer {n!r} needs; use "
+                             f"sketch_size >= {k[n]} (default 2x that)")
+        width[n] = min(w, m_, n_)
+    device = next(iter(modules.values())).weight.device
+    gens = {n: torch.Generator().manual_seed(layer_seed(seed, f"sketch:{n}")) for n in modules}
+    gauss = lambda n, *s: torch.randn(*s, generator=gens[n]).to(device)  # noqa: E731
+    omega = {n: gauss(n, shapes[n][1], width[n]) for n in modules}
+    first: list[float] = []
+    run = dict(num_batches=num_batches, train_mode=train_mode, progress=progress, distributed=distributed,
+               mask_padding=False)
+
+    def one_pass(sink: _Sketches, index: int) -> None:
+        seen: list[float] = []
+        collect_statistics(model, modules, data, loss_fn, ("gradient",), gradient_sink=sink,
+                           losses=first if index == 0 else seen, **run)
+        if index > 0:
+            _check_same_data(first, seen, index)
+
+    if passes == 1:
+        psi = {n: gauss(n, 2 * width[n] + 1, shapes[n][0]) for n in modules}
+        sink = _Sketches(shapes, device, right=omega, corange=psi)
+        one_pass(sink, 0)
+        out = {}
+        for n in modules:
+            Q = _orth(sink.Y[n])  # (m, k)
+            X = torch.linalg.lstsq(psi[n].double() @ Q, sink.W[n].double()).solution  # (k, n)
+            Ub, S, Vh = torch.linalg.svd(X, full_matrices=False)
+            out[n] = _top(Q @ Ub, S, Vh.T, k[n])
+        return out
+    basis, side = omega, "right"  # the thin matrix G is applied to next: Omega, then alternating sides
+    for p in range(passes):
+        sink = _Sketches(shapes, device, right=basis if side == "right" else None,
+                         left=basis if side == "left" else None)
+        one_pass(sink, p)
+        last = p == passes - 1
+        if side == "right":
+            Y = sink.Y
+            if last:  # G ~ G P P^T = Y P^T (P = basis, orthonormal; Omega on a single right pass is not)
+                out = {}
+                for n in modules:
+                    Ub, S, Wh = torch.linalg.svd(Y[n].double(), full_matrices=False)
+                    out[n] = _top(Ub, S, basis[n].double() @ Wh.T, k[n])
+                return out
+            basis, side = {n: _orth(Y[n]).float() for n in modules}, "left"
+        else:
+            Z = sink.Z
+            if last:  # G ~ Q Q^T G = Q Z^T
+                out = {}
+                for n in modules:
+                    Vb, S, Uh = torch.linalg.svd(Z[n].double(), full_matrices=False)  # Z = G^T Q = Vb S Uh
+                    out[n] = _top(basis[n].double() @ Uh.T, S, Vb, k[n])
+                return out
+            basis, side = {n: _orth(Z[n]).float() for n in modules}, "right"
+    raise AssertionError("unreachable")
+
+
+def _top(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return U[:, :k].float().contiguous(), S[:k].float().contiguous(), V[:, :k].float().contiguous()
+
+
+def _check_same_data(first: list[float], seen: list[float], index: int) -> None:
+    if len(seen) != len(first):
+        raise ValueError(f"pass {index + 1} of the sketch saw {len(seen)} batches, the first saw {len(first)}: "
+                         "several passes need re-iterable data (a list or a DataLoader), the same batches each time")
+    for i, (a, b) in enumerate(zip(first, seen)):
+        if not math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6):
+            raise ValueError(f"batch {i} gave loss {b:.6g} in pass {index + 1} of the sketch but {a:.6g} in the first: "
+                             "every pass must see the same data and model (no shuffling, no dropout); sketches "
+                             "assume the same G on each pass")
