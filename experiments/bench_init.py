@@ -23,6 +23,9 @@ Three measurements, each side by side with PEFT in one run (PEFT version printed
    those rows): the rank allocation, and the principal angles of each layer's ``A`` to the other
    library's and to the exact centred SVD (float64). Label masking is off in PEFT (a classification
    batch has no per-token labels).
+6. Sketched LoRA-GA (``--only sketch``): for 1 to 4 passes (default 3), per layer the first step's
+   sine to ``zeta G_2r`` and its relative error's excess over the Eckart-Young floor, on the dense
+   estimate's ``G`` (same batches), median / max; and the init time against the dense estimator.
 5. The statistics pass (``--only stats``): a forward-only statistic (``covariance``, ``input_svd``)
    against the gradient estimate on the same batches and layers, in one process, median time.
 
@@ -339,6 +342,35 @@ def bench_stats(args, n, batches):
         print(f"| {k} | {t:.2f} | {t / med['gradient']:.3f} |")
 
 
+def bench_sketch(args, n, batches):
+    from lowrank.init.sketch import DEFAULT_PASSES
+    from lowrank.theory import alignment
+
+    model, _ = load_model(n)
+    modules = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
+               and name.rsplit(".", 1)[-1] in TARGETS}
+    G = lowrank.init.estimate_gradients(model, modules, batches, lowrank.default_loss, progress=False)
+    arms = {"dense": {}} | {f"sketch, {p} pass{'es' if p > 1 else ''}": {"estimator": "sketch", "passes": p}
+                            for p in range(1, 5)}
+    print(f"\n## 6. Sketched LoRA-GA, r={args.rank}, sketch width {8 * args.rank} (default), {len(G)} layers, "
+          f"{args.batches} x {args.batch_size} examples; default passes = {DEFAULT_PASSES}")
+    print("| estimator | sin(step, G_2r) median / max | excess over floor median / max | init time (s) |")
+    print("|---|---|---|---|")
+    for label, opts in arms.items():
+        m, _ = load_model(n)
+        cfg = lowrank.LoRAConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS, scaling="rslora", init="lora_ga",
+                                 init_options={"progress": False, **opts})
+        t0 = time.perf_counter()
+        lowrank.inject(m, cfg, data=batches, progress=False)
+        seconds = time.perf_counter() - t0
+        layers = dict(lowrank.adapted_layers(m))
+        al = [alignment(*layers[k].factors(), layers[k].scaling, G[k]) for k in G]
+        sines = sorted(a.rel_error_2r for a in al)
+        ex = sorted(a.excess for a in al)
+        print(f"| {label} | {statistics.median(sines):.2e} / {sines[-1]:.2e} | {statistics.median(ex):.2e} / "
+              f"{ex[-1]:.2e} | {seconds:.2f} |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -346,7 +378,7 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--only", choices=["lora_ga", "pissa", "alignment", "eva", "stats"], default=None)
+    p.add_argument("--only", choices=["lora_ga", "pissa", "alignment", "eva", "stats", "sketch"], default=None)
     args = p.parse_args(argv)
     import peft
 
@@ -363,6 +395,8 @@ def main(argv=None) -> None:
         bench_eva(args, n, batches)
     if args.only in (None, "stats"):
         bench_stats(args, n, batches)
+    if args.only in (None, "sketch"):
+        bench_sketch(args, n, batches)
 
 
 if __name__ == "__main__":

@@ -68,12 +68,12 @@ def test_the_default_sketch_keeps_the_first_step_near_the_eckart_young_floor():
         layers = _lora_ga(data, **opts)
         excess[label] = sorted(alignment(*layers[n].factors(), layers[n].scaling, G[n]).excess for n in G)
     assert max(excess["dense"]) < 1e-5
-    # measured: median 1.9e-6, max 1.9e-3 (3 passes, sketch width 4r)
-    assert excess["sketch"][len(G) // 2] < 1e-4 and max(excess["sketch"]) < 1e-2, excess["sketch"]
+    # measured: median 4e-12, max 6e-5 (3 passes, sketch width 8r = 16 of these 32-wide layers)
+    assert excess["sketch"][len(G) // 2] < 1e-6 and max(excess["sketch"]) < 1e-3, excess["sketch"]
 
 
 def test_the_sketch_never_forms_a_dense_accumulator(monkeypatch):
-    """Every accumulator of the sketched pass is thin: (d, k), (k, d) or (2k + 1, d), none (d_out, d_in)."""
+    """Every accumulator of the sketched pass is thin, (d, k) with k = 4 x 2 triplets here: never (d_out, d_in)."""
     from lowrank.init import statistics
 
     shapes = []
@@ -89,7 +89,7 @@ def test_the_sketch_never_forms_a_dense_accumulator(monkeypatch):
     data = [(torch.randn(2, 5, 64), torch.randn(2, 5, 32))]
     sketch_gradient_svd(model, {"l1": model.l1, "l2": model.l2}, data, _loss, k={"l1": 2, "l2": 2}, passes=3,
                         progress=False)
-    assert shapes and all(min(s) <= 4 for s in shapes) and (48, 64) not in shapes and (32, 48) not in shapes
+    assert shapes and all(min(s) <= 8 for s in shapes) and (48, 64) not in shapes and (32, 48) not in shapes
 
 
 def test_data_that_changes_between_passes_is_named():

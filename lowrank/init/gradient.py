@@ -79,7 +79,7 @@ class GradientOptions(DataOptions):
     triplets, from sketches in ``O((d_out + d_in) k)`` memory (``lowrank.init.sketch``), for methods that
     need no more (LoRA-GA, LoRA-One)."""
     sketch_size: int | None = None
-    """Sketch width ``k`` (default twice the triplets the method needs, e.g. ``4r`` for LoRA-GA)."""
+    """Sketch width ``k`` (default four times the triplets the method needs, ``8r`` for LoRA-GA)."""
     passes: int | None = None
     """Passes over the data for the sketch (default ``lowrank.init.sketch.DEFAULT_PASSES``); each one more
     forward + backward over the same batches."""
