@@ -26,6 +26,12 @@ Three measurements, each side by side with PEFT in one run (PEFT version printed
 6. Sketched LoRA-GA (``--only sketch``): for 1 to 4 passes (default 3), per layer the first step's
    sine to ``zeta G_2r`` and its relative error's excess over the Eckart-Young floor, on the dense
    estimate's ``G`` (same batches), median / max; and the init time against the dense estimator.
+7. Large model (``--large H,I,L``, e.g. ``2048,5632,10``): a Llama built from a ``transformers`` config
+   with random weights (hidden ``H``, intermediate ``I``, ``L`` layers, all seven projections, r=8,
+   2 batches of 2 x 64 tokens), each arm in a fresh process: LoRA-GA with the default estimator and
+   SVD, with ``offload=True``, with ``estimator="sketch"``, optionally ``svd="full"`` (``--large-full``),
+   and PEFT's ``preprocess_loraga`` + ``get_peft_model``: time and extra peak memory, ratios to PEFT,
+   and the default's profile (gradient estimate / factorizations / the rest). On CUDA when present.
 5. The statistics pass (``--only stats``): a forward-only statistic (``covariance``, ``input_svd``)
    against the gradient estimate on the same batches and layers, in one process, median time.
 
@@ -371,6 +377,101 @@ def bench_sketch(args, n, batches):
               f"{ex[-1]:.2e} | {seconds:.2f} |")
 
 
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _llama(spec: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    H, I, L = (int(v) for v in spec.split(","))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=H // 64,
+                      num_key_value_heads=H // 64, vocab_size=8000, max_position_embeddings=128)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlamaForCausalLM(cfg).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": (ids := torch.randint(0, 8000, (2, 64), generator=g).to(device)), "labels": ids}
+               for _ in range(2)]
+    return model, batches
+
+
+def _large_worker(arm, spec, rank, queue):
+    import warnings
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model, batches = _llama(spec)
+    profile = {}
+    opts = {"default": {}, "offload": {"offload": True}, "sketch": {"estimator": "sketch"},
+            "svd=full": {"svd": "full"}}
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        if arm == "peft":
+            import peft
+
+            cfg = peft.LoraConfig(r=rank, lora_alpha=16, target_modules=LLAMA_TARGETS, use_rslora=True,
+                                  init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig())
+
+            def train_step():
+                for b in batches:
+                    model(**b).loss.backward()
+
+            peft.tuners.lora.preprocess_loraga(model, cfg, train_step)
+            peft.get_peft_model(model, cfg)
+        else:
+            from lowrank.init.driver import LayerSpec, run_initializer
+            from lowrank.inject import _check_untied, commit, find_targets
+
+            cfg = lowrank.LoRAConfig(rank=rank, alpha=16, scaling="rslora", targets=LLAMA_TARGETS, init="lora_ga",
+                                     init_options={"progress": False, **opts[arm]})
+            targets = find_targets(model, cfg)  # inject's steps, timed one by one
+            init = cfg.make_initializer()
+            init.ranks = {t.name: t.rank for t in targets}
+            stats = init.collect(model, {t.name: t.module for t in targets}, batches, None)
+            t1 = time.perf_counter()
+            results = run_initializer(init, [LayerSpec(t.name, t.module, t.rank, t.alpha, t.scaling) for t in targets],
+                                      stats=stats)
+            t2 = time.perf_counter()
+            _check_untied(model, targets, results, cfg.init)
+            commit(model, cfg, targets, results, [])
+            profile = {"estimate": t1 - t0, "factorize": t2 - t1, "rest": time.perf_counter() - t2}
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    queue.put((arm, seconds, mem.extra, profile))
+
+
+def bench_large(args):
+    H, I, L = (int(v) for v in args.large.split(","))
+    n_params = L * (4 * H * H + 3 * H * I)
+    print(f"\n## 7. Large model: random Llama hidden {H}, intermediate {I}, {L} layers, 7 projections each "
+          f"({7 * L} layers, {n_params / 1e6:.0f}M adapted weights: a dense float32 estimate holds "
+          f"{4 * n_params / 2**30:.2f} GiB), r={args.rank}, 2 batches of 2 x 64 tokens, "
+          f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {args.repeats} repeat(s)")
+    ctx = mp.get_context("spawn")
+    arms = ["default", "offload", "sketch"] + (["svd=full"] if args.large_full else []) + ["peft"]
+    results = {k: [] for k in arms}
+    for i in range(args.repeats):
+        for arm in (arms if i % 2 == 0 else arms[::-1]):
+            q = ctx.Queue()
+            p = ctx.Process(target=_large_worker, args=(arm, args.large, args.rank, q))
+            p.start()
+            res = q.get()
+            p.join()
+            results[arm].append(res[1:])
+    print("| LoRA-GA init | time (s) | extra peak memory (MiB) | time / PEFT | memory / PEFT | "
+          "estimate / factorize / rest (s) |\n|---|---|---|---|---|---|")
+    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in results.items()}
+    for k in arms:
+        prof = results[k][0][2]
+        parts = " / ".join(f"{prof[p]:.1f}" for p in ("estimate", "factorize", "rest")) if prof else ""
+        label = {"default": "lowrank (default: dense, svd=auto)", "offload": "lowrank, offload=True",
+                 "sketch": "lowrank, estimator='sketch'", "svd=full": "lowrank, svd='full'",
+                 "peft": "PEFT preprocess_loraga + get_peft_model"}[k]
+        print(f"| {label} | {med[k][0]:.1f} | {med[k][1] / 2**20:.0f} | {med[k][0] / med['peft'][0]:.2f} | "
+              f"{med[k][1] / med['peft'][1]:.3f} | {parts} |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
@@ -379,8 +480,17 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--only", choices=["lora_ga", "pissa", "alignment", "eva", "stats", "sketch"], default=None)
+    p.add_argument("--large", default=None, metavar="H,I,L",
+                   help="only the large-model benchmark: a random Llama (hidden,intermediate,layers), e.g. 2048,5632,10")
+    p.add_argument("--large-full", action="store_true", help="add LoRA-GA with svd='full' to --large")
     args = p.parse_args(argv)
     import peft
+
+    if args.large:
+        print(f"# bench_init --large: lowrank {lowrank.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
+              f"{os.cpu_count()} CPUs")
+        bench_large(args)
+        return
 
     print(f"# bench_init: lowrank {lowrank.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs")

@@ -177,3 +177,19 @@ def test_randomized_svd_matches_full_and_is_reproducible():
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         LoRAConfig(targets=["q"], init="lora_ga", init_options=options)
+
+
+def test_auto_svd_is_exact_on_small_layers_and_randomized_on_wide_ones():
+    from lowrank.init.svd import AUTO_FULL_MAX, top_svd
+
+    g = torch.Generator().manual_seed(0)
+    small = torch.randn(100, 80, generator=g)
+    for a, b in zip(top_svd(small, 6, method="auto"), top_svd(small, 6, method="full")):
+        assert torch.equal(a, b)
+    wide = torch.randn(AUTO_FULL_MAX + 40, AUTO_FULL_MAX + 8, generator=g)
+    auto = top_svd(wide, 6, method="auto", niter=4, generator=torch.Generator().manual_seed(1))
+    rand = top_svd(wide, 6, method="randomized", niter=4, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(auto, rand):
+        assert torch.equal(a, b)
+    exact = top_svd(wide, 6, method="full")
+    torch.testing.assert_close(auto[1], exact[1], rtol=1e-2, atol=0)  # a flat random spectrum: close, not exact

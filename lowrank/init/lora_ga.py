@@ -62,8 +62,8 @@ class LoRAGA(GradientInitializer):
         """Factor ``c`` on both A and B: ``stable``, ``gd``, ``unit`` or ``weight``."""
         stable_gamma: float = 16.0
         """``gamma`` of the stable scale ``c = m^(1/4) / sqrt(gamma)``."""
-        svd: str = "full"
-        """``full`` (exact) or ``randomized`` (seeded block Krylov)."""
+        svd: str = "auto"
+        """``auto`` (exact up to 512 wide, randomized beyond), ``full`` (exact) or ``randomized`` (seeded block Krylov)."""
         oversample: int | None = None
         """Randomized SVD: block size 2r + oversample (None: 2r, a block of 4r)."""
         niter: int = 4
