@@ -406,7 +406,10 @@ def _large_worker(arm, spec, rank, queue):
             "svd=full": {"svd": "full"}}
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        if arm == "peft":
+        if arm in ("pissa", "milora", "olora"):  # weight-based inits: layer by layer, on the layer's device
+            cfg = lowrank.LoRAConfig(rank=rank, alpha=16, targets=LLAMA_TARGETS, init=arm)
+            lowrank.inject(model, cfg, progress=False)
+        elif arm == "peft":
             import peft
 
             cfg = peft.LoraConfig(r=rank, lora_alpha=16, target_modules=LLAMA_TARGETS, use_rslora=True,
@@ -470,6 +473,18 @@ def bench_large(args):
                  "peft": "PEFT preprocess_loraga + get_peft_model"}[k]
         print(f"| {label} | {med[k][0]:.1f} | {med[k][1] / 2**20:.0f} | {med[k][0] / med['peft'][0]:.2f} | "
               f"{med[k][1] / med['peft'][1]:.3f} | {parts} |")
+    if args.large_weights:
+        largest = max(H * I, H * H) * 4
+        print(f"\nWeight-based inits on the same model (float32 weights: {4 * n_params / 2**20:.0f} MiB adapted, the "
+              f"largest layer {largest / 2**20:.0f} MiB), one run each:")
+        print("| init | time (s) | extra peak memory (MiB) | / adapted weights | / largest layer |\n|---|---|---|---|---|")
+        for arm in ("pissa", "milora", "olora"):
+            q = ctx.Queue()
+            p = ctx.Process(target=_large_worker, args=(arm, args.large, args.rank, q))
+            p.start()
+            _, sec, extra, _ = q.get()
+            p.join()
+            print(f"| {arm} | {sec:.1f} | {extra / 2**20:.0f} | {extra / (4 * n_params):.2f} | {extra / largest:.1f} |")
 
 
 def main(argv=None) -> None:
@@ -483,6 +498,7 @@ def main(argv=None) -> None:
     p.add_argument("--large", default=None, metavar="H,I,L",
                    help="only the large-model benchmark: a random Llama (hidden,intermediate,layers), e.g. 2048,5632,10")
     p.add_argument("--large-full", action="store_true", help="add LoRA-GA with svd='full' to --large")
+    p.add_argument("--large-weights", action="store_true", help="add PiSSA, MiLoRA, OLoRA's memory to --large")
     args = p.parse_args(argv)
     import peft
 
