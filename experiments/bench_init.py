@@ -404,8 +404,10 @@ def _large_worker(arm, spec, rank, queue):
     profile = {}
     opts = {"default": {}, "offload": {"offload": True}, "sketch": {"estimator": "sketch"},
             "svd=full": {"svd": "full"}}
+    est = PeakMemory()  # the estimation phase alone (started and stopped inside)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
+        est.__enter__()
         if arm in ("pissa", "milora", "olora"):  # weight-based inits: layer by layer, on the layer's device
             cfg = lowrank.LoRAConfig(rank=rank, alpha=16, targets=LLAMA_TARGETS, init=arm)
             lowrank.inject(model, cfg, progress=False)
@@ -420,6 +422,7 @@ def _large_worker(arm, spec, rank, queue):
                     model(**b).loss.backward()
 
             peft.tuners.lora.preprocess_loraga(model, cfg, train_step)
+            est.__exit__(None, None, None)
             peft.get_peft_model(model, cfg)
         else:
             from lowrank.init.driver import LayerSpec, run_initializer
@@ -431,6 +434,7 @@ def _large_worker(arm, spec, rank, queue):
             init = cfg.make_initializer()
             init.ranks = {t.name: t.rank for t in targets}
             stats = init.collect(model, {t.name: t.module for t in targets}, batches, None)
+            est.__exit__(None, None, None)
             t1 = time.perf_counter()
             results = run_initializer(init, [LayerSpec(t.name, t.module, t.rank, t.alpha, t.scaling) for t in targets],
                                       stats=stats)
@@ -441,6 +445,9 @@ def _large_worker(arm, spec, rank, queue):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
+    if not hasattr(est, "extra"):
+        est.__exit__(None, None, None)
+    profile["estimate_mem"] = est.extra
     queue.put((arm, seconds, mem.extra, profile))
 
 
@@ -462,17 +469,19 @@ def bench_large(args):
             res = q.get()
             p.join()
             results[arm].append(res[1:])
-    print("| LoRA-GA init | time (s) | extra peak memory (MiB) | time / PEFT | memory / PEFT | "
-          "estimate / factorize / rest (s) |\n|---|---|---|---|---|---|")
-    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in results.items()}
+    print("| LoRA-GA init | time (s) | extra peak memory (MiB) | time / PEFT | memory / PEFT | estimation phase: "
+          "extra peak (MiB), / PEFT's | estimate / factorize / rest (s) |\n|---|---|---|---|---|---|---|")
+    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
+               statistics.median(r[2]["estimate_mem"] for r in v)) for k, v in results.items()}
     for k in arms:
         prof = results[k][0][2]
-        parts = " / ".join(f"{prof[p]:.1f}" for p in ("estimate", "factorize", "rest")) if prof else ""
+        parts = " / ".join(f"{prof[p]:.1f}" for p in ("estimate", "factorize", "rest")) if "rest" in prof else ""
         label = {"default": "lowrank (default: dense, svd=auto)", "offload": "lowrank, offload=True",
                  "sketch": "lowrank, estimator='sketch'", "svd=full": "lowrank, svd='full'",
                  "peft": "PEFT preprocess_loraga + get_peft_model"}[k]
         print(f"| {label} | {med[k][0]:.1f} | {med[k][1] / 2**20:.0f} | {med[k][0] / med['peft'][0]:.2f} | "
-              f"{med[k][1] / med['peft'][1]:.3f} | {parts} |")
+              f"{med[k][1] / med['peft'][1]:.3f} | {med[k][2] / 2**20:.0f}, {med[k][2] / med['peft'][2]:.3f} | "
+              f"{parts} |")
     if args.large_weights:
         largest = max(H * I, H * H) * 4
         print(f"\nWeight-based inits on the same model (float32 weights: {4 * n_params / 2**20:.0f} MiB adapted, the "

@@ -131,16 +131,15 @@ class LayerContext:
         """The layer-input second moment ``C = X^T X / N``, float32 ``(d_in, d_in)`` (need ``"covariance"``)."""
         return self.stat("covariance")
 
-    def input_svd(self, *, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(S (d_in,), V (d_in, d_in))``: singular values (descending) and right-singular vectors of the
-        layer's input rows ``X``, centred or not (need ``"input_svd"``; see ``lowrank.init.statistics``)."""
+    def input_svd(self, *, centred: bool = False, k: int | None = None,
+                  vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(S (k,), V (d_in, k))``: the top ``k`` (default all) singular values (descending) and right-singular
+        vectors of the layer's input rows ``X``, centred or not; ``vectors=False``: ``(S, None)``, cheaper
+        (need ``"input_svd"``; see ``lowrank.init.statistics.input_svd``)."""
         from .statistics import input_svd
 
-        key = f"input_svd(centred={centred})"  # cached: the eigendecomposition is the expensive part
-        if key not in self._stats:
-            self._stats[key] = input_svd({k: self.stat(k) for k in ("covariance", "input_mean", "rows")},
-                                         centred=centred)
-        return self._stats[key]
+        return input_svd({key: self.stat(key) for key in ("covariance", "input_mean", "rows")}, centred=centred,
+                         k=k, vectors=vectors)
 
 
 class Initializer(ABC):

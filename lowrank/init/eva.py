@@ -85,7 +85,7 @@ class EVA(DataInitializer):
     def allocate(self, contexts, budget: RankBudget) -> dict[str, int]:
         scores = {}
         for ctx in contexts:
-            S, _ = ctx.input_svd(centred=self.options.centred)
+            S, _ = ctx.input_svd(centred=self.options.centred, vectors=False)
             var = S.double() ** 2
             scores[ctx.name] = var / var.sum().clamp_min(torch.finfo(torch.float64).tiny)
             self._check_rows(ctx, budget.lo[ctx.name])
@@ -97,8 +97,8 @@ class EVA(DataInitializer):
     def init_layer(self, ctx: LayerContext) -> InitResult:
         o, r = self.options, ctx.rank
         self._check_rows(ctx, r)
-        S, V = ctx.input_svd(centred=o.centred)
-        A = sign_fixed(V[:, :r]).T.contiguous()  # (r, n), orthonormal rows
+        S, V = ctx.input_svd(centred=o.centred, k=r)
+        A = sign_fixed(V).T.contiguous()  # (r, n), orthonormal rows
         if o.whiten:
             A = A / S[:r, None].clamp_min(torch.finfo(A.dtype).tiny).sqrt()
         return InitResult(A=A.to(ctx.device), B=ctx.zeros(ctx.m, r))

@@ -146,13 +146,17 @@ def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data
         sink = _Sketches(shapes, device, right=basis if side == "right" else None,
                          left=basis if side == "left" else None)
         one_pass(sink, p)
+        # Only the side the last pass applies G (or G^T) to is factorized at the end: keep just its blocks.
+        keep = (passes - 1 - p) % 2 == 0
         if side == "right":
-            for n in modules:  # Omega too: G Omega is known, and more directions cost nothing here
-                rows_known[n].append((basis[n], sink.Y[n]))  # float32 while passes run
+            if keep:  # Omega too: G Omega is known, and more directions cost nothing here
+                for n in modules:
+                    rows_known[n].append((basis[n], sink.Y[n]))  # float32 while passes run
             basis, side = {n: _orth(sink.Y[n]).float() for n in modules}, "left"
         else:
-            for n in modules:
-                cols_known[n].append((basis[n], sink.Z[n]))
+            if keep:
+                for n in modules:
+                    cols_known[n].append((basis[n], sink.Z[n]))
             basis, side = {n: _orth(sink.Z[n]).float() for n in modules}, "right"
     out = {}
     for n in modules:

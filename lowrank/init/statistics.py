@@ -148,14 +148,16 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             x = args[0].detach()
             if want_inputs:
-                # Layers fed the same tensor (query, key, value) share one product per batch; the cache holds
-                # the tensor itself, so its identity cannot be reused by another one during the batch.
-                hit = state["seen"].get(id(x))
-                if hit is None or hit[0] is not x:
+                # Consecutive layers fed the same tensor (query, key, value) share one product. Only the last
+                # input is kept (holding it, its identity cannot pass to another tensor meanwhile): an input is
+                # freed as soon as the next layer's arrives.
+                hit = state["seen"].get("last")
+                if hit is None or hit[0] is not args[0]:
                     mask = state["mask"]
                     rows_x = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
                     rows_x = rows_x.float()
-                    hit = state["seen"][id(x)] = (x, upper_gram(rows_x), rows_x.sum(0), rows_x.shape[0])
+                    state["seen"].clear()
+                    hit = state["seen"]["last"] = (args[0], upper_gram(rows_x), rows_x.sum(0), rows_x.shape[0])
                 _, g, sx, nrows = hit
                 gram[name].add_(g.to(acc_device))
                 xsum[name].add_(sx.to(acc_device))
@@ -244,19 +246,27 @@ def symmetrize_(gram: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
     return gram
 
 
-def input_svd(stats: Mapping[str, torch.Tensor], *, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S, V)``: the singular values (descending, ``(d_in,)``) and right-singular vectors (columns of
-    ``V (d_in, d_in)``) of the layer's input rows ``X (N, d_in)``, centred (``X - 1 mu^T``) or not.
+def input_svd(stats: Mapping[str, torch.Tensor], *, centred: bool = False, k: int | None = None,
+              vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(S, V)``: the top ``k`` (default all) singular values (descending) and right-singular vectors (columns
+    of ``V (d_in, k)``) of the layer's input rows ``X (N, d_in)``, centred (``X - 1 mu^T``) or not;
+    ``vectors=False``: ``S`` only (``V`` is ``None``), cheaper.
 
-    From the collected ``C = X^T X / N`` and ``mu``: ``X^T X = N C`` (centred: ``N (C - mu mu^T)``),
-    whose eigenvectors are ``V`` and eigenvalues ``S^2``; factorized in float64.
+    From the collected ``C = X^T X / N`` and ``mu``: ``X^T X = N C`` (centred: ``N (C - mu mu^T)``), whose
+    eigenvectors are ``V`` and eigenvalues ``S^2``; factorized in float64 (one triangle is read).
     """
-    C, mu, N = stats["covariance"].double(), stats["input_mean"].double(), int(stats["rows"])
-    gram = N * (C - torch.outer(mu, mu) if centred else C)
-    gram = (gram + gram.T) / 2
+    N = int(stats["rows"])
+    gram = stats["covariance"].double()
+    if centred:
+        mu = stats["input_mean"].double()
+        gram.sub_(torch.outer(mu, mu))
+    gram.mul_(N)
+    k = gram.shape[0] if k is None else k
+    if not vectors:
+        return torch.linalg.eigvalsh(gram).flip(0)[:k].clamp_min(0).sqrt().float(), None
     evals, evecs = torch.linalg.eigh(gram)  # ascending
-    S = evals.flip(0).clamp_min(0).sqrt()
-    return S.float(), evecs.flip(1).float()
+    del gram
+    return evals.flip(0)[:k].clamp_min(0).sqrt().float(), evecs[:, -k:].flip(1).float()
 
 
 def data_options_check(num_batches: Any) -> None:
@@ -320,7 +330,7 @@ def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators
                 if loss.requires_grad:
                     loss.backward()
             del loss  # drop the graph now: its nodes hold this batch's hooks, and they hold the layer inputs
-            state["seen"].clear()  # and this batch's shared input products
+            state["seen"].clear()  # and the last input's products
             # One reduction per accumulator and a single sync: a non-finite entry makes its sum non-finite.
             if accumulators and not torch.isfinite(torch.stack([a.sum() for a in accumulators])).all():
                 bad = [n for n in modules if _nonfinite(accumulators, n, modules)]
