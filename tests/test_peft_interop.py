@@ -273,3 +273,19 @@ def test_initialize_rolls_back_a_failed_commit(monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         lowrank.peft.initialize(pm, "pissa")
     snap.assert_unchanged()
+
+
+def test_initialize_refuses_an_allocating_initializer_and_runs_eva_at_fixed_ranks():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+    snap = Snapshot(pm)
+    with pytest.raises(ValueError, match="allocates per-layer ranks, but a PEFT model's LoRA layers are already built"):
+        lowrank.peft.initialize(pm, "eva", data=batches("bert", 2), init_options={"progress": False})
+    snap.assert_unchanged()
+    lowrank.peft.initialize(pm, "eva", data=batches("bert", 2), init_options={"rho": 1, "progress": False})
+    for name, mod in pm.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            A = mod.lora_A["default"].weight.detach()
+            torch.testing.assert_close(A @ A.T, torch.eye(2), rtol=0, atol=1e-5)
+            assert torch.equal(mod.lora_B["default"].weight, torch.zeros_like(mod.lora_B["default"].weight))

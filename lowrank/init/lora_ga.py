@@ -66,15 +66,17 @@ class LoRAGA(GradientInitializer):
         """``auto`` (exact up to 512 wide, randomized beyond), ``full`` (exact) or ``randomized`` (seeded block Krylov)."""
         oversample: int | None = None
         """Randomized SVD: block size 2r + oversample (None: 2r, a block of 4r)."""
-        niter: int = 4
-        """Randomized SVD: Krylov depth (search space of (2r + oversample)(niter + 1) directions)."""
+        niter: int | None = None
+        """Randomized SVD: Krylov depth (search space of (2r + oversample)(niter + 1) directions); default 4
+        for ``svd="randomized"``, 2 for the layers ``svd="auto"`` factorizes randomized (first step within 1e-3
+        of the Eckart-Young floor there, ``lowrank.init.svd.AUTO_FULL_MAX``)."""
 
         def __post_init__(self):
             super().__post_init__()
             if self.direction not in DIRECTIONS:
                 raise ValueError(f"invalid direction={self.direction!r}: must be one of {DIRECTIONS}")
             check_scale(self.scale, self.stable_gamma)
-            check_svd_options(self.svd, self.oversample, self.niter)
+            check_svd_options(self.svd, self.oversample, 0 if self.niter is None else self.niter)
 
     _warned_scaling = False
     sketchable = True
@@ -94,7 +96,8 @@ class LoRAGA(GradientInitializer):
 
     def init_layer(self, ctx: LayerContext) -> InitResult:
         o, r = self.options, ctx.rank
-        U, _, V = ctx.gradient_svd(2 * r, method=o.svd, oversample=o.oversample, niter=o.niter,
+        niter = o.niter if o.niter is not None else (2 if o.svd == "auto" else 4)
+        U, _, V = ctx.gradient_svd(2 * r, method=o.svd, oversample=o.oversample, niter=niter,
                                    generator=ctx.generator)  # (m, 2r), (n, 2r)
         ia, ib = split_indices(o.direction, r, ctx.generator)
         c = scale_factor(o.scale, m=ctx.m, rank=r, scaling=ctx.scaling, gamma=o.stable_gamma,

@@ -17,9 +17,10 @@ import torch
 SVD_METHODS = ("auto", "full", "randomized")
 AUTO_FULL_MAX = 512
 """``method="auto"``: the exact SVD when ``min(m, n) <= AUTO_FULL_MAX`` (cheap there), else the randomized
-one. On a random Llama (hidden 1024, intermediate 2816, LoRA-GA r=8) the exact SVDs of 28 gradients took
-22 s and the randomized ones 2.1 s, with the first step's excess over the Eckart-Young floor at most 2.9e-6
-(``experiments/bench_init.py --large``)."""
+one. On a random Llama (hidden 1024, intermediate 2816, 28 gradients, LoRA-GA r=8, one thread) the exact
+SVDs took 22 s, the randomized ones 2.1 s at Krylov depth 4 (first step's excess over the Eckart-Young
+floor: median 4e-11, max 2.9e-6) and 1.1 s at depth 2 (median 2.9e-6, max 9.8e-4), LoRA-GA's ``auto``
+default (``experiments/bench_init.py --large``)."""
 
 
 def top_svd(M: torch.Tensor, k: int, *, method: str = "full", oversample: int | None = None, niter: int = 8,

@@ -84,6 +84,10 @@ def initialize(peft_model: nn.Module, init: str = "lora_ga", data: Iterable | No
     if "factors" not in initializer.adapter_kinds:
         raise ValueError(f"initializer {init!r} initializes {list(initializer.adapter_kinds)} adapters, not PEFT's "
                          "LoRA factors")
+    if initializer.allocates():
+        raise ValueError(f"initializer {init!r} with these options allocates per-layer ranks, but a PEFT model's LoRA "
+                         "layers are already built with theirs; pass options that keep the ranks (eva: rho=1, gora: "
+                         "allocate_ranks=False), or allocate with lowrank.inject and lowrank.peft.export")
     specs = [LayerSpec(n, m.get_base_layer(), m.r[adapter_name], float(m.lora_alpha[adapter_name]),
                        float(m.scaling[adapter_name])) for n, m in layers.items()]
     results = run_initializer(initializer, specs, seed=seed, model=peft_model, data=data, loss_fn=loss_fn)
