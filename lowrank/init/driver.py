@@ -192,7 +192,8 @@ def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch
     given, then cast to the weight's dtype and layout); return the previous data for rollback. A result that
     is not finite is an error and the weight is put back."""
     dt = torch.promote_types(module.weight.dtype, torch.float32)
-    old = set_weight(module, w0.to(dt) - scaling * (B.to(dt) @ A.to(dt)))
+    # One fused product into one new tensor: no (m, n) temporaries for B A and s B A (large layers).
+    old = set_weight(module, torch.addmm(w0.to(dt), B.to(dt), A.to(dt), alpha=-scaling))
     if not torch.isfinite(module.weight).all():
         module.weight.data = old
         raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large for the "

@@ -185,7 +185,8 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
     except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank if distributed)
         error = exc
     if combine:
-        dist_helpers.agree(error, what="gradient estimation" if want_grad else "the input statistics pass")  # an error on one rank is an error on all, not a hang
+        # an error on one rank is an error on all, not a hang
+        dist_helpers.agree(error, what="gradient estimation" if want_grad else "the input statistics pass")
         n_total = dist_helpers.combine_sums([*accumulators, rows], n_done)
         reached = {n for n in modules if (not want_grad or any(k[n].any() for k in grad_kinds))
                    and (not want_inputs or rows[index[n]] > 0)}
