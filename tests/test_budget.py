@@ -148,3 +148,9 @@ def test_an_edited_allocation_is_refused_on_load(tmp_path):
     (tmp_path / "lowrank_config.json").write_text(json.dumps(meta))
     with pytest.raises(lowrank.AdapterFileError, match="do not fit the config's budget 7"):
         lowrank.load_adapter(factory(), tmp_path)
+
+
+def test_non_finite_scores_are_refused():
+    budget = RankBudget(3, {"a": 1, "b": 1}, {"a": 2, "b": 2})
+    with pytest.raises(ValueError, match="scores of layer 'a' are not finite"):
+        allocate_greedy({"a": torch.tensor([float("nan"), 0.1]), "b": torch.tensor([0.5, 0.2])}, budget)

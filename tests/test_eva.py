@@ -117,3 +117,16 @@ def test_eva_agrees_with_peft_on_the_same_rows():
         assert _principal_angles(ours, theirs).max() < 2e-3, name
         ours_err, theirs_err = _principal_angles(ours, exact).max(), _principal_angles(theirs, exact).max()
         assert ours_err < 1e-4 and ours_err <= theirs_err + 1e-6, (name, ours_err, theirs_err)
+
+
+def test_whitening_rank_deficient_inputs_is_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(2, 8, generator=g)
+    data = [torch.randn(20, 2, generator=g) @ basis]  # 20 rows spanning 2 dimensions
+    snap = Snapshot(model)
+    with pytest.raises(ValueError, match=r"eva: layer '0' has input singular values down to .* whitening would divide"):
+        lowrank.inject(model, LoRAConfig(targets=["0"], rank=4, init="eva",
+                                         init_options={"rho": 1, "whiten": True, "centred": False, "progress": False}),
+                       data=data, progress=False)
+    snap.assert_unchanged()

@@ -187,3 +187,36 @@ def test_wide_inputs_take_the_blocked_upper_triangle_path_exactly():
     stats = collect_statistics(model, {"0": model[0]}, data, None, ("covariance",), progress=False)
     x = torch.cat([b.reshape(-1, n) for b in data]).double()
     torch.testing.assert_close(stats["0"]["covariance"].double(), x.T @ x / x.shape[0], rtol=1e-5, atol=1e-5)
+
+
+class _InPlace(torch.nn.Module):
+    """Two layers fed the same tensor object, changed in place between them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = x.clone()
+        y = self.a(x)
+        x.mul_(2.0)
+        return y.sum() + self.b(x).sum()
+
+
+def test_an_input_changed_in_place_between_layers_is_not_reused():
+    model = _InPlace()
+    data = [torch.randn(4, 6) for _ in range(2)]
+    stats = collect_statistics(model, {"a": model.a, "b": model.b}, data, None, ("covariance",), progress=False)
+    x = torch.cat(data).double()
+    torch.testing.assert_close(stats["a"]["covariance"].double(), x.T @ x / 8, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats["b"]["covariance"].double(), 4 * x.T @ x / 8, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mean_that_dominates_the_spread_warns_for_centred_statistics():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 2))
+    data = [1e4 + torch.randn(50, 5, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    stats = collect_statistics(model, {"0": model[0]}, data, None, ("input_svd",), progress=False)
+    with pytest.warns(UserWarning, match="mean dominates their spread"):
+        input_svd(stats["0"], centred=True)
+    input_svd(stats["0"], centred=False)  # the raw second moment is fine

@@ -69,6 +69,8 @@ def allocate_greedy(scores: Mapping[str, torch.Tensor], budget: RankBudget) -> d
     cands = []
     for li, (name, s) in enumerate(scores.items()):
         s = s.detach().double().cpu()
+        if not torch.isfinite(s).all():
+            raise ValueError(f"rank allocation scores of layer {name!r} are not finite: {s.tolist()[:5]} ...")
         best = float("inf")
         for i in range(budget.lo[name], min(budget.hi[name], s.numel())):
             best = min(best, float(s[i]))  # a running minimum keeps each layer's picks contiguous

@@ -13,6 +13,8 @@ is singular:
 
 Damping as in the authors' code and PEFT: ``delta = d mean(diag C)``, ``d`` from ``damping`` (0.01)
 doubling until ``||C' C'^{-1} - I||_F < damping_tol`` (at most ``max_doublings`` times, then an error).
+So ``C`` is always damped, by at least ``0.01 mean(diag C)``, also when it is well conditioned (the
+reconstruction ``W0 = U S V^T C'^{-1}`` is exact either way).
 Computed in float64 on the layer's device.
 
 Where lowrank differs from PEFT's ``preprocess_corda`` (checked in ``tests/test_corda.py``): PEFT

@@ -109,6 +109,12 @@ def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], *, se
     if budget is not None:
         ranks = budget.check(initializer.allocate([context(s, seed, collected.get(s.name)) for s in layers], budget),
                              name)
+        if getattr(initializer.options, "distributed", False) and dist_helpers.active():
+            import torch.distributed as dist
+
+            box = [ranks]  # rank 0's allocation everywhere: an ulp of difference must not change a layer's shape
+            dist.broadcast_object_list(box, src=0)
+            ranks = box[0]
         layers = [LayerSpec(s.name, s.module, ranks[s.name],
                             allocation.alpha(s.name, ranks[s.name]) if allocation.alpha else s.alpha,
                             allocation.scaling(s.name, ranks[s.name]) if allocation.scaling else s.scaling)

@@ -11,8 +11,9 @@ Rank redistribution (``rho > 1``): each layer offers its first ``round(rho r)`` 
 their explained-variance ratio ``S_i^2 / sum_j S_j^2`` (over all of the layer's components); the
 budget (default ``r`` times the number of targets, or ``LoRAConfig.rank_budget``) goes to the
 highest-scoring components overall, each layer keeping at least ``rank_min``. With ``adjust_alpha``
-a layer allocated ``r'`` gets ``alpha' = alpha r' / r``, so its scale ``alpha' / r'`` stays
-``alpha / r`` (the paper's and PEFT's rule).
+a layer allocated ``r'`` gets ``alpha' = alpha r' / r`` (the paper's and PEFT's rule): with standard
+scaling its scale ``alpha' / r'`` stays ``alpha / r``; under rsLoRA it becomes ``alpha sqrt(r') / r``,
+as in PEFT (``use_rslora``), so it grows with the allocated rank.
 
 Where lowrank differs from PEFT's ``get_eva_state_dict`` (both checked in ``tests/test_eva.py``):
 the singular vectors are exact (the eigendecomposition of the accumulated ``X_c^T X_c``, one pass,
@@ -100,5 +101,9 @@ class EVA(DataInitializer):
         S, V = ctx.input_svd(centred=o.centred, k=r)
         A = sign_fixed(V).T.contiguous()  # (r, n), orthonormal rows
         if o.whiten:
-            A = A / S[:r, None].clamp_min(torch.finfo(A.dtype).tiny).sqrt()
+            if not S[r - 1] > S[0] * 1e-3:  # below that, S^2 is within the float32 sums' rounding of S_0^2
+                raise ValueError(f"eva: layer {ctx.name!r} has input singular values down to {S[r - 1].item():.3g} (top "
+                                 f"{S[0].item():.3g}) among its top {r}: whitening would divide by ~0. Use whiten=False, "
+                                 "a lower rank, or more varied data")
+            A = A / S[:r, None].sqrt()
         return InitResult(A=A.to(ctx.device), B=ctx.zeros(ctx.m, r))

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..adapters.base import weight_view
 from ..registry import register_initializer
 from .base import InitResult, LayerContext
 from .budget import RankBudget, allocate_proportional
@@ -93,7 +94,7 @@ class GoRA(GradientInitializer):
                           f"{ctx.scaling:.4g} = alpha / r. Pass scaling='rslora' to follow the paper.", stacklevel=4)
 
     def allocate(self, contexts, budget: RankBudget) -> dict[str, int]:
-        imp = {c.name: importance(c.weight, c.gradient()) for c in contexts}
+        imp = {c.name: importance(weight_view(c.module).detach(), c.gradient()) for c in contexts}  # no cached copies
         total = sum(imp.values())
         if not total > 0:
             raise ValueError("gora: every target layer has zero importance mean|W0 * G| (a zero gradient); check "

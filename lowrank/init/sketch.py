@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from .. import distributed as dist_helpers
 from ..adapters.base import weight_shape
 from .base import layer_seed
 from .statistics import GradientSink, collect_statistics
@@ -122,7 +123,15 @@ def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data
         collect_statistics(model, modules, data, loss_fn, ("gradient",), gradient_sink=sink,
                            losses=first if index == 0 else seen, **run)
         if index > 0:
-            _check_same_data(first, seen, index)
+            error = None
+            try:
+                _check_same_data(first, seen, index)
+            except ValueError as exc:
+                error = exc
+            if distributed and dist_helpers.active():
+                dist_helpers.agree(error, what="the sketch's same-data check")  # raised on every rank, no hang
+            elif error is not None:
+                raise error
 
     if passes == 1:
         psi = {n: gauss(n, 2 * width[n] + 1, shapes[n][0]) for n in modules}

@@ -35,6 +35,8 @@ on all; a layer the data never reaches is an error that names it.
 
 from __future__ import annotations
 
+import math
+import warnings
 from contextlib import ExitStack
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -152,13 +154,14 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
                 # input is kept (holding it, its identity cannot pass to another tensor meanwhile): an input is
                 # freed as soon as the next layer's arrives.
                 hit = state["seen"].get("last")
-                if hit is None or hit[0] is not args[0]:
+                if hit is None or hit[0] is not args[0] or hit[4] != args[0]._version:  # changed in place: redo
                     mask = state["mask"]
                     rows_x = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
                     rows_x = rows_x.float()
                     state["seen"].clear()
-                    hit = state["seen"]["last"] = (args[0], upper_gram(rows_x), rows_x.sum(0), rows_x.shape[0])
-                _, g, sx, nrows = hit
+                    hit = state["seen"]["last"] = (args[0], upper_gram(rows_x), rows_x.sum(0), rows_x.shape[0],
+                                                   args[0]._version)
+                _, g, sx, nrows, _ = hit
                 gram[name].add_(g.to(acc_device))
                 xsum[name].add_(sx.to(acc_device))
                 rows[index[name]] += nrows
@@ -254,13 +257,21 @@ def input_svd(stats: Mapping[str, torch.Tensor], *, centred: bool = False, k: in
     ``vectors=False``: ``S`` only (``V`` is ``None``), cheaper.
 
     From the collected ``C = X^T X / N`` and ``mu``: ``X^T X = N C`` (centred: ``N (C - mu mu^T)``), whose
-    eigenvectors are ``V`` and eigenvalues ``S^2``; factorized in float64 (one triangle is read).
+    eigenvectors are ``V`` and eigenvalues ``S^2``; factorized in float64 (one triangle is read). The sums
+    are float32: centring subtracts ``N mu mu^T`` at the end, so when the mean dominates the spread
+    (centred / raw second moment below 1e-3) digits are lost, and a warning says how many.
     """
     N = int(stats["rows"])
     gram = stats["covariance"].double()
     if centred:
         mu = stats["input_mean"].double()
+        total = gram.diagonal().sum()
         gram.sub_(torch.outer(mu, mu))
+        spread = gram.diagonal().sum()
+        if spread < 1e-3 * total:  # float32 sums of x x^T keep ~7 digits of the raw second moment
+            warnings.warn(f"the layer inputs' mean dominates their spread (centred/raw second moment {spread / total:.1e}); "
+                          "the centred SVD from float32 sums has lost about "
+                          f"{-math.log10(max(spread / total, 1e-30)):.0f} of its ~7 digits", stacklevel=3)
     gram.mul_(N)
     k = gram.shape[0] if k is None else k
     if not vectors:
