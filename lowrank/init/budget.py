@@ -43,7 +43,8 @@ class RankBudget:
                              f"rank (= {lo}); raise rank_budget to at least {lo} or lower rank_min")
         if self.total > hi:
             raise ValueError(f"rank_budget={self.total} is larger than the target layers can hold ({hi}, the sum of "
-                             f"their maximum ranks); lower rank_budget to at most {hi}, raise rank_max, or add targets")
+                             f"their maximum ranks); lower rank_budget to at most {hi}, raise rank_max (or the "
+                             "method's own cap, e.g. EVA's rho), or add targets")
 
     def check(self, ranks: Mapping[str, int], who: str) -> dict[str, int]:
         """``ranks`` as a dict, or a ``ValueError`` naming what is wrong with them."""

@@ -113,7 +113,7 @@ def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data
     device = next(iter(modules.values())).weight.device
     gens = {n: torch.Generator().manual_seed(layer_seed(seed, f"sketch:{n}")) for n in modules}
     gauss = lambda n, *s: torch.randn(*s, generator=gens[n]).to(device)  # noqa: E731
-    omega = {n: gauss(n, shapes[n][1], width[n]) for n in modules}
+    omega = {n: gauss(n, shapes[n][1], width[n]) / math.sqrt(shapes[n][1]) for n in modules}  # ~unit columns
     first: list[float] = []
     run = dict(num_batches=num_batches, train_mode=train_mode, progress=progress, distributed=distributed,
                mask_padding=False)

@@ -100,7 +100,9 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
         distributed: under an initialized process group (world size > 1) the result is over all ranks'
             batches, bitwise identical on every rank; ``num_batches`` counts this rank's batches.
         mask_padding: input statistics skip the rows of padding tokens, where a dict batch has an
-            ``attention_mask`` of the layer input's leading shape.
+            ``attention_mask`` of the layer input's leading shape (matched by shape alone: a layer whose
+            input is ``(batch, tokens, d)`` of another sequence with the same shape would be masked too;
+            pass ``False`` for such models, e.g. encoder-decoders with equal lengths).
         gradient_sink: with ``"gradient"``, hand each gradient piece ``(g, x)`` (``g = dL/dy`` and ``x`` as
             ``(tokens, d)`` float32 matrices, ``G = sum g^T x``) to the sink instead of forming ``G``
             (``lowrank.init.sketch``); the result then has no ``"gradient"`` entry, the sink's
