@@ -29,7 +29,8 @@ Three measurements, each side by side with PEFT in one run (PEFT version printed
 7. Large model (``--large H,I,L``, e.g. ``2048,5632,10``): a Llama built from a ``transformers`` config
    with random weights (hidden ``H``, intermediate ``I``, ``L`` layers, all seven projections, r=8,
    2 batches of 2 x 64 tokens), each arm in a fresh process: LoRA-GA with the default estimator and
-   SVD, with ``offload=True``, with ``estimator="sketch"``, optionally ``svd="full"`` (``--large-full``),
+   SVD, with ``offload=True``, with ``estimator="sketch"``, each of the two with ``rollback="recompute"``
+   (offsets written in place), optionally ``svd="full"`` (``--large-full``),
    and PEFT's ``preprocess_loraga`` + ``get_peft_model``: time and extra peak memory, ratios to PEFT,
    and the default's profile (gradient estimate / factorizations / the rest). On CUDA when present.
 5. The statistics pass (``--only stats``): a forward-only statistic (``covariance``, ``input_svd``)
@@ -403,7 +404,7 @@ def _large_worker(arm, spec, rank, queue):
     model, batches = _llama(spec)
     profile = {}
     opts = {"default": {}, "offload": {"offload": True}, "sketch": {"estimator": "sketch"},
-            "svd=full": {"svd": "full"}}
+            "svd=full": {"svd": "full"}, "in place": {}, "sketch, in place": {"estimator": "sketch"}}
     est = PeakMemory()  # the estimation phase alone (started and stopped inside)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -440,7 +441,7 @@ def _large_worker(arm, spec, rank, queue):
                                       stats=stats)
             t2 = time.perf_counter()
             _check_untied(model, targets, results, cfg.init)
-            commit(model, cfg, targets, results, [])
+            commit(model, cfg, targets, results, [], rollback="recompute" if "in place" in arm else "exact")
             profile = {"estimate": t1 - t0, "factorize": t2 - t1, "rest": time.perf_counter() - t2}
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -459,7 +460,8 @@ def bench_large(args):
           f"{4 * n_params / 2**30:.2f} GiB), r={args.rank}, 2 batches of 2 x 64 tokens, "
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {args.repeats} repeat(s)")
     ctx = mp.get_context("spawn")
-    arms = ["default", "offload", "sketch"] + (["svd=full"] if args.large_full else []) + ["peft"]
+    arms = (["default", "offload", "sketch", "in place", "sketch, in place"] + (["svd=full"] if args.large_full else [])
+            + ["peft"])
     results = {k: [] for k in arms}
     for i in range(args.repeats):
         for arm in (arms if i % 2 == 0 else arms[::-1]):
@@ -478,6 +480,8 @@ def bench_large(args):
         parts = " / ".join(f"{prof[p]:.1f}" for p in ("estimate", "factorize", "rest")) if "rest" in prof else ""
         label = {"default": "lowrank (default: dense, svd=auto)", "offload": "lowrank, offload=True",
                  "sketch": "lowrank, estimator='sketch'", "svd=full": "lowrank, svd='full'",
+                 "in place": "lowrank, rollback='recompute'",
+                 "sketch, in place": "lowrank, estimator='sketch', rollback='recompute'",
                  "peft": "PEFT preprocess_loraga + get_peft_model"}[k]
         print(f"| {label} | {med[k][0]:.1f} | {med[k][1] / 2**20:.0f} | {med[k][0] / med['peft'][0]:.2f} | "
               f"{med[k][1] / med['peft'][1]:.3f} | {med[k][2] / 2**20:.0f}, {med[k][2] / med['peft'][2]:.3f} | "

@@ -9,16 +9,17 @@ modules, the same weight tensors and the same ``requires_grad`` flags as before.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .adapters.base import SUPPORTED_TYPES, Adapter, weight_shape
+from .adapters.base import SUPPORTED_TYPES, Adapter, weight_shape, weight_view
 from .config import LoRAConfig, matches_targets
 from .init.base import InitResult
-from .init.driver import LayerSpec, run_initializer
+from .init.driver import LayerSpec, offset_value, offsets_in_place, run_initializer
 from .registry import get_adapter
 
 RECORD_ATTR = "_lowrank_record"
@@ -156,25 +157,54 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return old
 
 
+ROLLBACKS = ("exact", "recompute")
+
+
+def _check_offsets(targets: Sequence[Target], results: Sequence[InitResult], init_name: str) -> None:
+    """Every offset base weight ``W0 - s B A`` is finite in the weight's dtype (the factors as the layer stores
+    them), before any weight is written: the check ``offset_weight`` makes, done up front."""
+    for t, res in zip(targets, results):
+        if res.offset:
+            dt = t.module.weight.dtype
+            new = offset_value(t.module, weight_view(t.module), res.A.to(dt), res.B.to(dt), t.scaling)
+            if not torch.isfinite(new).all():
+                raise FloatingPointError(f"layer {t.name!r} ({init_name!r}): the offset base weight W0 - s B A is not "
+                                         f"finite (the factors are too large for the weight's dtype {dt}); the model "
+                                         "was not changed. Use smaller factors")
+
+
 def commit(model: nn.Module, config: LoRAConfig, targets: Sequence[Target], results: Sequence[InitResult],
-           trainable: Sequence[tuple[str, nn.Module]]) -> None:
-    """Swap in the adapter layers, offset base weights, freeze; roll everything back on failure."""
+           trainable: Sequence[tuple[str, nn.Module]], rollback: str = "exact") -> None:
+    """Swap in the adapter layers, offset base weights, freeze; roll everything back on failure.
+
+    ``rollback="exact"`` keeps every replaced base weight until the end (one extra copy of the offset
+    weights), so a failure restores them bit for bit. ``"recompute"`` checks every offset first, then
+    writes the offset weights in place (no copy); a failure after that point (only an interrupt or an
+    out-of-memory error can cause one) restores them as ``W + s B0 A0``, exact up to one rounding."""
+    if rollback not in ROLLBACKS:
+        raise ValueError(f"invalid rollback={rollback!r}: must be one of {ROLLBACKS}")
+    if rollback == "recompute":
+        _check_offsets(targets, results, config.init)
     adapter_cls = get_adapter(config.adapter)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     params = list(model.parameters())
     old_flags = [p.requires_grad for p in params]
     swapped: list[tuple[str, nn.Module]] = []
     old_weights: list[tuple[nn.Module, torch.Tensor]] = []
+    in_place: list = []  # layers whose base weight was overwritten (rollback="recompute")
     try:
         for t, res in zip(targets, results):
             layer = adapter_cls(t.module, t.rank, t.alpha, t.scaling, config.dropout)
             layer.train(t.module.training)
             try:
-                old = layer.initialize(res)
+                with offsets_in_place() if rollback == "recompute" else nullcontext():
+                    old = layer.initialize(res)
             except FloatingPointError as exc:
                 raise FloatingPointError(f"layer {t.name!r} ({config.init!r}): {exc}") from None
             if old is not None:
                 old_weights.append((t.module, old))
+            elif res.offset:
+                in_place.append(layer)
             _set_module(model, t.name, layer)
             swapped.append((t.name, t.module))
         for p in params:
@@ -191,13 +221,17 @@ def commit(model: nn.Module, config: LoRAConfig, targets: Sequence[Target], resu
             _set_module(model, name, module)
         for module, old in old_weights:
             module.weight.data = old
+        with torch.no_grad():
+            for layer in in_place:
+                weight_view(layer.base_layer).copy_(layer.original_weight().to(layer.base_layer.weight.dtype))
         for p, flag in zip(params, old_flags):
             p.requires_grad_(flag)
         raise
 
 
 def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
-           loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, *, progress: bool = True) -> nn.Module:
+           loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, *, progress: bool = True,
+           rollback: str = "exact") -> nn.Module:
     """Adapt ``model`` in place: wrap every target layer, freeze the base, run ``config.init``.
 
     Args:
@@ -206,6 +240,9 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
         data: an iterable of batches, for data-driven initializers (LoRA-GA, LoRA-One, ...).
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; defaults to ``model(**batch).loss``.
         progress: show progress bars.
+        rollback: ``"exact"`` (default) keeps each replaced base weight until the injection has succeeded;
+            ``"recompute"`` writes offset base weights in place, saving one copy of the adapted weights
+            on large models (:func:`commit`). Bad input is caught before any write in both.
 
     Returns ``model``. Raises (leaving the model exactly as it was) on any bad input.
     """
@@ -213,6 +250,8 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
         raise TypeError("inject into the model before wrapping it in DistributedDataParallel (DDP fixes its parameter "
                         "list at construction): lowrank.inject(model, config, data=shard) on every rank, then "
                         "DistributedDataParallel(model)")
+    if rollback not in ROLLBACKS:
+        raise ValueError(f"invalid rollback={rollback!r}: must be one of {ROLLBACKS}")
     if any(True for _ in adapted_layers(model)):
         raise ValueError(f"{type(model).__name__} already has lowrank adapters; call lowrank.unload(model) "
                          f"before injecting again")
@@ -229,5 +268,5 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
             t.rank = res.A.shape[0]
             t.alpha, t.scaling = config.alpha_for(t.name, t.rank), config.scaling_for(t.name, t.rank)
     _check_untied(model, targets, results, config.init)
-    commit(model, config, targets, results, trainable)
+    commit(model, config, targets, results, trainable, rollback=rollback)
     return model

@@ -202,3 +202,53 @@ def _test_initializers():
     yield
     for name in ("test_offset_init", "test_bad_shape_init"):
         lowrank.registry.INITIALIZERS.unregister(name)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_rollback_recompute_writes_in_place_and_equals_exact(adapter):
+    """rollback="recompute": the same model bit for bit, the base weights overwritten in their own storage."""
+    exact = lowrank.inject(tiny_bert(), LoRAConfig(rank=2, targets=["query", "value"], init="pissa", adapter=adapter))
+    model = tiny_bert()
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    lowrank.inject(model, LoRAConfig(rank=2, targets=["query", "value"], init="pissa", adapter=adapter),
+                   rollback="recompute")
+    a, b = dict(exact.named_parameters()), dict(model.named_parameters())
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    for n, p in model.named_parameters():
+        if n.endswith("base_layer.weight"):
+            assert p.data_ptr() == ptrs[n.replace(".base_layer", "")], n  # no new tensor: no extra copy
+
+
+def test_rollback_recompute_checks_every_offset_before_writing():
+    model = tiny_bert()
+    snap = Snapshot(model)
+    with pytest.raises(FloatingPointError, match="offset base weight W0 - s B A is not finite.*model was not changed"):
+        lowrank.inject(model, LoRAConfig(rank=2, targets=["query", "value"], init="gaussian",
+                                         init_options={"std": 1e30, "b_std": 1e30}), rollback="recompute")
+    snap.assert_unchanged()
+    with pytest.raises(ValueError, match="invalid rollback='fast'"):
+        lowrank.inject(model, LoRAConfig(rank=2, targets=["query"]), rollback="fast")
+    snap.assert_unchanged()
+
+
+def test_rollback_recompute_restores_within_rounding_after_an_interrupt(monkeypatch):
+    model = tiny_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    names = [n for n, _ in model.named_modules()]
+    calls = []
+    original = lowrank.LoRALayer.apply_offset
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(lowrank.LoRALayer, "apply_offset", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        lowrank.inject(model, LoRAConfig(rank=2, targets=["query", "value"], init="pissa"), rollback="recompute")
+    assert [n for n, _ in model.named_modules()] == names
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=1e-6)

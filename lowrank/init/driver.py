@@ -14,6 +14,8 @@ job, with :func:`offset_weight` as the one formula for ``W = W0 - s B A``.
 
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -22,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_helpers
-from ..adapters.base import set_weight, weight_shape
+from ..adapters.base import set_weight, weight_shape, weight_view
 from .base import InitResult, Initializer, LayerContext
 from .budget import RankBudget
 
@@ -192,14 +194,42 @@ def _split_across_ranks(initializer: Initializer, layers: Sequence[LayerSpec], s
     return results
 
 
-@torch.no_grad()
-def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Set ``module``'s weight to ``w0 - s B A`` (float32, or float64 for float64 weights, from the factors as
-    given, then cast to the weight's dtype and layout); return the previous data for rollback. A result that
-    is not finite is an error and the weight is put back."""
+_IN_PLACE = contextvars.ContextVar("lowrank_offsets_in_place", default=False)
+
+
+@contextmanager
+def offsets_in_place():
+    """Within this block :func:`offset_weight` overwrites the weight's storage instead of replacing it, and
+    returns ``None``: no copy of the old weight is kept (``inject(..., rollback="recompute")``)."""
+    token = _IN_PLACE.set(True)
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
+
+
+def offset_value(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``w0 - s B A`` as :func:`offset_weight` writes it: float32 (float64 for float64 weights), one fused product
+    (no ``(m, n)`` temporaries for ``B A``), then cast to the weight's dtype; ``(d_out, d_in)``."""
     dt = torch.promote_types(module.weight.dtype, torch.float32)
-    # One fused product into one new tensor: no (m, n) temporaries for B A and s B A (large layers).
-    old = set_weight(module, torch.addmm(w0.to(dt), B.to(dt), A.to(dt), alpha=-scaling))
+    return torch.addmm(w0.to(dt), B.to(dt), A.to(dt), alpha=-scaling).to(module.weight.dtype)
+
+
+@torch.no_grad()
+def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  scaling: float) -> torch.Tensor | None:
+    """Set ``module``'s weight to ``w0 - s B A`` (:func:`offset_value`); return the previous data for rollback.
+    A result that is not finite is an error and the weight is left as it was. Under :func:`offsets_in_place`
+    the storage is overwritten and ``None`` is returned."""
+    if _IN_PLACE.get():
+        new = offset_value(module, w0, A, B, scaling)
+        if not torch.isfinite(new).all():
+            raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large "
+                                     f"for the weight's dtype {new.dtype}); the model was not changed. Use smaller "
+                                     "factors")
+        weight_view(module).copy_(new)
+        return None
+    old = set_weight(module, offset_value(module, w0, A, B, scaling))
     if not torch.isfinite(module.weight).all():
         module.weight.data = old
         raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large for the "
