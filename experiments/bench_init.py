@@ -116,18 +116,25 @@ def _init_worker(arm, rank, alpha, n_batches, batch_size, queue):
     queue.put((arm, seconds, mem.extra))
 
 
-def bench_lora_ga_init(args):
+def run_arms(worker, arms, extra_args, repeats):
+    """``{arm: [result[1:] per repeat]}``: each arm in a fresh spawned process per repeat, the order of the
+    arms reversed on every other repeat; ``worker(arm, *extra_args, queue)`` puts ``(arm, ...)`` on the queue."""
     ctx = mp.get_context("spawn")
-    arms = ["lowrank", "lowrank randomized", "peft"]
     results = {k: [] for k in arms}
-    for i in range(args.repeats):
+    for i in range(repeats):
         for arm in (arms if i % 2 == 0 else arms[::-1]):
             q = ctx.Queue()
-            p = ctx.Process(target=_init_worker, args=(arm, args.rank, args.alpha, args.batches, args.batch_size, q))
+            p = ctx.Process(target=worker, args=(arm, *extra_args, q))
             p.start()
             res = q.get()
             p.join()
             results[arm].append(res[1:])
+    return results
+
+
+def bench_lora_ga_init(args):
+    arms = ["lowrank", "lowrank randomized", "peft"]
+    results = run_arms(_init_worker, arms, (args.rank, args.alpha, args.batches, args.batch_size), args.repeats)
     med = {k: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
     print("\n## 1. LoRA-GA init phase (gradient estimate + SVD + adapters), "
           f"{args.batches} batches x {args.batch_size}, r={args.rank}, {args.repeats} repeats")
@@ -276,17 +283,8 @@ def bench_eva(args, n, batches):
 
     import peft
 
-    ctx = mp.get_context("spawn")
     arms = ["lowrank eva", "peft eva"]
-    results = {k: [] for k in arms}
-    for i in range(args.repeats):
-        for arm in (arms if i % 2 == 0 else arms[::-1]):
-            q = ctx.Queue()
-            p = ctx.Process(target=_eva_worker, args=(arm, args.rank, args.alpha, args.batches, args.batch_size, q))
-            p.start()
-            res = q.get()
-            p.join()
-            results[arm].append(res[1:])
+    results = run_arms(_eva_worker, arms, (args.rank, args.alpha, args.batches, args.batch_size), args.repeats)
     med = {k: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
     print(f"\n## 4. EVA init phase (statistics + SVD + adapters), {args.batches} batches x {args.batch_size}, "
           f"r={args.rank}, rho=2, {args.repeats} repeats")
@@ -459,18 +457,9 @@ def bench_large(args):
           f"({7 * L} layers, {n_params / 1e6:.0f}M adapted weights: a dense float32 estimate holds "
           f"{4 * n_params / 2**30:.2f} GiB), r={args.rank}, 2 batches of 2 x 64 tokens, "
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {args.repeats} repeat(s)")
-    ctx = mp.get_context("spawn")
     arms = (["default", "offload", "sketch", "in place", "sketch, in place"] + (["svd=full"] if args.large_full else [])
             + ["peft"])
-    results = {k: [] for k in arms}
-    for i in range(args.repeats):
-        for arm in (arms if i % 2 == 0 else arms[::-1]):
-            q = ctx.Queue()
-            p = ctx.Process(target=_large_worker, args=(arm, args.large, args.rank, q))
-            p.start()
-            res = q.get()
-            p.join()
-            results[arm].append(res[1:])
+    results = run_arms(_large_worker, arms, (args.large, args.rank), args.repeats)
     print("| LoRA-GA init | time (s) | extra peak memory (MiB) | time / PEFT | memory / PEFT | estimation phase: "
           "extra peak (MiB), / PEFT's | estimate / factorize / rest (s) |\n|---|---|---|---|---|---|---|")
     med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v),
@@ -491,12 +480,8 @@ def bench_large(args):
         print(f"\nWeight-based inits on the same model (float32 weights: {4 * n_params / 2**20:.0f} MiB adapted, the "
               f"largest layer {largest / 2**20:.0f} MiB), one run each:")
         print("| init | time (s) | extra peak memory (MiB) | / adapted weights | / largest layer |\n|---|---|---|---|---|")
-        for arm in ("pissa", "milora", "olora"):
-            q = ctx.Queue()
-            p = ctx.Process(target=_large_worker, args=(arm, args.large, args.rank, q))
-            p.start()
-            _, sec, extra, _ = q.get()
-            p.join()
+        weights = run_arms(_large_worker, ["pissa", "milora", "olora"], (args.large, args.rank), 1)
+        for arm, [(sec, extra, _)] in weights.items():
             print(f"| {arm} | {sec:.1f} | {extra / 2**20:.0f} | {extra / (4 * n_params):.2f} | {extra / largest:.1f} |")
 
 
