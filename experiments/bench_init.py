@@ -23,16 +23,20 @@ Three measurements, each side by side with PEFT in one run (PEFT version printed
    those rows): the rank allocation, and the principal angles of each layer's ``A`` to the other
    library's and to the exact centred SVD (float64). Label masking is off in PEFT (a classification
    batch has no per-token labels).
-6. Sketched LoRA-GA (``--only sketch``): for 1 to 4 passes (default 3), per layer the first step's
-   sine to ``zeta G_2r`` and its relative error's excess over the Eckart-Young floor, on the dense
-   estimate's ``G`` (same batches), median / max; and the init time against the dense estimator.
+6. Sketched LoRA-GA (``--only sketch``): for 1 to 4 passes (default 3), and with ``krylov=True`` at 3
+   and 4, per layer the first step's sine to ``zeta G_2r`` and its relative error's excess over the
+   Eckart-Young floor, on the dense estimate's ``G`` (same batches), median / max; and the init time
+   against the dense estimator.
 7. Large model (``--large H,I,L``, e.g. ``2048,5632,10``): a Llama built from a ``transformers`` config
    with random weights (hidden ``H``, intermediate ``I``, ``L`` layers, all seven projections, r=8,
    2 batches of 2 x 64 tokens), each arm in a fresh process: LoRA-GA with the default estimator and
    SVD, with ``offload=True``, with ``estimator="sketch"``, each of the two with ``rollback="recompute"``
-   (offsets written in place), optionally ``svd="full"`` (``--large-full``),
+   (offsets written in place), optionally ``svd="full"`` (``--large-full``), the statistics pass alone
+   (hooks, forward + backward, nothing kept: the floor under any estimator),
    and PEFT's ``preprocess_loraga`` + ``get_peft_model``: time and extra peak memory, ratios to PEFT,
    and the default's profile (gradient estimate / factorizations / the rest). On CUDA when present.
+   ``--mmap-threshold BYTES`` sets glibc's ``MALLOC_MMAP_THRESHOLD_`` in the arm processes, so that the
+   resident size follows the live tensors (on CUDA the measure is allocated bytes in any case).
 5. The statistics pass (``--only stats``): a forward-only statistic (``covariance``, ``input_svd``)
    against the gradient estimate on the same batches and layers, in one process, median time.
 
@@ -357,6 +361,7 @@ def bench_sketch(args, n, batches):
     G = lowrank.init.estimate_gradients(model, modules, batches, lowrank.default_loss, progress=False)
     arms = {"dense": {}} | {f"sketch, {p} pass{'es' if p > 1 else ''}": {"estimator": "sketch", "passes": p}
                             for p in range(1, 5)}
+    arms |= {f"sketch, {p} passes, krylov=True": {"estimator": "sketch", "passes": p, "krylov": True} for p in (3, 4)}
     print(f"\n## 6. Sketched LoRA-GA, r={args.rank}, sketch width {8 * args.rank} (default), {len(G)} layers, "
           f"{args.batches} x {args.batch_size} examples; default passes = {DEFAULT_PASSES}")
     print("| estimator | sin(step, G_2r) median / max | excess over floor median / max | init time (s) |")
@@ -394,6 +399,21 @@ def _llama(spec: str):
     return model, batches
 
 
+class _NullSink:
+    """A gradient sink that keeps nothing of the layer inputs and only a scalar per layer (the pass checks
+    that every layer was reached): the memory of the statistics pass itself, the floor under any estimator."""
+
+    def __init__(self, modules):
+        self.acc = {n: torch.zeros(()) for n in modules}
+        self.accumulators = [self.acc]
+
+    def hold(self, name, x):
+        return None
+
+    def accumulate(self, name, g, x):
+        self.acc[name] += g.abs().sum()
+
+
 def _large_worker(arm, spec, rank, queue):
     import warnings
 
@@ -407,7 +427,16 @@ def _large_worker(arm, spec, rank, queue):
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         est.__enter__()
-        if arm in ("pissa", "milora", "olora"):  # weight-based inits: layer by layer, on the layer's device
+        if arm == "floor":  # the pass itself: hooks, graph, backward, nothing accumulated
+            from lowrank.inject import find_targets
+            from lowrank.init.statistics import collect_statistics
+
+            cfg = lowrank.LoRAConfig(rank=rank, targets=LLAMA_TARGETS)
+            modules = {t.name: t.module for t in find_targets(model, cfg)}
+            collect_statistics(model, modules, batches, None, ("gradient",), progress=False,
+                               gradient_sink=_NullSink(modules))
+            est.__exit__(None, None, None)
+        elif arm in ("pissa", "milora", "olora"):  # weight-based inits: layer by layer, on the layer's device
             cfg = lowrank.LoRAConfig(rank=rank, alpha=16, targets=LLAMA_TARGETS, init=arm)
             lowrank.inject(model, cfg, progress=False)
         elif arm == "peft":
@@ -458,7 +487,11 @@ def bench_large(args):
           f"{4 * n_params / 2**30:.2f} GiB), r={args.rank}, 2 batches of 2 x 64 tokens, "
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {args.repeats} repeat(s)")
     arms = (["default", "offload", "sketch", "in place", "sketch, in place"] + (["svd=full"] if args.large_full else [])
-            + ["peft"])
+            + ["floor", "peft"])
+    if args.mmap_threshold:  # read by the C allocator when a (spawned) arm process starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+        print(f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}: allocations of that size and above are returned to the "
+              "system when freed, so the resident size follows the live tensors more closely")
     results = run_arms(_large_worker, arms, (args.large, args.rank), args.repeats)
     print("| LoRA-GA init | time (s) | extra peak memory (MiB) | time / PEFT | memory / PEFT | estimation phase: "
           "extra peak (MiB), / PEFT's | estimate / factorize / rest (s) |\n|---|---|---|---|---|---|---|")
@@ -471,10 +504,15 @@ def bench_large(args):
                  "sketch": "lowrank, estimator='sketch'", "svd=full": "lowrank, svd='full'",
                  "in place": "lowrank, rollback='recompute'",
                  "sketch, in place": "lowrank, estimator='sketch', rollback='recompute'",
+                 "floor": "the pass alone: forward + backward with hooks, nothing kept",
                  "peft": "PEFT preprocess_loraga + get_peft_model"}[k]
         print(f"| {label} | {med[k][0]:.1f} | {med[k][1] / 2**20:.0f} | {med[k][0] / med['peft'][0]:.2f} | "
               f"{med[k][1] / med['peft'][1]:.3f} | {med[k][2] / 2**20:.0f}, {med[k][2] / med['peft'][2]:.3f} | "
               f"{parts} |")
+    floor = med["floor"][2]
+    print(f"\nAbove the floor (the estimation phase minus the pass alone, {floor / 2**20:.0f} MiB): "
+          + ", ".join(f"{k} {(med[k][2] - floor) / 2**20:.0f} MiB ({(med[k][2] - floor) / (med['peft'][2] - floor):.3f} "
+                      "of PEFT's)" for k in ("default", "offload", "sketch")))
     if args.large_weights:
         largest = max(H * I, H * H) * 4
         print(f"\nWeight-based inits on the same model (float32 weights: {4 * n_params / 2**20:.0f} MiB adapted, the "
@@ -497,6 +535,9 @@ def main(argv=None) -> None:
                    help="only the large-model benchmark: a random Llama (hidden,intermediate,layers), e.g. 2048,5632,10")
     p.add_argument("--large-full", action="store_true", help="add LoRA-GA with svd='full' to --large")
     p.add_argument("--large-weights", action="store_true", help="add PiSSA, MiLoRA, OLoRA's memory to --large")
+    p.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
+                   help="--large: set MALLOC_MMAP_THRESHOLD_ in the arm processes (glibc returns freed blocks of "
+                        "this size and above to the system)")
     args = p.parse_args(argv)
     import peft
 

@@ -35,14 +35,14 @@ def _dense_G(model, data):
     return lowrank.init.estimate_gradients(model, {"l1": model.l1, "l2": model.l2}, data, _loss, progress=False)
 
 
-@pytest.mark.parametrize("passes", [1, 2, 3])
-def test_a_gradient_of_rank_below_the_sketch_is_recovered_exactly(passes):
+@pytest.mark.parametrize("passes,krylov", [(1, False), (2, False), (3, False), (3, True), (4, True)])
+def test_a_gradient_of_rank_below_the_sketch_is_recovered_exactly(passes, krylov):
     model = TwoLayer()
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(1, 3, 40, generator=g), torch.randn(1, 3, 20, generator=g)) for _ in range(2)]  # 6 tokens
     G = _dense_G(model, data)
     out = sketch_gradient_svd(model, {"l1": model.l1, "l2": model.l2}, data, _loss, k={"l1": 4, "l2": 4},
-                              sketch_size={"l1": 8, "l2": 8}, passes=passes, progress=False)
+                              sketch_size={"l1": 8, "l2": 8}, passes=passes, krylov=krylov, progress=False)
     for name, (U, S, V) in out.items():
         U0, S0, Vh0 = torch.linalg.svd(G[name].double(), full_matrices=False)
         torch.testing.assert_close(S.double(), S0[:4], rtol=1e-4, atol=1e-6 * S0[0].item())
@@ -92,6 +92,48 @@ def test_the_sketch_never_forms_a_dense_accumulator(monkeypatch):
     assert shapes and all(min(s) <= 8 for s in shapes) and (48, 64) not in shapes and (32, 48) not in shapes
 
 
+@pytest.mark.parametrize("passes", [3, 4])
+def test_the_krylov_space_approximates_at_least_as_well_as_its_last_block(passes):
+    """With ``krylov`` the final subspace contains the last block's, so the best rank-k approximation of ``G``
+    within it is no worse (Frobenius), layer by layer, on full-rank gradients."""
+    data = batches("bert", 2)
+    model = tiny_bert()
+    mods = {n: m for n, m in model.named_modules() if n.endswith(("query", "dense"))}
+    G = lowrank.init.estimate_gradients(model, mods, data, lowrank.default_loss, progress=False)
+    err = {}
+    for krylov in (False, True):
+        out = sketch_gradient_svd(model, mods, data, lowrank.default_loss, k=dict.fromkeys(mods, 4),
+                                  sketch_size=dict.fromkeys(mods, 6), passes=passes, krylov=krylov, progress=False)
+        err[krylov] = {n: torch.linalg.norm(G[n].double() - (U * S).double() @ V.T.double()).item()
+                       for n, (U, S, V) in out.items()}
+    for n in G:
+        assert err[True][n] <= err[False][n] * (1 + 1e-5), (n, err)
+    assert any(err[True][n] < err[False][n] * (1 - 1e-3) for n in G), err  # and it is not the same subspace
+
+
+def test_a_right_side_pass_holds_x_times_its_basis_not_the_layer_input(monkeypatch):
+    """The pass applying ``G`` to a basis needs only ``x @ basis`` (``T x k``) at the backward: the layer input
+    (``T x d_in``) is not held through the backward; the left side's pass needs ``x`` itself."""
+    from lowrank.init import sketch
+
+    held = []
+    real = sketch._Sketches.hold
+
+    def spy(self, name, x):
+        out = real(self, name, x)
+        held.append(("right" if self.left is None else "left", tuple(x.shape), tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(sketch._Sketches, "hold", spy)
+    model = TwoLayer(n=64, h=48, m=32)
+    data = [(torch.randn(2, 5, 64), torch.randn(2, 5, 32))]
+    sketch_gradient_svd(model, {"l1": model.l1, "l2": model.l2}, data, _loss, k={"l1": 2, "l2": 2},
+                        sketch_size={"l1": 8, "l2": 8}, passes=3, progress=False)
+    assert {side for side, _, _ in held} == {"right", "left"}
+    for side, x_shape, out_shape in held:
+        assert out_shape == ((10, 8) if side == "right" else x_shape), held
+
+
 def test_data_that_changes_between_passes_is_named():
     model = TwoLayer()
     calls = {"n": 0}
@@ -120,8 +162,12 @@ def test_bad_sketch_requests_are_clear_errors_and_the_model_is_unchanged():
         LoRAConfig(targets=["query"], init="lora_ga", init_options={"estimator": "sketch", "passes": 0})
     with pytest.raises(ValueError, match="'gora' needs the dense gradient G"):
         LoRAConfig(targets=["query"], init="gora", init_options={"estimator": "sketch"})
-    with pytest.raises(ValueError, match="sketch_size and passes apply to estimator='sketch'"):
+    with pytest.raises(ValueError, match="sketch_size, passes and krylov apply to estimator='sketch'"):
         LoRAConfig(targets=["query"], init="lora_ga", init_options={"passes": 2})
+    with pytest.raises(ValueError, match="sketch_size, passes and krylov apply to estimator='sketch'"):
+        LoRAConfig(targets=["query"], init="lora_ga", init_options={"krylov": True})
+    with pytest.raises(ValueError, match="option krylov='yes' of initializer 'lora_ga' must be true or false"):
+        LoRAConfig(targets=["query"], init="lora_ga", init_options={"estimator": "sketch", "krylov": "yes"})
     with pytest.raises(ValueError, match="train_mode=True .dropout. changes it"):
         lowrank.inject(model, LoRAConfig(targets=["query"], rank=2, scaling="rslora", init="lora_ga",
                                          init_options={"estimator": "sketch", "train_mode": True, "progress": False}),

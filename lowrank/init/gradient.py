@@ -83,6 +83,11 @@ class GradientOptions(DataOptions):
     passes: int | None = None
     """Passes over the data for the sketch (default ``lowrank.init.sketch.DEFAULT_PASSES``); each one more
     forward + backward over the same batches."""
+    krylov: bool = False
+    """Sketch with several passes: factorize the whole block Krylov space of the passes (every block of the
+    last side, ``Omega`` included) rather than the last block alone (subspace iteration). A little more
+    accurate (on MiniLM at 3 passes, median excess over the Eckart-Young floor 2.2e-4 against 2.9e-4), at
+    ``(2 d_out + d_in) k`` floats per layer at the peak instead of ``(d_out + d_in) k``."""
     sketch_seed: int = 0
     """Seed of the sketches' random test matrices."""
 
@@ -94,8 +99,9 @@ class GradientOptions(DataOptions):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"invalid {key}={v!r}: must be a positive int or None (the default)")
-        if self.estimator == "dense" and (self.sketch_size is not None or self.passes is not None):
-            raise ValueError("sketch_size and passes apply to estimator='sketch'; set estimator='sketch' or drop them")
+        if self.estimator == "dense" and (self.sketch_size is not None or self.passes is not None or self.krylov):
+            raise ValueError("sketch_size, passes and krylov apply to estimator='sketch'; set estimator='sketch' or "
+                             "drop them")
 
 
 class GradientInitializer(DataInitializer):
@@ -133,6 +139,7 @@ class GradientInitializer(DataInitializer):
         ranks = getattr(self, "ranks", None) or {}
         svd = sketch_gradient_svd(model, modules, data, loss_fn, k={n: self.triplets(ranks[n]) for n in modules},
                                   sketch_size=dict.fromkeys(modules, o.sketch_size) if o.sketch_size else None,
-                                  passes=o.passes or DEFAULT_PASSES, seed=o.sketch_seed, num_batches=o.num_batches,
+                                  passes=o.passes or DEFAULT_PASSES, krylov=o.krylov, seed=o.sketch_seed,
+                                  num_batches=o.num_batches,
                                   train_mode=o.train_mode, progress=o.progress, distributed=o.distributed)
         return {n: {"gradient_svd": v} for n, v in svd.items()}

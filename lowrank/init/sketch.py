@@ -12,13 +12,15 @@ Martinsson, Tropp 2011 for the multi-pass range finder):
 - co-range sketch ``W = Psi G`` (``Psi (l, d_out)``, ``l = 2k + 1``): ``W += (Psi g^T) x``.
 
 ``passes = 1`` (one forward + backward per batch, as the dense estimate): ``Y`` and ``W`` together,
-``Q = orth(Y)``, ``X = (Psi Q)^+ W``, ``G ~ Q X`` (Tropp et al., Alg. 7). ``passes = p > 1``: a block
-Krylov range finder (Musco & Musco 2015), each pass one more forward + backward over the same batches,
-alternating sides: ``Q_1 = orth(G Omega)``, ``P_1 = orth(G^T Q_1)``, ``Q_2 = orth(G P_1)``, ...; every
-block of the side the last pass applied ``G`` (or ``G^T``) to is kept, with its image, so the final
-``G ~ G R R^T`` (``R`` an orthonormal basis of ``[P_1, P_2, ...]``, or ``C C^T G`` on the other side)
-uses the whole Krylov space; its small SVD gives the triplets. Work per batch ``O(T (d_out + d_in) k)``
-instead of ``O(T d_out d_in)``; memory ``O((d_out + d_in) k p)``.
+``Q = orth(Y)``, ``X = (Psi Q)^+ W``, ``G ~ Q X`` (Tropp et al., Alg. 7). ``passes = p > 1``: randomized
+subspace iteration (Halko et al., Alg. 4.4), each pass one more forward + backward over the same batches,
+alternating sides: ``Q_1 = orth(G Omega)``, ``P_1 = orth(G^T Q_1)``, ``Q_2 = orth(G P_1)``, ...; the last
+pass's block and its image give ``G ~ G P P^T`` (or ``Q Q^T G``), whose small SVD gives the triplets.
+With ``krylov=True`` every block of the last pass's side is kept with its image and the final ``G R R^T``
+uses the orthonormal basis ``R`` of all of them, the block Krylov space (Musco & Musco 2015): a little
+more accurate, for ``d_out k`` more floats at 3 passes. Work per batch ``O(T (d_out + d_in) k)`` instead
+of ``O(T d_out d_in)``; memory at the peak ``(d_out + d_in) k`` floats per layer (the current basis and
+its sketch; Omega is regenerated from its seed, an image is kept as the next basis and a ``k x k`` factor).
 
 Every pass must see the same ``G``: ``eval()`` mode and the same batches; a batch whose loss differs
 from the first pass's beyond rounding is an error naming it. ``Omega`` and ``Psi`` are seeded per layer
@@ -48,12 +50,16 @@ def _orth(M: torch.Tensor) -> torch.Tensor:
 
 
 class _Sketches(GradientSink):
-    """One pass's sketches: per layer, ``G @ right[name]`` and/or ``left[name]^T @ G`` (as ``G^T left``)."""
+    """One pass's sketches: per layer, ``G @ right[name]`` and/or ``left[name]^T @ G`` (as ``G^T left``).
+
+    A pass with only a right sketch keeps ``x @ right`` (``T x k``) from the forward instead of the layer
+    input ``x`` (``T x d_in``): the backward needs nothing else of it."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], device: torch.device,
                  right: Mapping[str, torch.Tensor] | None = None, left: Mapping[str, torch.Tensor] | None = None,
                  corange: Mapping[str, torch.Tensor] | None = None):
         self.right, self.left, self.corange = right, left, corange
+        self.project = right is not None and left is None and corange is None
         f32 = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
         self.accumulators = []
         if right is not None:
@@ -66,7 +72,14 @@ class _Sketches(GradientSink):
             self.W = {n: f32(corange[n].shape[0], shapes[n][1]) for n in shapes}  # Psi G (l, n)
             self.accumulators.append(self.W)
 
+    def hold(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ self.right[name] if self.project else x
+
     def accumulate(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
+        if self.project:
+            self.Y[name].addmm_(g.T, x)  # x is already x @ right
+            return
+        x = x.float()
         if self.right is not None:
             self.Y[name].addmm_(g.T, x @ self.right[name])
         if self.left is not None:
@@ -88,12 +101,15 @@ DEFAULT_PASSES = 3
 
 def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
                         loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None, *, k: Mapping[str, int],
-                        sketch_size: Mapping[str, int] | None = None, passes: int = DEFAULT_PASSES, seed: int = 0,
+                        sketch_size: Mapping[str, int] | None = None, passes: int = DEFAULT_PASSES,
+                        krylov: bool = False, seed: int = 0,
                         num_batches: int | None = None, train_mode: bool = False, progress: bool = True,
                         distributed: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer the top ``k[name]`` singular triplets ``(U (m, k), S (k,), V (n, k))`` of the mean gradient,
     float32, from ``passes`` passes over ``data`` with sketches of width ``sketch_size[name]`` (default
-    :func:`default_sketch_size`). ``data`` must be re-iterable for ``passes > 1`` (a list, a DataLoader)."""
+    :func:`default_sketch_size`). ``data`` must be re-iterable for ``passes > 1`` (a list, a DataLoader).
+    ``krylov``: with several passes, factorize every block of the last side (block Krylov) rather than the
+    last block alone (subspace iteration)."""
     if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
         raise ValueError(f"invalid passes={passes!r}: must be an int >= 1")
     if passes > 1 and train_mode:
@@ -111,9 +127,15 @@ def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data
                              f"sketch_size >= {k[n]} (default 4x that)")
         width[n] = min(w, m_, n_)
     device = next(iter(modules.values())).weight.device
-    gens = {n: torch.Generator().manual_seed(layer_seed(seed, f"sketch:{n}")) for n in modules}
-    gauss = lambda n, *s: torch.randn(*s, generator=gens[n]).to(device)  # noqa: E731
-    omega = {n: gauss(n, shapes[n][1], width[n]) / math.sqrt(shapes[n][1]) for n in modules}  # ~unit columns
+    seeds = {n: layer_seed(seed, f"sketch:{n}") for n in modules}
+
+    def test_matrices(n: str, psi: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``Omega (d_in, k)`` (unit-scaled columns) and, for one pass, ``Psi (2k + 1, d_out)``: the same bits
+        on every call, so ``Omega`` is regenerated at the end rather than kept through the passes."""
+        gen = torch.Generator().manual_seed(seeds[n])
+        omega = torch.randn(shapes[n][1], width[n], generator=gen).to(device) / math.sqrt(shapes[n][1])
+        return omega, torch.randn(2 * width[n] + 1, shapes[n][0], generator=gen).to(device) if psi else None
+
     first: list[float] = []
     run = dict(num_batches=num_batches, train_mode=train_mode, progress=progress, distributed=distributed,
                mask_padding=False)
@@ -134,47 +156,55 @@ def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data
                 raise error
 
     if passes == 1:
-        psi = {n: gauss(n, 2 * width[n] + 1, shapes[n][0]) for n in modules}
-        sink = _Sketches(shapes, device, right=omega, corange=psi)
+        pairs = {n: test_matrices(n, psi=True) for n in modules}
+        sink = _Sketches(shapes, device, right={n: o for n, (o, _) in pairs.items()},
+                         corange={n: p for n, (_, p) in pairs.items()})
         one_pass(sink, 0)
         out = {}
         for n in modules:
             Q = _orth(sink.Y[n])  # (m, k)
-            X = torch.linalg.lstsq(psi[n].double() @ Q, sink.W[n].double()).solution  # (k, n)
+            X = torch.linalg.lstsq(pairs[n][1].double() @ Q, sink.W[n].double()).solution  # (k, n)
             Ub, S, Vh = torch.linalg.svd(X, full_matrices=False)
             out[n] = _top(Q @ Ub, S, Vh.T, k[n])
         return out
-    # Block Krylov over the passes: pass 1 applies G to Omega; then each pass applies G^T (or G) to an
-    # orthonormal basis of what the previous pass returned. The bases of one side span a Krylov space
-    # (P_1, P_2 = orth(G^T G P_1), ...), and G times each of them is known: the final factorization uses
-    # all of them, not only the last block.
-    rows_known: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}  # (P, G P)
-    cols_known: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}  # (Q, G^T Q)
-    basis, side = omega, "right"
+    # Several passes: pass 1 applies G to Omega; then each pass applies G^T (or G) to an orthonormal basis
+    # of what the previous pass returned (subspace iteration). The bases of one side span a Krylov space
+    # (P_1, P_2 = orth(G^T G P_1), ...), and G times each of them is known: with ``krylov`` the final
+    # factorization uses all of them, otherwise the last block alone. What is kept is lean: an image is kept
+    # as its QR factors, whose Q is the next pass's basis anyway (plus a k x k R), and Omega is regenerated
+    # from its seed. The peak is (d_out + d_in) k floats per layer (the current basis and its sketch), plus
+    # d_out k at 3 passes with ``krylov``; a right-side pass keeps x @ basis, not the layer input x.
+    kept: dict[str, list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}
+    basis = {n: test_matrices(n)[0] for n in modules}
+    side = "right"
     for p in range(passes):
         sink = _Sketches(shapes, device, right=basis if side == "right" else None,
                          left=basis if side == "left" else None)
         one_pass(sink, p)
+        images = sink.Y if side == "right" else sink.Z
         # Only the side the last pass applies G (or G^T) to is factorized at the end: keep just its blocks.
-        keep = (passes - 1 - p) % 2 == 0
-        if side == "right":
-            if keep:  # Omega too: G Omega is known, and more directions cost nothing here
-                for n in modules:
-                    rows_known[n].append((basis[n], sink.Y[n]))  # float32 while passes run
-            basis, side = {n: _orth(sink.Y[n]).float() for n in modules}, "left"
-        else:
-            if keep:
-                for n in modules:
-                    cols_known[n].append((basis[n], sink.Z[n]))
-            basis, side = {n: _orth(sink.Z[n]).float() for n in modules}, "right"
+        keep = p == passes - 1 or (krylov and (passes - 1 - p) % 2 == 0)
+        nxt = {}
+        for n in modules:
+            Qn, Rn = torch.linalg.qr(images[n].double())  # image = Qn Rn; Qn is the next basis
+            nxt[n] = Qn.float()
+            if keep:  # Omega too, with krylov (as None: regenerated): G Omega is known, more directions are cheap
+                kept[n].append((basis[n] if p > 0 else None, nxt[n], Rn))
+            images[n] = None  # free the accumulator as soon as it is factored
+        del sink, images
+        basis, side = nxt, "left" if side == "right" else "right"
+    del basis
     out = {}
     for n in modules:
+        blocks = [B if B is not None else test_matrices(n)[0] for B, _, _ in kept[n]]
+        images = [Qn.double() @ Rn for _, Qn, Rn in kept[n]]
+        kept[n] = []
         if side == "left":  # the last pass applied G to row bases P: G ~ G R R^T, R = orth([P_1 ...])
-            R, GR = _span([P for P, _ in rows_known[n]], [GP for _, GP in rows_known[n]])
+            R, GR = _span(blocks, images)
             Ub, S, Wh = torch.linalg.svd(GR, full_matrices=False)  # G R = Ub S Wh
             out[n] = _top(Ub, S, R @ Wh.T, k[n])
         else:  # the last pass applied G^T to column bases Q: G ~ C C^T G = C (G^T C)^T, C = orth([Q_1 ...])
-            C, GtC = _span([Q for Q, _ in cols_known[n]], [GtQ for _, GtQ in cols_known[n]])
+            C, GtC = _span(blocks, images)
             Vb, S, Uh = torch.linalg.svd(GtC, full_matrices=False)  # G^T C = Vb S Uh
             out[n] = _top(C @ Uh.T, S, Vb, k[n])
     return out

@@ -139,12 +139,16 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
             acc.addmm_(a, b)
 
     def grad_hook(name: str, x: torch.Tensor):
+        # What the backward needs of the input: x itself for G, or (a sink's choice) a thin product of it,
+        # so that the layer input is not held until the backward reaches the layer.
+        held = gradient_sink.hold(name, x.reshape(-1, x.shape[-1])) if gradient_sink is not None else x
+
         def hook(g: torch.Tensor) -> None:
-            g2, x2 = g.reshape(-1, g.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+            g2 = g.reshape(-1, g.shape[-1]).float()
             if gradient_sink is not None:
-                gradient_sink.accumulate(name, g2, x2)
+                gradient_sink.accumulate(name, g2, held)
             else:
-                add(grad[name], g2.T, x2)
+                add(grad[name], g2.T, held.reshape(-1, held.shape[-1]).float())
             calls[name] += 1
         return hook
 
@@ -298,8 +302,14 @@ class GradientSink:
 
     accumulators: list[dict[str, torch.Tensor]]
 
+    def hold(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Called in the forward with layer ``name``'s input ``x (T, d_in)`` (the model's dtype): what to keep of
+        it until the backward reaches the layer, then passed to :meth:`accumulate` as ``x``. Default: ``x``."""
+        return x
+
     def accumulate(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
-        """Add the piece ``g^T x`` of layer ``name``'s gradient (``g (T, d_out)``, ``x (T, d_in)``, float32)."""
+        """Add the piece ``g^T x`` of layer ``name``'s gradient (``g (T, d_out)`` float32; ``x`` what
+        :meth:`hold` kept of the input ``(T, d_in)``, in the model's dtype)."""
         raise NotImplementedError
 
 
