@@ -436,9 +436,9 @@ def _large_worker(arm, spec, rank, queue):
             collect_statistics(model, modules, batches, None, ("gradient",), progress=False,
                                gradient_sink=_NullSink(modules))
             est.__exit__(None, None, None)
-        elif arm in ("pissa", "milora", "olora"):  # weight-based inits: layer by layer, on the layer's device
-            cfg = lowrank.LoRAConfig(rank=rank, alpha=16, targets=LLAMA_TARGETS, init=arm)
-            lowrank.inject(model, cfg, progress=False)
+        elif arm.split(",")[0] in ("pissa", "milora", "olora"):  # weight-based: layer by layer, on its device
+            cfg = lowrank.LoRAConfig(rank=rank, alpha=16, targets=LLAMA_TARGETS, init=arm.split(",")[0])
+            lowrank.inject(model, cfg, progress=False, rollback="recompute" if "in place" in arm else "exact")
         elif arm == "peft":
             import peft
 
@@ -488,10 +488,32 @@ def bench_large(args):
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {args.repeats} repeat(s)")
     arms = (["default", "offload", "sketch", "in place", "sketch, in place"] + (["svd=full"] if args.large_full else [])
             + ["floor", "peft"])
+    if args.large_arms is not None:
+        chosen = [a.strip() for a in args.large_arms.split(",") if a.strip()]
+        unknown = [a for a in chosen if a not in arms]
+        if unknown or (chosen and not {"floor", "peft"} <= set(chosen)):
+            raise SystemExit(f"--large-arms: choose among {arms}, with 'floor' and 'peft' (the table's references); "
+                             f"got {chosen}")
+        arms = chosen
     if args.mmap_threshold:  # read by the C allocator when a (spawned) arm process starts
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
         print(f"MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}: allocations of that size and above are returned to the "
               "system when freed, so the resident size follows the live tensors more closely")
+    if arms:
+        _large_table(args, arms)
+    if args.large_weights:
+        largest = max(H * I, H * H) * 4
+        print(f"\nWeight-based inits on the same model (float32 weights: {4 * n_params / 2**20:.0f} MiB adapted, the "
+              f"largest layer {largest / 2**20:.0f} MiB), one run each, offsets committed with the default exact "
+              "rollback (the replaced weights kept until the end) and with rollback='recompute' (in place):")
+        print("| init | time (s) | extra peak memory (MiB) | / adapted weights | / largest layer |\n|---|---|---|---|---|")
+        inits = [f"{m}{suffix}" for m in ("pissa", "milora", "olora") for suffix in ("", ", in place")]
+        weights = run_arms(_large_worker, inits, (args.large, args.rank), 1)
+        for arm, [(sec, extra, _)] in weights.items():
+            print(f"| {arm} | {sec:.1f} | {extra / 2**20:.0f} | {extra / (4 * n_params):.2f} | {extra / largest:.1f} |")
+
+
+def _large_table(args, arms):
     results = run_arms(_large_worker, arms, (args.large, args.rank), args.repeats)
     print("| LoRA-GA init | time (s) | extra peak memory (MiB) | time / PEFT | memory / PEFT | estimation phase: "
           "extra peak (MiB), / PEFT's | estimate / factorize / rest (s) |\n|---|---|---|---|---|---|---|")
@@ -512,15 +534,7 @@ def bench_large(args):
     floor = med["floor"][2]
     print(f"\nAbove the floor (the estimation phase minus the pass alone, {floor / 2**20:.0f} MiB): "
           + ", ".join(f"{k} {(med[k][2] - floor) / 2**20:.0f} MiB ({(med[k][2] - floor) / (med['peft'][2] - floor):.3f} "
-                      "of PEFT's)" for k in ("default", "offload", "sketch")))
-    if args.large_weights:
-        largest = max(H * I, H * H) * 4
-        print(f"\nWeight-based inits on the same model (float32 weights: {4 * n_params / 2**20:.0f} MiB adapted, the "
-              f"largest layer {largest / 2**20:.0f} MiB), one run each:")
-        print("| init | time (s) | extra peak memory (MiB) | / adapted weights | / largest layer |\n|---|---|---|---|---|")
-        weights = run_arms(_large_worker, ["pissa", "milora", "olora"], (args.large, args.rank), 1)
-        for arm, [(sec, extra, _)] in weights.items():
-            print(f"| {arm} | {sec:.1f} | {extra / 2**20:.0f} | {extra / (4 * n_params):.2f} | {extra / largest:.1f} |")
+                      "of PEFT's)" for k in ("default", "offload", "sketch") if k in med))
 
 
 def main(argv=None) -> None:
@@ -535,6 +549,8 @@ def main(argv=None) -> None:
                    help="only the large-model benchmark: a random Llama (hidden,intermediate,layers), e.g. 2048,5632,10")
     p.add_argument("--large-full", action="store_true", help="add LoRA-GA with svd='full' to --large")
     p.add_argument("--large-weights", action="store_true", help="add PiSSA, MiLoRA, OLoRA's memory to --large")
+    p.add_argument("--large-arms", default=None, metavar="A,B,...",
+                   help="--large: only these arms of the table (with 'floor' and 'peft'); '' for none")
     p.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
                    help="--large: set MALLOC_MMAP_THRESHOLD_ in the arm processes (glibc returns freed blocks of "
                         "this size and above to the system)")
