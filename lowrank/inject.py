@@ -19,7 +19,7 @@ from torch import nn
 from .adapters.base import SUPPORTED_TYPES, Adapter, weight_shape, weight_view
 from .config import LoRAConfig, matches_targets
 from .init.base import InitResult
-from .init.driver import LayerSpec, offset_value, offsets_in_place, run_initializer
+from .init.driver import LayerSpec, offset_is_finite, offsets_in_place, run_initializer
 from .registry import get_adapter
 
 RECORD_ATTR = "_lowrank_record"
@@ -166,8 +166,7 @@ def _check_offsets(targets: Sequence[Target], results: Sequence[InitResult], ini
     for t, res in zip(targets, results):
         if res.offset:
             dt = t.module.weight.dtype
-            new = offset_value(t.module, weight_view(t.module), res.A.to(dt), res.B.to(dt), t.scaling)
-            if not torch.isfinite(new).all():
+            if not offset_is_finite(t.module, weight_view(t.module), res.A.to(dt), res.B.to(dt), t.scaling):
                 raise FloatingPointError(f"layer {t.name!r} ({init_name!r}): the offset base weight W0 - s B A is not "
                                          f"finite (the factors are too large for the weight's dtype {dt}); the model "
                                          "was not changed. Use smaller factors")

@@ -208,11 +208,33 @@ def offsets_in_place():
         _IN_PLACE.reset(token)
 
 
+OFFSET_BLOCK = 1 << 22
+"""Elements per row block of :func:`offset_value` (16 MiB of float32): the transient memory of an offset."""
+
+
+def _offset_blocks(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float):
+    """``(rows, w0[rows] - s B[rows] A)`` block by block: float32 (float64 for float64 weights), one fused
+    product per block (no ``(m, n)`` temporaries), cast to the weight's dtype."""
+    dt = torch.promote_types(module.weight.dtype, torch.float32)
+    A = A.to(dt)
+    step = max(1, OFFSET_BLOCK // max(1, w0.shape[1]))
+    for i in range(0, w0.shape[0], step):
+        rows = slice(i, i + step)
+        yield rows, torch.addmm(w0[rows].to(dt), B[rows].to(dt), A, alpha=-scaling).to(module.weight.dtype)
+
+
 def offset_value(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """``w0 - s B A`` as :func:`offset_weight` writes it: float32 (float64 for float64 weights), one fused product
-    (no ``(m, n)`` temporaries for ``B A``), then cast to the weight's dtype; ``(d_out, d_in)``."""
-    dt = torch.promote_types(module.weight.dtype, torch.float32)
-    return torch.addmm(w0.to(dt), B.to(dt), A.to(dt), alpha=-scaling).to(module.weight.dtype)
+    per block of rows (:data:`OFFSET_BLOCK`), then cast to the weight's dtype; ``(d_out, d_in)``."""
+    out = torch.empty(w0.shape, dtype=module.weight.dtype, device=w0.device)
+    for rows, block in _offset_blocks(module, w0, A, B, scaling):
+        out[rows] = block
+    return out
+
+
+def offset_is_finite(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> bool:
+    """Whether :func:`offset_value` is finite, block by block: no ``(m, n)`` tensor is formed."""
+    return all(bool(torch.isfinite(block).all()) for _, block in _offset_blocks(module, w0, A, B, scaling))
 
 
 @torch.no_grad()
@@ -220,14 +242,16 @@ def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch
                   scaling: float) -> torch.Tensor | None:
     """Set ``module``'s weight to ``w0 - s B A`` (:func:`offset_value`); return the previous data for rollback.
     A result that is not finite is an error and the weight is left as it was. Under :func:`offsets_in_place`
-    the storage is overwritten and ``None`` is returned."""
+    the storage is overwritten block by block once every block is known to be finite (no ``(m, n)``
+    temporary) and ``None`` is returned."""
     if _IN_PLACE.get():
-        new = offset_value(module, w0, A, B, scaling)
-        if not torch.isfinite(new).all():
+        if not offset_is_finite(module, w0, A, B, scaling):
             raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large "
-                                     f"for the weight's dtype {new.dtype}); the model was not changed. Use smaller "
-                                     "factors")
-        weight_view(module).copy_(new)
+                                     f"for the weight's dtype {module.weight.dtype}); the model was not changed. Use "
+                                     "smaller factors")
+        w = weight_view(module)
+        for rows, block in _offset_blocks(module, w0, A, B, scaling):  # w0 may be w: each block is read first
+            w[rows] = block
         return None
     old = set_weight(module, offset_value(module, w0, A, B, scaling))
     if not torch.isfinite(module.weight).all():
