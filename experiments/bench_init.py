@@ -422,7 +422,7 @@ def _large_worker(arm, spec, rank, queue):
     model, batches = _llama(spec)
     profile = {}
     opts = {"default": {}, "offload": {"offload": True}, "sketch": {"estimator": "sketch"},
-            "svd=full": {"svd": "full"}, "in place": {}, "sketch, in place": {"estimator": "sketch"}}
+            "svd=full": {"svd": "full"}, "in place": {}, "sketch in place": {"estimator": "sketch"}}
     est = PeakMemory()  # the estimation phase alone (started and stopped inside)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -436,8 +436,8 @@ def _large_worker(arm, spec, rank, queue):
             collect_statistics(model, modules, batches, None, ("gradient",), progress=False,
                                gradient_sink=_NullSink(modules))
             est.__exit__(None, None, None)
-        elif arm.split(",")[0] in ("pissa", "milora", "olora"):  # weight-based: layer by layer, on its device
-            cfg = lowrank.LoRAConfig(rank=rank, alpha=16, targets=LLAMA_TARGETS, init=arm.split(",")[0])
+        elif arm.split()[0] in ("pissa", "milora", "olora"):  # weight-based: layer by layer, on its device
+            cfg = lowrank.LoRAConfig(rank=rank, alpha=16, targets=LLAMA_TARGETS, init=arm.split()[0])
             lowrank.inject(model, cfg, progress=False, rollback="recompute" if "in place" in arm else "exact")
         elif arm == "peft":
             import peft
@@ -486,7 +486,7 @@ def bench_large(args):
           f"({7 * L} layers, {n_params / 1e6:.0f}M adapted weights: a dense float32 estimate holds "
           f"{4 * n_params / 2**30:.2f} GiB), r={args.rank}, 2 batches of 2 x 64 tokens, "
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {args.repeats} repeat(s)")
-    arms = (["default", "offload", "sketch", "in place", "sketch, in place"] + (["svd=full"] if args.large_full else [])
+    arms = (["default", "offload", "sketch", "in place", "sketch in place"] + (["svd=full"] if args.large_full else [])
             + ["floor", "peft"])
     if args.large_arms is not None:
         chosen = [a.strip() for a in args.large_arms.split(",") if a.strip()]
@@ -507,7 +507,7 @@ def bench_large(args):
               f"largest layer {largest / 2**20:.0f} MiB), one run each, offsets committed with the default exact "
               "rollback (the replaced weights kept until the end) and with rollback='recompute' (in place):")
         print("| init | time (s) | extra peak memory (MiB) | / adapted weights | / largest layer |\n|---|---|---|---|---|")
-        inits = [f"{m}{suffix}" for m in ("pissa", "milora", "olora") for suffix in ("", ", in place")]
+        inits = [f"{m}{suffix}" for m in ("pissa", "milora", "olora") for suffix in ("", " in place")]
         weights = run_arms(_large_worker, inits, (args.large, args.rank), 1)
         for arm, [(sec, extra, _)] in weights.items():
             print(f"| {arm} | {sec:.1f} | {extra / 2**20:.0f} | {extra / (4 * n_params):.2f} | {extra / largest:.1f} |")
@@ -525,7 +525,7 @@ def _large_table(args, arms):
         label = {"default": "lowrank (default: dense, svd=auto)", "offload": "lowrank, offload=True",
                  "sketch": "lowrank, estimator='sketch'", "svd=full": "lowrank, svd='full'",
                  "in place": "lowrank, rollback='recompute'",
-                 "sketch, in place": "lowrank, estimator='sketch', rollback='recompute'",
+                 "sketch in place": "lowrank, estimator='sketch', rollback='recompute'",
                  "floor": "the pass alone: forward + backward with hooks, nothing kept",
                  "peft": "PEFT preprocess_loraga + get_peft_model"}[k]
         print(f"| {label} | {med[k][0]:.1f} | {med[k][1] / 2**20:.0f} | {med[k][0] / med['peft'][0]:.2f} | "

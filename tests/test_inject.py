@@ -291,3 +291,17 @@ def test_an_offset_not_finite_in_its_last_block_is_caught_before_any_block_is_wr
     with pytest.raises(FloatingPointError, match="not finite"):
         driver.offset_weight(layer, layer.weight.detach(), A, B, 1.0)
     assert torch.equal(layer.weight.detach(), before)
+
+
+@pytest.mark.parametrize("init", ["olora", "lora_xs", "pissa"])
+def test_init_results_do_not_keep_whole_factorizations_alive(init):
+    """``Q[:, :r]`` of a full QR (OLoRA) or ``U[:, :r]`` of a full SVD is a view of a weight-sized tensor: the
+    driver copies such factors out, so the results of all layers held until the commit stay ``O((m + n) r)``."""
+    from lowrank.init.driver import LayerSpec, run_initializer
+
+    model = tiny_bert()
+    specs = [LayerSpec(n, m, 2, 4.0, 2.0) for n, m in model.named_modules() if n.endswith(("query", "dense"))]
+    results = run_initializer(lowrank.registry.INITIALIZERS.get(init)(), specs)
+    for spec, res in zip(specs, results):
+        for t in (res.A, res.B, *res.extras.values()):
+            assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size(), spec.name

@@ -62,6 +62,19 @@ def check_result(res: InitResult, spec: LayerSpec, init_name: str) -> None:
                                      f"{spec.name!r}")
 
 
+def compact(res: InitResult) -> InitResult:
+    """``res`` with every tensor that is a view into a larger storage copied out: a slice such as
+    ``Q[:, :r]`` of a full factorization would otherwise keep the whole ``Q`` (the size of the weight)
+    alive until the last layer is committed, for every layer."""
+    def own(t: torch.Tensor) -> torch.Tensor:
+        return t.clone(memory_format=torch.contiguous_format) if (
+            t.untyped_storage().nbytes() > t.numel() * t.element_size() or not t.is_contiguous()) else t
+
+    res.A, res.B = own(res.A), own(res.B)
+    res.extras = {k: own(t) for k, t in res.extras.items()}
+    return res
+
+
 @dataclass(frozen=True)
 class Allocation:
     """Ask the driver to let the initializer choose per-layer ranks (``Initializer.allocate``)."""
@@ -130,7 +143,7 @@ def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], *, se
         with torch.no_grad():
             res = initializer.init_layer(context(spec, seed, collected.pop(spec.name, None)))  # pop: free G per layer
         check_result(res, spec, name)
-        results.append(res)
+        results.append(compact(res))
     return results
 
 
@@ -165,7 +178,7 @@ def _split_across_ranks(initializer: Initializer, layers: Sequence[LayerSpec], s
             with torch.no_grad():
                 res = initializer.init_layer(context(spec, seed, stats))
             check_result(res, spec, name)
-            mine[i] = res
+            mine[i] = compact(res)
     except Exception as exc:  # noqa: BLE001  (raised below on this rank, and as an error on every other)
         error = exc
     dist_helpers.agree(error, what="initialization")
