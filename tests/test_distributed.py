@@ -24,6 +24,13 @@ def _setup(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
 
 
+def _teardown() -> None:
+    """Every rank reaches the end before any tears its group down: a rank that exits while its peer is
+    still inside gloo can make the peer abort (seen as an occasional SIGABRT after the error tests)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     _setup(rank, init_file)
     try:
@@ -58,7 +65,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         stepped = {n: p.detach().clone() for n, p in ddp_model.named_parameters() if p.requires_grad}
         torch.save({"G": G, "layers": layers, "stepped": stepped, "calls": calls}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def _peft_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -88,7 +95,7 @@ def _peft_worker(rank: int, init_file: str, out_dir: str) -> None:
         out = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n or "query" in n or "value" in n}
         torch.save(out, os.path.join(out_dir, f"peft{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_peft_initialize_gives_bitwise_identical_factors_and_bases_on_every_rank(tmp_path):
@@ -118,7 +125,7 @@ def _failing_worker(rank: int, init_file: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(msg)
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def _spawn(fn, tmp_path) -> None:
@@ -202,7 +209,7 @@ def _failing_init_worker(rank: int, init_file: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(msg)
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_an_initializer_error_on_one_rank_is_raised_on_every_rank(tmp_path):
@@ -227,7 +234,7 @@ def test_inject_refuses_ddp_wrapped_and_sharded_models(tmp_path):
         with pytest.raises(TypeError, match="before wrapping it in DistributedDataParallel"):
             lowrank.inject(ddp, lowrank.LoRAConfig(rank=2, targets=["query"]))
     finally:
-        dist.destroy_process_group()
+        _teardown()
     model = tiny_bert()
     q = model.bert.encoder.layer[0].attention.self.query
     q.weight.ds_id = 7  # what DeepSpeed ZeRO-3 puts on a partitioned parameter
@@ -249,7 +256,7 @@ def _input_stats_worker(rank: int, init_file: str, out_dir: str) -> None:
                          for n, l in lowrank.adapted_layers(model)}
         torch.save(out, os.path.join(out_dir, f"stats{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_input_statistics_inits_are_identical_on_every_rank_and_equal_one_process(tmp_path):
@@ -283,7 +290,7 @@ def _sketch_worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.save({n: (l.A.detach().clone(), l.B.detach().clone(), l.base_weight().detach().clone())
                     for n, l in lowrank.adapted_layers(model)}, os.path.join(out_dir, f"sketch{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_sketched_inits_are_identical_on_every_rank_and_equal_one_process(tmp_path):
