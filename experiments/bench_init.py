@@ -36,7 +36,9 @@ Three measurements, each side by side with PEFT in one run (PEFT version printed
    and PEFT's ``preprocess_loraga`` + ``get_peft_model``: time and extra peak memory, ratios to PEFT,
    and the default's profile (gradient estimate / factorizations / the rest). On CUDA when present.
    ``--mmap-threshold BYTES`` sets glibc's ``MALLOC_MMAP_THRESHOLD_`` in the arm processes, so that the
-   resident size follows the live tensors (on CUDA the measure is allocated bytes in any case).
+   resident size follows the live tensors (on CUDA the measure is allocated bytes in any case);
+   ``--large-arms`` picks arms (with ``floor`` and ``peft``); ``--large-weights`` adds PiSSA, MiLoRA and
+   OLoRA with both rollbacks.
 5. The statistics pass (``--only stats``): a forward-only statistic (``covariance``, ``input_svd``)
    against the gradient estimate on the same batches and layers, in one process, median time.
 
