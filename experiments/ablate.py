@@ -60,8 +60,8 @@ def main(argv=None) -> int:
         if not args.summary_only:
             if rank0:
                 print(f"{cfg.sweep.name}: {len(done)} finished runs in {results}", file=sys.stderr)
-            task = make_task(cfg.sweep.task, cfg.task)
             try:
+                task = make_task(cfg.sweep.task, cfg.task)
                 check_arms(cfg, task)
             except ValueError as exc:
                 print(f"error: {exc}", file=sys.stderr)

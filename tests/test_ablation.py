@@ -108,7 +108,7 @@ def test_diverged_run_is_recorded_and_the_sweep_continues(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({'task = "synthetic-lowrank"': 'task = "mnist"'}, "unknown task 'mnist'"),
     ({"steps = 8": "steps = 8\nlearning_rate = 1"}, r"unknown key\(s\) \['learning_rate'\]"),
-    ({"d_out = 8": "d_out = 8\nwidth = 3"}, r"unknown key\(s\) \['width'\] for task 'synthetic-lowrank'"),
+    ({"d_out = 8": "d_out = 8\nwidth = 3"}, r"\[task\]: unknown option\(s\) \['width'\] for task 'synthetic-lowrank'"),
     ({'init = "lora_ga"': 'init = "lora-ga"'}, "lora_ga"),
     ({"init_options = { progress = false }": "init_options = { sclae = 'stable' }"}, "sclae"),
     ({'name = "LoRA"\n': 'name = "LoRA"\npreconditioner = "riemanian"\n'}, "riemannian"),
@@ -117,7 +117,7 @@ def test_diverged_run_is_recorded_and_the_sweep_continues(tmp_path):
     ({"steps = 8": "steps = 20.5"}, "steps must be a positive integer, got 20.5"),
     ({"seeds = [0, 1]": "seeds = [true]"}, "seeds must be a non-empty list of distinct non-negative integers"),
     ({"hidden = 24": "hidden = -3"}, "hidden must be a positive integer, got -3"),
-    ({"n_val = 64": "n_eval = 64"}, r"unknown key\(s\) \['n_eval'\]"),
+    ({"n_val = 64": "n_eval = 64"}, r"unknown option\(s\) \['n_eval'\]"),
     ({"ranks = [2]": "ranks = [6]"}, r"arm 'LoRA-GA' at rank 6: .*'fc2'"),
     ({'reference = "LoRA"': 'reference = "Vanilla"'}, "reference arm 'Vanilla' is not one of the arms"),
     ({"lrs = [1e-2]": 'lrs = "grid"'}, "lrs must be a list of rates or one of \\['search', 'transfer'\\]"),

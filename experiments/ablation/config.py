@@ -2,6 +2,10 @@
 validated before any training starts (unknown task, initializer, preconditioner or key, a value of
 the wrong type or out of range: a clear error, nothing run).
 
+A top-level ``plugins = ["module", ...]`` list names modules imported before anything is validated (tasks,
+initializers or preconditioners registered outside the repository; the config file's folder is put first
+on ``sys.path``); with plugins the first line may be any command that runs the file.
+
 Learning rates: ``lrs = [...]`` runs every listed rate; ``lrs = "search"`` searches each arm's rate on
 the validation split (``[search]`` table, ``experiments/ablation/search.py``), then runs the sweep's
 seeds at the chosen rate; ``lrs = "transfer"`` searches the reference arm only and starts every other
@@ -12,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +27,9 @@ from typing import Any
 
 import lowrank
 
-TASKS = ("wordnet-supersense", "synthetic-lowrank", "hf-text-classification")
 LR_MODES = ("search", "transfer")
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("cpu", "cuda", "auto")
 
 
 def _take(table: dict[str, Any], cls, where: str):
@@ -75,6 +82,18 @@ class Sweep:
     reference: str = "LoRA"
     """The arm others are compared with: paired test-metric differences, steps to its final training
     loss; under ``lrs = "transfer"`` the arm whose searched rate is transferred."""
+    dtype: str = "float32"
+    """The model's dtype for training and evaluation (``"bfloat16"``: adapters in bf16 too; data-driven
+    inits still accumulate their statistics in float32)."""
+    device: str = "auto"
+    """``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward (Hugging Face models' ``gradient_checkpointing_enable``)."""
+
+    def training(self) -> dict[str, Any]:
+        """The settings beyond the defaults that change a run's numbers (part of its key; the device is not)."""
+        return {k: v for k, v in (("dtype", self.dtype), ("gradient_checkpointing", self.gradient_checkpointing))
+                if v != Sweep.__dataclass_fields__[k].default}
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,7 @@ class Search:
     max_points: int = 9
     """Most rates tried per arm; the grid extends by one step while the best rate is at an edge."""
     select: str = "val_loss"
-    """``"val_loss"`` (lower is better) or ``"val_accuracy"`` (tasks with accuracy)."""
+    """``"val_<metric>"`` for one of the task's metrics (its direction, min or max, comes from the task)."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds the search trains (scores are means over them)."""
 
@@ -114,11 +133,20 @@ class Arm:
     full_finetune: bool = False
     lrs: list[float] | None = None
     """This arm's own list of learning rates (overrides the sweep's list, search or transfer)."""
+    adapter: str = "lora"
+    """The adapter layer (``lowrank.list_adapters()``, e.g. ``"dora"``)."""
+    search_start: float | None = None
+    """Under a search: the centre of this arm's first grid (snapped to the ``[search]`` grid; default its
+    ``start``). It saves runs, never decides: the grid still extends until the best rate is interior."""
 
     def identity(self) -> dict[str, Any]:
-        """What makes a run of this arm what it is (the rate mode is not part of it)."""
+        """What makes a run of this arm what it is (the rate mode and the search's start are not part of it;
+        fields added later are left out at their default, so earlier results keep their keys)."""
         d = dataclasses.asdict(self)
-        d.pop("lrs")
+        for k in ("lrs", "search_start"):
+            d.pop(k)
+        if d["adapter"] == "lora":
+            d.pop("adapter")
         return d
 
 
@@ -131,6 +159,7 @@ class Config:
     arms: list[Arm]
     search: Search = field(default_factory=Search)
     has_search_table: bool = False
+    plugins: tuple[str, ...] = ()
 
     def ranks_of(self, arm: Arm) -> list[int | None]:
         return [None] if arm.full_finetune else list(self.sweep.ranks)
@@ -152,9 +181,10 @@ class Config:
         and a final run of the same arm, rank, rate and seed are one run, shared across configs."""
         spec = {"task": self.sweep.task, "task_options": self.task, "arm": arm.name, "arm_config": arm.identity(),
                 "rank": rank, "lr": lr, "seed": seed, "steps": self.sweep.steps, "batch_size": self.sweep.batch_size,
-                "alpha": self.sweep.alpha, "head_lr": self.sweep.head_lr, "eval_every": self.sweep.eval_every}
+                "alpha": self.sweep.alpha, "head_lr": self.sweep.head_lr, "eval_every": self.sweep.eval_every,
+                **self.sweep.training()}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return {"sweep": self.sweep.name, **spec, "phase": phase, "key": key}
+        return {"sweep": self.sweep.name, **spec, "phase": phase, "key": key, "device": self.sweep.device}
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run of the arms with explicit rate lists (searched arms' runs depend on results:
@@ -163,17 +193,38 @@ class Config:
                 for rank in self.ranks_of(arm) for lr in self.listed_lrs(arm) for seed in self.sweep.seeds]
 
     @property
-    def metrics(self) -> tuple[str, ...]:
-        from .tasks import METRICS
+    def task_class(self):
+        from .tasks import get_task
 
-        return METRICS[self.sweep.task]
+        return get_task(self.sweep.task)
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """The task's metrics: name -> ``"min"`` or ``"max"``."""
+        return dict(self.task_class.metrics)
+
+    @property
+    def headline(self) -> str:
+        """The metric the tables and plots lead with (the task's)."""
+        return self.task_class.headline
+
+    def higher_is_better(self, metric: str) -> bool:
+        return self.metrics[metric.removeprefix("val_").removeprefix("test_")] == "max"
 
     @property
     def select(self) -> str:
-        """The validation metric that chooses rates (a list sweep without ``[search]``: accuracy if any)."""
+        """The validation metric that chooses rates (a list sweep without ``[search]``: the headline)."""
         if isinstance(self.sweep.lrs, str) or self.has_search_table:
             return self.search.select
-        return "val_accuracy" if "accuracy" in self.metrics else "val_loss"
+        return f"val_{self.headline}"
+
+    def title(self) -> str:
+        """The task, its model and data, and the ranks (for plots)."""
+        from .tasks import task_options
+
+        what = self.task_class.describe(task_options(self.sweep.task, self.task))
+        ranks = ", ".join(map(str, self.sweep.ranks))
+        return f"{self.sweep.name}: {what}, r={ranks}"
 
 
 def load(path: str | Path) -> Config:
@@ -181,21 +232,27 @@ def load(path: str | Path) -> Config:
     path = Path(path)
     text = path.read_text()
     first = text.splitlines()[0] if text else ""
-    if not first.startswith("# python -m experiments.ablate"):
-        raise ValueError(f"{path}: the first line must be the command that runs it, e.g. "
-                         f"'# python -m experiments.ablate {path}'")
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
-    tables = ["sweep", "task", "search", "arm"]
+    tables = ["plugins", "sweep", "task", "search", "arm"]
     unknown = sorted(set(raw) - set(tables))
     if unknown:
-        raise ValueError(f"{path}: unknown table(s) {unknown}; valid: {tables}")
+        raise ValueError(f"{path}: unknown table(s) or key(s) {unknown}; valid: {tables}")
+    plugins = import_plugins(raw.get("plugins", []), path)
+    if not (first.startswith("# python -m experiments.ablate") or (plugins and first.startswith("# ")
+                                                                   and first[2:].strip())):
+        raise ValueError(f"{path}: the first line must be the command that runs it, e.g. "
+                         f"'# python -m experiments.ablate {path}'")
     sweep = _take(raw.get("sweep", {}), Sweep, f"{path} [sweep]")
     where = f"{path} [sweep]"
-    if sweep.task not in TASKS:
-        raise ValueError(f"{where}: unknown task {sweep.task!r}; tasks: {list(TASKS)}")
+    from .tasks import get_task, task_options
+
+    try:
+        get_task(sweep.task)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     for name in ("name", "results", "reference"):
         _check(where, name, getattr(sweep, name), lambda v: isinstance(v, str) and v, "a non-empty string")
     _check_int_list(where, "seeds", sweep.seeds, positive=False)
@@ -209,14 +266,24 @@ def load(path: str | Path) -> Config:
         _check(where, name, getattr(sweep, name), lambda v: _is_int(v) and v > 0, "a positive integer")
     for name in ("alpha", "head_lr"):
         _check(where, name, getattr(sweep, name), _is_rate, "a positive finite number")
-    from .tasks import METRICS, check_task_options
+    _check(where, "dtype", sweep.dtype, lambda v: v in DTYPES, f"one of {list(DTYPES)}")
+    _check(where, "device", sweep.device, lambda v: v in DEVICES, f"one of {list(DEVICES)}")
+    _check(where, "gradient_checkpointing", sweep.gradient_checkpointing, lambda v: isinstance(v, bool), "true or false")
+    if sweep.device == "cuda":
+        import torch
 
+        if not torch.cuda.is_available():
+            raise ValueError(f"{where}: device = 'cuda' but no CUDA device is available here; use device = \"auto\" "
+                             "(CUDA when present, else the CPU) or \"cpu\"")
     task = raw.get("task", {})
     if not isinstance(task, dict):
         raise ValueError(f"{path} [task]: expected a table")
-    check_task_options(sweep.task, task, f"{path} [task]")
+    try:
+        task_options(sweep.task, task)
+    except ValueError as exc:
+        raise ValueError(f"{path} [task]: {exc}") from None
     search = _take(raw.get("search", {}), Search, f"{path} [search]")
-    _check_search(search, f"{path} [search]", METRICS[sweep.task])
+    _check_search(search, f"{path} [search]", tuple(get_task(sweep.task).metrics))
     if "search" in raw and not isinstance(sweep.lrs, str):
         raise ValueError(f"{path}: a [search] table is only used with lrs = \"search\" or \"transfer\"; "
                          f"[sweep] lrs is the list {sweep.lrs}")
@@ -235,7 +302,26 @@ def load(path: str | Path) -> Config:
     if sweep.lrs == "transfer" and next(a for a in arms if a.name == sweep.reference).lrs is not None:
         raise ValueError(f"{path} arm {sweep.reference!r}: under lrs = \"transfer\" the reference arm's rate is "
                          "searched; remove its own lrs list")
-    return Config(path, first.lstrip("# ").strip(), sweep, task, arms, search, has_search_table="search" in raw)
+    return Config(path, first.lstrip("# ").strip(), sweep, task, arms, search, has_search_table="search" in raw,
+                  plugins=plugins)
+
+
+def import_plugins(modules: Any, path: Path) -> tuple[str, ...]:
+    """Import each module named in a config's ``plugins`` list (the config's folder first on ``sys.path``);
+    a module that does not import is a ``ValueError`` naming it, the error and the fix."""
+    where = f"{path}: plugins"
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise ValueError(f"{where} must be a list of module names, e.g. plugins = [\"my_tasks\"], got {modules!r}")
+    folder = str(Path(path).resolve().parent)
+    if modules and folder not in sys.path:
+        sys.path.insert(0, folder)  # kept: a plugin may import its own helpers later
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's module is reported the same way
+            raise ValueError(f"{where}: module {m!r} does not import ({type(exc).__name__}: {exc}); put it in "
+                             f"{folder} or on PYTHONPATH, or fix the error") from None
+    return tuple(modules)
 
 
 def _check_search(s: Search, where: str, metrics: tuple[str, ...]) -> None:
@@ -257,13 +343,15 @@ def _check_arm(a: Arm, sweep: Sweep, where: str) -> None:
     if a.lrs is not None:
         _check(where, "lrs", a.lrs, lambda vs: isinstance(vs, list) and vs and all(_is_rate(v) for v in vs),
                "a non-empty list of positive rates")
+    if a.search_start is not None:
+        _check(where, "search_start", a.search_start, _is_rate, "a positive finite rate")
     if a.full_finetune:
         return
     for name in ("init_options", "preconditioner_options"):
         _check(where, name, getattr(a, name), lambda v: isinstance(v, dict), "a table")
-    try:  # validates init, its options, scaling and alpha
+    try:  # validates init, its options, the adapter, scaling and alpha
         lowrank.LoRAConfig(rank=sweep.ranks[0], alpha=sweep.alpha, scaling=a.scaling, targets=["x"], init=a.init,
-                           init_options=a.init_options)
+                           init_options=a.init_options, adapter=a.adapter)
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from None
     try:

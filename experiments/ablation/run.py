@@ -3,7 +3,7 @@
 A record holds the run's spec (``Config.spec``: ``arm`` is the arm's name, ``arm_config`` its
 settings, ``rank``, ``lr``, ``seed``, ``phase``, ``key``), ``status`` (``"ok"`` or ``"diverged"``),
 the training loss curve, the validation curve ``eval``, and the final metrics ``val`` and ``test``
-(``{"loss": ..., "accuracy": ...}``; ``None`` values for a diverged run).
+(the task's metrics, e.g. ``{"loss": ..., "exact_match": ...}``; ``None`` values for a diverged run).
 """
 
 from __future__ import annotations
@@ -28,24 +28,36 @@ from lowrank.optim import PreconditionedOptimizer
 from .memory import PeakMemory
 
 
-@torch.no_grad()
-def evaluate(model, batches, accuracy: bool) -> dict[str, float]:
-    model.eval()
-    total, correct, loss = 0, 0, 0.0
-    for b in batches:
-        out = model(**b)
-        n = len(next(iter(b.values())))
-        loss += out.loss.item() * n
-        if accuracy:
-            correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
-        total += n
-    model.train()
-    return {"loss": loss / total, **({"accuracy": correct / total} if accuracy else {})}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: CUDA (this process's current device) when available, else the CPU."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def prepare(model, spec: dict[str, Any], device: torch.device):
+    """Move and cast a freshly built model as the sweep says, and switch on gradient checkpointing."""
+    model = model.to(device=device, dtype=DTYPES[spec.get("dtype", "float32")])
+    if spec.get("gradient_checkpointing"):
+        # non-reentrant: gradients reach the adapters even though the frozen embeddings' outputs need none
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            raise ValueError(f"gradient_checkpointing = true, but the task's model ({type(model).__name__}) has no "
+                             "activation/gradient_checkpointing_enable(); use a Hugging Face model or set it to false")
+    return model
 
 
 def lora_config(arm: dict[str, Any], rank: int, alpha: float, seed: int, built) -> lowrank.LoRAConfig:
     return lowrank.LoRAConfig(rank=rank, alpha=alpha, scaling=arm["scaling"], targets=built.targets, trainable=built.head,
-                              init=arm["init"], init_options=arm["init_options"], seed=seed)
+                              init=arm["init"], init_options=arm["init_options"], seed=seed,
+                              adapter=arm.get("adapter", "lora"))
 
 
 def check_arms(cfg, task) -> None:
@@ -105,11 +117,12 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
     of the seeded stream (global batch = ``world x batch_size``), and all ranks agree on divergence.
     """
     rank, world = _world()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = resolve_device(spec.get("device", "auto"))
     torch.manual_seed(spec["seed"])
     t0 = time.perf_counter()
     built = task.build(spec["seed"], spec["batch_size"])
-    model = built.model.to(device)
+    model = prepare(built.model, spec, device)
+    built.init_batches = [_to(b, device) for b in built.init_batches]
     if world > 1:
         built.init_batches = built.init_batches[rank::world]
         built.train = itertools.islice(built.train, rank, None, world)
@@ -121,9 +134,10 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
         trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         model.train()
         val = [_to(b, device) for b in built.val_batches]
-        evals.append({"step": 0, **evaluate(model, val, built.accuracy)})
+        show = progress and rank == 0
+        evals.append({"step": 0, **task.evaluate(model, val, progress=show)})
         bar = tqdm(range(1, spec["steps"] + 1), desc=f"{spec['arm']} r={spec['rank']} lr={spec['lr']:g} "
-                   f"seed={spec['seed']}", disable=not progress or rank != 0, leave=False)
+                   f"seed={spec['seed']}", disable=not show, leave=False, unit="step")
         for step, batch in zip(bar, built.train):
             loss = trainer(**_to(batch, device)).loss
             if not _all_finite(loss, world):
@@ -138,21 +152,25 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
                 status = "diverged"
                 break
             losses.append(_mean_over_ranks(loss, world))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if step % spec["eval_every"] == 0 or step == spec["steps"]:
-                evals.append({"step": step, **evaluate(model, val, built.accuracy)})
+                evals.append({"step": step, **task.evaluate(model, val, progress=show)})
         bar.close()
         if status == "ok":
             final_val = {k: v for k, v in evals[-1].items() if k != "step"}
-            final_test = evaluate(model, [_to(b, device) for b in built.test_batches], built.accuracy)
+            final_test = task.evaluate(model, [_to(b, device) for b in built.test_batches], progress=show)
         else:
-            final_val = final_test = dict.fromkeys(["loss", "accuracy"] if built.accuracy else ["loss"])
+            final_val = final_test = dict.fromkeys(task.metrics)
     return {**spec, "status": status, "loss_curve": losses, "eval": evals, "val": final_val, "test": final_test,
             "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra, "world_size": world,
             "lowrank_version": lowrank.__version__, "torch_version": torch.__version__}
 
 
 def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()} if device.type != "cpu" else batch
+    """Tensors of a dict batch moved to ``device`` (other values, e.g. reference answers, kept)."""
+    if device.type == "cpu" or not isinstance(batch, dict):
+        return batch
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _all_finite(loss: torch.Tensor, world: int) -> bool:

@@ -53,35 +53,32 @@ class ArmPlan:
         return self.chosen is not None
 
 
-def _worst(select: str) -> float:
-    return math.inf if select.endswith("loss") else -math.inf
-
-
-def score(records: list[dict[str, Any]], select: str) -> float:
+def score(records: list[dict[str, Any]], select: str, higher_is_better: bool) -> float:
     """Mean of the validation metric ``select`` over ``records``; the worst value if any diverged."""
     metric = select.removeprefix("val_")
-    vals = [r["val"][metric] if r.get("status") == "ok" and r.get("val") else None for r in records]
+    vals = [r["val"].get(metric) if r.get("status") == "ok" and r.get("val") else None for r in records]
     if any(v is None or not math.isfinite(v) for v in vals):
-        return _worst(select)
+        return -math.inf if higher_is_better else math.inf
     return statistics.mean(vals)
 
 
-def _better(select: str):
+def _better(higher_is_better: bool):
     """Sort key: lower is better."""
-    return (lambda v: v) if select.endswith("loss") else (lambda v: -v)
+    return (lambda v: -v) if higher_is_better else (lambda v: v)
 
 
 def grid_search(cfg: Config, arm: Arm, rank: int | None, center: int, points: int,
                 done: dict[str, dict[str, Any]]) -> ArmPlan:
     """Rules 1-3 of the module docstring from grid index ``center``; ``pending_search`` is what to run next."""
-    s, key = cfg.search, _better(cfg.select)
+    higher = cfg.higher_is_better(cfg.select)
+    s, key = cfg.search, _better(higher)
     idx = set(range(center - points // 2, center + points // 2 + 1))
     plan = ArmPlan(arm.name, rank, "search")
     while True:
         runs = {k: [cfg.spec(arm, rank, s.rate(k), seed, "search") for seed in s.seeds] for k in sorted(idx)}
         plan.search_runs = sum(len(v) for v in runs.values())
         plan.pending_search = [r for k in sorted(idx) for r in runs[k] if r["key"] not in done]
-        plan.scores = {s.rate(k): score([done[r["key"]] for r in runs[k]], cfg.select) for k in sorted(idx)
+        plan.scores = {s.rate(k): score([done[r["key"]] for r in runs[k]], cfg.select, higher) for k in sorted(idx)
                        if all(r["key"] in done for r in runs[k])}
         if plan.pending_search:
             return plan
@@ -99,10 +96,11 @@ def _list_plan(cfg: Config, arm: Arm, rank: int | None, done: dict[str, dict[str
     runs = {lr: [cfg.spec(arm, rank, lr, seed, "final") for seed in cfg.sweep.seeds] for lr in lrs}
     plan = ArmPlan(arm.name, rank, "list", search_runs=sum(len(v) for v in runs.values()))
     plan.pending_final = [r for lr in lrs for r in runs[lr] if r["key"] not in done]
-    plan.scores = {lr: score([done[r["key"]] for r in rs], cfg.select) for lr, rs in runs.items()
+    higher = cfg.higher_is_better(cfg.select)
+    plan.scores = {lr: score([done[r["key"]] for r in rs], cfg.select, higher) for lr, rs in runs.items()
                    if all(r["key"] in done for r in rs)}
     if plan.scores:
-        key = _better(cfg.select)
+        key = _better(higher)
         plan.chosen = min(sorted(plan.scores), key=lambda lr: key(plan.scores[lr]))
         plan.interior = lrs.index(plan.chosen) not in (0, len(lrs) - 1) and not plan.pending_final
     return plan
@@ -152,5 +150,7 @@ def final_records(cfg: Config, p: ArmPlan, done: dict[str, dict[str, Any]]) -> l
 
 
 def full_search(cfg: Config, arm: Arm, rank: int | None, done: dict[str, dict[str, Any]]) -> ArmPlan:
-    """What a full search (``lrs = "search"``) of this arm would have run and chosen, from ``done``."""
-    return grid_search(cfg, arm, rank, 0, cfg.search.points, done)
+    """What a full search (``lrs = "search"``) of this arm would have run and chosen, from ``done`` (the first
+    grid centred on the arm's ``search_start`` when it has one)."""
+    center = 0 if arm.search_start is None else cfg.search.index(arm.search_start)
+    return grid_search(cfg, arm, rank, center, cfg.search.points, done)

@@ -47,8 +47,8 @@ def _reference_plan(cfg: Config, plans: list[ArmPlan], rank) -> ArmPlan | None:
 
 def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One summary row per arm and rank (the objects ``--json`` prints)."""
-    metric = "accuracy" if "accuracy" in cfg.metrics else "loss"
-    higher = metric == "accuracy"
+    metric = cfg.headline
+    higher = cfg.higher_is_better(metric)
     out = []
     for p in plans:
         finals = final_records(cfg, p, done)
@@ -172,65 +172,6 @@ def transfer_table(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, 
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_curves(cfg: Config, plans: list[ArmPlan], done, path: Path, title: str) -> None:
-    """Smoothed train loss and validation metric vs step at each arm's chosen rate, mean over seeds."""
-    plt = _pyplot()
-    metric = "accuracy" if "accuracy" in cfg.metrics else "loss"
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for p in plans:
-        rs = _ok(final_records(cfg, p, done))
-        if not rs:
-            continue
-        n = min(len(r["loss_curve"]) for r in rs)
-        label = f"{p.arm}{'' if p.rank is None or len(cfg.sweep.ranks) == 1 else f' r={p.rank}'} (lr {p.chosen:g})"
-        ax1.plot(range(1, n + 1), [statistics.fmean(smooth(r["loss_curve"])[i] for r in rs) for i in range(n)],
-                 label=label)
-        steps = [e["step"] for e in rs[0]["eval"]]
-        ax2.plot(steps, [statistics.fmean(r["eval"][i][metric] for r in rs) for i in range(len(steps))], marker="o",
-                 label=label)
-    ax1.set(xlabel="step", ylabel=f"train loss (moving average {WINDOW})")
-    ax2.set(xlabel="step", ylabel=f"validation {metric}")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title)
-    _save(plt, fig, path)
-
-
-def plot_lr(cfg: Config, plans: list[ArmPlan], path: Path, title: str) -> None:
-    """Validation metric vs learning rate (the search), one line per arm; the chosen rate marked."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.4))
-    for p in plans:
-        pts = sorted((lr, v) for lr, v in p.scores.items() if math.isfinite(v))
-        if not pts:
-            continue
-        (line,) = ax.plot(*zip(*pts), marker="o", label=p.arm)
-        if p.chosen in p.scores and math.isfinite(p.scores[p.chosen]):
-            ax.plot([p.chosen], [p.scores[p.chosen]], marker="*", markersize=13, color=line.get_color())
-    ax.set_xscale("log")
-    ax.set(xlabel="learning rate (adapters; full FT: all weights)", ylabel=cfg.select.replace("_", " "))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title)
-    _save(plt, fig, path)
-
-
 def summarize(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]], results_path: Path,
               as_json: bool = False) -> str:
     """Write ``<sweep name>.md`` and PNG plots next to the results file (several configs may share one results
@@ -240,13 +181,15 @@ def summarize(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]
         return "\n".join(json.dumps(r) for r in rs)
     if not any(r["n_seeds"] for r in rs):
         return "no finished runs at a chosen rate yet"
+    from .plots import plot_curves, plot_lr
+
     stem = results_path.parent / cfg.sweep.name
     title = f"{cfg.sweep.name}: {cfg.command}"
     parts = [f"# {title}", "", markdown(cfg, plans, done, rs), ""]
     if any(len(p.scores) > 1 for p in plans):
-        plot_lr(cfg, plans, Path(f"{stem}_lr.png"), cfg.sweep.name)
+        plot_lr(cfg, plans, Path(f"{stem}_lr.png"))
         parts.append(f"![validation metric vs lr]({Path(f'{stem}_lr.png').name})")
-    plot_curves(cfg, plans, done, Path(f"{stem}_curves.png"), cfg.sweep.name)
+    plot_curves(cfg, plans, done, Path(f"{stem}_curves.png"))
     parts.append(f"![curves]({Path(f'{stem}_curves.png').name})")
     text = "\n".join(parts) + "\n"
     Path(f"{stem}.md").write_text(text)

@@ -1,0 +1,29 @@
+"""The runner's tasks, one file each, registered by name (``experiments.ablation.list_tasks()``).
+
+Every module of this package is imported on the first lookup (``pkgutil``), so a new built-in task is
+one new file here; nothing else lists tasks. See ``base.py`` for the contract.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from .base import TASKS, Built, Task, get_task, list_tasks, make_task, register_task, task_options
+
+_discovered = False
+
+
+def discover() -> None:
+    """Import every module of this package once (their ``@register_task`` decorators run)."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+__all__ = ["TASKS", "Built", "Task", "discover", "get_task", "list_tasks", "make_task", "register_task",
+           "task_options"]

@@ -1,0 +1,226 @@
+"""``causal-lm``: supervised fine-tuning of a decoder LM on prompt/response pairs, scored by the loss on the
+responses and by the exact match of greedily generated answers (the field's protocol: MetaMathQA ->
+GSM8K in LoRA-GA, arXiv 2407.05000; here by default the offline SmolLM2-135M on reasoning-gym problems).
+
+- A training sequence is ``tok(prompt)`` + ``tok(response, add_special_tokens=False)`` + EOS; labels are
+  -100 on the prompt and on padding, so ``model(**batch).loss`` is the token-weighted mean NLL over the
+  response tokens and EOS (``chat_template = true`` wraps the prompt in the tokenizer's chat template
+  first, as one user turn with the generation prompt).
+- ``loss``: the same NLL over a whole split, weighted by tokens. ``exact_match``: ``model.generate``,
+  greedy, batched and left-padded with the KV cache, at most ``max_new_tokens``; the answer extracted by
+  ``answer_pattern`` (default: the first line) and compared as ``experiments.ablation.answers`` says.
+- Every batch is a dict in the Hugging Face convention (``input_ids``, ``attention_mask``, ``labels``);
+  evaluation batches also carry ``prompt_ids`` / ``prompt_mask`` (left-padded) and ``answers``.
+- Data: a ``.jsonl`` file or a generator (``experiments.data.examples``); splits disjoint by prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from ..answers import compile_pattern, extract, matches
+from .base import Built, Task, positive, register_task, restoring_modes
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@register_task("causal-lm")
+class CausalLM(Task):
+    """A decoder LM fine-tuned on prompt/response pairs (jsonl or reasoning-gym), scored by generated answers."""
+
+    @dataclass(frozen=True)
+    class Options:
+        data: str | None = None
+        """A ``.jsonl`` file, or a generator: ``"reasoning-gym:<dataset>"``."""
+        model: str = "smollm2-135m"
+        """A local folder or hub name for ``AutoModelForCausalLM``; ``"smollm2-135m"`` is the offline package."""
+        data_options: dict = field(default_factory=dict)
+        """Keyword options of the generator (e.g. ``{ min_terms = 2, max_digits = 2 }`` for chain_sum)."""
+        prompt_field: str | None = None
+        """Default ``"prompt"`` (jsonl) or ``"question"`` (reasoning-gym)."""
+        response_field: str | None = None
+        """Default ``"response"`` (jsonl) or ``"answer"`` (reasoning-gym; ``"answer_cot"`` for gsm_symbolic)."""
+        answer_field: str | None = None
+        """Default ``"answer"``."""
+        n_train: int = 4000
+        n_val: int = 200
+        n_test: int = 500
+        init_batches: int = 4
+        split_seed: int = 0
+        max_length: int = 128
+        """Longest prompt + response + EOS in tokens; a longer example is an error naming it."""
+        max_new_tokens: int = 16
+        answer_pattern: str | None = None
+        """A regex whose first group is the answer in the generation (default: its first line)."""
+        chat_template: bool = False
+        targets: list[str] | str = field(default_factory=lambda: list(PROJECTIONS))
+        eval_batch_size: int = 64
+
+        def __post_init__(self):
+            from experiments.data.examples import check_source
+
+            positive(self, "n_train", "n_val", "n_test", "init_batches", "max_length", "max_new_tokens",
+                     "eval_batch_size")
+            if not isinstance(self.data, str) or not self.data:
+                raise ValueError("task 'causal-lm' needs data = \"<file.jsonl>\" or \"reasoning-gym:<dataset>\"")
+            check_source(self.data)
+            if not isinstance(self.data_options, dict):
+                raise ValueError(f"data_options must be a table, got {self.data_options!r}")
+            if not isinstance(self.model, str) or not self.model:
+                raise ValueError(f"model must be a local path or hub name, got {self.model!r}")
+            ok = isinstance(self.targets, str) or (isinstance(self.targets, list) and self.targets
+                                                   and all(isinstance(t, str) for t in self.targets))
+            if not ok:
+                raise ValueError(f"targets must be a module-name list or one regex, got {self.targets!r}")
+            compile_pattern(self.answer_pattern)
+
+    metrics = {"loss": "min", "exact_match": "max"}
+    headline = "exact_match"
+    units = {"loss": "NLL, nats per response token", "exact_match": "fraction of prompts"}
+    example = "sequences"
+
+    def __init__(self, options):
+        from transformers import AutoTokenizer
+
+        from experiments.data.examples import Fields, default_fields, load_splits
+
+        super().__init__(options)
+        o = options
+        self.path = _model_path(o.model)
+        self.tok = AutoTokenizer.from_pretrained(self.path)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"model = {o.model!r}: its tokenizer has no EOS token, so a response has no end; "
+                             "use a tokenizer with eos_token set")
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self.pattern = compile_pattern(o.answer_pattern)
+        d = default_fields(o.data)
+        fields = Fields(o.prompt_field or d.prompt, o.response_field or d.response, o.answer_field or d.answer)
+        splits = load_splits(o.data, fields, o.n_train, o.n_val, o.n_test, o.split_seed, o.data_options)
+        self.train_set, self.val_set, self.test_set = ([self._encode(e) for e in s] for s in splits)
+
+    # --- tokenization -------------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if self.options.chat_template:
+            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+            return self.tok(text, add_special_tokens=False)["input_ids"]
+        return self.tok(prompt)["input_ids"]
+
+    def _encode(self, ex) -> tuple[list[int], list[int], str]:
+        p = self.prompt_ids(ex.prompt)
+        r = self.tok(ex.response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+        if len(p) + len(r) > self.options.max_length:
+            raise ValueError(f"{ex.where}: prompt + response + EOS is {len(p) + len(r)} tokens ({len(p)} in the "
+                             f"prompt), over max_length = {self.options.max_length}; raise max_length in [task] "
+                             "or shorten or drop the example")
+        return p, r, ex.answer
+
+    def collate(self, rows: list[tuple[list[int], list[int], str]]) -> dict[str, torch.Tensor]:
+        """Right-padded training batch: ``input_ids``, ``attention_mask``, ``labels`` (-100 off the response)."""
+        length = max(len(p) + len(r) for p, r, _ in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        for i, (p, r, _) in enumerate(rows):
+            n = len(p) + len(r)
+            ids[i, :n] = torch.tensor(p + r)
+            mask[i, :n] = 1
+            labels[i, len(p):n] = torch.tensor(r)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def eval_batch(self, rows) -> dict[str, Any]:
+        """A training batch plus the left-padded prompts to generate from and the reference answers."""
+        b = self.collate(rows)
+        length = max(len(p) for p, _, _ in rows)
+        pids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        pmask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (p, _, _) in enumerate(rows):
+            pids[i, length - len(p):] = torch.tensor(p)
+            pmask[i, length - len(p):] = 1
+        return {**b, "prompt_ids": pids, "prompt_mask": pmask, "answers": tuple(a for _, _, a in rows)}
+
+    def _eval_batches(self, rows) -> list[dict[str, Any]]:
+        order = sorted(rows, key=lambda r: (len(r[0]), len(r[1])))  # similar lengths together: less padding
+        n = self.options.eval_batch_size
+        return [self.eval_batch(order[i:i + n]) for i in range(0, len(order), n)]
+
+    def _stream(self, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(seed)
+        while True:  # epochs without end, reshuffled by a seeded generator
+            order = torch.randperm(len(self.train_set), generator=g).tolist()
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                yield self.collate([self.train_set[i] for i in order[start:start + batch_size]])
+
+    # --- the task contract ---------------------------------------------------------------------------------
+
+    def build(self, seed: int, batch_size: int) -> Built:
+        from transformers import AutoModelForCausalLM
+
+        if batch_size > len(self.train_set):
+            raise ValueError(f"batch_size = {batch_size} is larger than the {len(self.train_set)} training examples; "
+                             "lower batch_size or raise n_train")
+        torch.manual_seed(seed)
+        with _quiet_loading():  # a bar per run would bury the runner's own
+            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+        init = self._stream(seed + 10_000, batch_size)
+        return Built(model=model, targets=self.options.targets, head=[], train=self._stream(seed, batch_size),
+                     init_batches=[next(init) for _ in range(self.options.init_batches)],
+                     val_batches=self._eval_batches(self.val_set), test_batches=self._eval_batches(self.test_set))
+
+    def generate(self, model, batch: dict[str, Any]) -> list[str]:
+        """Greedy completions of the batch's prompts (decoded, special tokens dropped)."""
+        from transformers import GenerationConfig
+
+        cfg = GenerationConfig(max_new_tokens=self.options.max_new_tokens, do_sample=False, num_beams=1,
+                               pad_token_id=self.pad_id, eos_token_id=self.tok.eos_token_id, use_cache=True)
+        out = model.generate(input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], generation_config=cfg)
+        return self.tok.batch_decode(out[:, batch["prompt_ids"].shape[1]:], skip_special_tokens=True)
+
+    def evaluate(self, model, batches, progress: bool = False) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        nll, tokens, correct, total = 0.0, 0, 0, 0
+        with restoring_modes(model), torch.no_grad():
+            bar = tqdm(batches, desc="eval (generate)", disable=not progress, leave=False, unit="batch")
+            for b in bar:
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+                k = int((b["labels"][:, 1:] != -100).sum())
+                nll += out.loss.float().item() * k
+                tokens += k
+                texts = self.generate(model, b)
+                correct += sum(matches(extract(t, self.pattern), a) for t, a in zip(texts, b["answers"]))
+                total += len(texts)
+                bar.set_postfix(exact_match=f"{correct / total:.3f}")
+        return {"loss": nll / tokens, "exact_match": correct / total}
+
+    @classmethod
+    def describe(cls, options) -> str:
+        from experiments.data import smollm2
+
+        model = smollm2.LABEL if options.model == smollm2.NAME else options.model.rstrip("/").rsplit("/", 1)[-1]
+        data = options.data.rsplit("/", 1)[-1]
+        return f"{data}, {model}"
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+def _model_path(model: str) -> str:
+    from experiments.data import smollm2
+
+    return smollm2.smollm2_path() if model == smollm2.NAME else model
