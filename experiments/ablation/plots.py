@@ -82,12 +82,12 @@ def plot_curves(cfg: Config, plans: list[ArmPlan], done, path: Path) -> None:
         n = min(len(r["loss_curve"]) for r in rs)
         mean, lo, hi = _band([smooth(r["loss_curve"])[:n] for r in rs])
         x = range(1, n + 1)
-        axes[0].plot(x, mean, color=st["color"], linestyle=st["linestyle"], label=label)
-        axes[0].fill_between(x, lo, hi, color=st["color"], alpha=0.12, linewidth=0)
+        axes[0].plot(x, mean, label=label, markevery=max(1, n // 8), markersize=4, linewidth=1.3, **st)
+        axes[0].fill_between(x, lo, hi, color=st["color"], alpha=0.07, linewidth=0)
         steps = [e["step"] for e in rs[0]["eval"]]
         mean, lo, hi = _band([[e[metric] for e in r["eval"][:len(steps)]] for r in rs])
-        axes[1].plot(steps, mean, label=label, **st)
-        axes[1].fill_between(steps, lo, hi, color=st["color"], alpha=0.12, linewidth=0)
+        axes[1].plot(steps, mean, label=label, markersize=5, linewidth=1.3, **st)
+        axes[1].fill_between(steps, lo, hi, color=st["color"], alpha=0.07, linewidth=0)
     batch = f"training step (batches of {cfg.sweep.batch_size} {cfg.task_class.example})"
     axes[0].set(xlabel=batch, ylabel=f"training {_label(cfg, 'loss')}\nmoving average of {WINDOW} steps")
     axes[1].set(xlabel=batch, ylabel=f"validation {_label(cfg, metric)}")
