@@ -37,16 +37,49 @@ LOWRANK_NOTE = "lowrank_export.json"
 PREFIX = "base_model.model."
 
 
+def rank_2r(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, rank: int, alpha: float,
+            scaling: float) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """The trained ``(A, B)`` on an offset base ``W0 - s B0 A0`` as one LoRA on ``W0``: ``A' = [A; A0]``,
+    ``B' = [B, -B0]``, ``r' = 2r`` and ``alpha'`` such that ``s' = s`` (``2 alpha`` for ``s = alpha / r``,
+    ``sqrt(2) alpha`` for rsLoRA's ``alpha / sqrt(r)``)."""
+    factor = 2.0 if math.isclose(scaling, alpha / rank) else math.sqrt(2.0)
+    return torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1), 2 * rank, factor * alpha
+
+
+def exact_key(name: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that selects exactly the module ``name``, under PEFT's rule
+    (``re.match(rf"(.*\\.)?({key})$", module_name)``) and lowrank's (full path or dotted suffix) alike: the
+    leading ``^`` stops a top-level ``proj`` from also matching ``head.proj``."""
+    return "^" + re.escape(name)
+
+
+def patterns(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """The most common rank and alpha as defaults, the others as ``rank_pattern`` / ``alpha_pattern`` with
+    :func:`exact_key` keys."""
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+    return (r0, a0, {exact_key(n): r for n, r in ranks.items() if r != r0},
+            {exact_key(n): a for n, a in alphas.items() if a != a0})
+
+
+def target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """PEFT ``target_modules`` that select exactly ``names``: the list of names, or, when one of them is a dotted
+    suffix of a module that is not adapted (a list entry matches by suffix in PEFT), one anchored regex
+    (PEFT full-matches a string)."""
+    chosen = set(names)
+    others = [n for n, _ in model.named_modules() if n and n not in chosen]
+    if any(o.endswith("." + n) for o in others for n in chosen):
+        return "(?:" + "|".join(re.escape(n) for n in sorted(chosen)) + ")"
+    return sorted(chosen)
+
+
 def _factors(layer) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """``(A', B', r', alpha')`` of one layer on the original base weight (from the adapter's saved tensors)."""
     t = layer.tensors()
     A, B = t["A"].detach(), t["B"].detach()
     if not layer.offset:
         return A, B, layer.rank, layer.alpha
-    # s' = alpha' / r' or alpha' / sqrt(r') must equal s with r' = 2r.
-    factor = 2.0 if math.isclose(layer.scaling, layer.alpha / layer.rank) else math.sqrt(2.0)
-    return (torch.cat([A, t["A0"].to(A)], dim=0), torch.cat([B, -t["B0"].to(B)], dim=1), 2 * layer.rank,
-            factor * layer.alpha)
+    return rank_2r(A, B, t["A0"], t["B0"], layer.rank, layer.alpha, layer.scaling)
 
 
 def export(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -55,7 +88,15 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
     ``peft.PeftModel.from_pretrained(original_model, directory)`` then reproduces ``model``'s
     outputs. Raises before writing anything for what PEFT cannot represent (another adapter
     kind, merged adapters).
+
+    ``model`` may also be a PEFT model that ``lowrank.peft.initialize`` initialized: its offset layers are
+    written as the same rank-``2r`` LoRA on the original base (``modules_to_save`` kept); see
+    :func:`lowrank.peft.native.export_peft_model`.
     """
+    from .native import export_peft_model, is_peft_model
+
+    if is_peft_model(model):
+        return export_peft_model(model, directory)
     record = getattr(model, RECORD_ATTR, None)
     layers = dict(adapted_layers(model))
     if record is None or not layers:
@@ -82,9 +123,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
     if len(fan_in_fan_out) > 1:
         raise ValueError("PEFT's fan_in_fan_out is one flag per adapter: export nn.Linear and Conv1D targets "
                          "as two adapters (inject them with two configs)")
-    # The most common rank/alpha become the defaults; the rest go to patterns (escaped full names).
-    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
-    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+    r0, a0, rank_pattern, alpha_pattern = patterns(ranks, alphas)
     saved_modules = []
     for name, module in find_trainable(model, cfg.trainable, []):
         saved_modules.append(name)
@@ -93,10 +132,9 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
     config: dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
         "inference_mode": True, "r": r0, "lora_alpha": a0, "lora_dropout": cfg.dropout, "bias": "none",
-        "target_modules": sorted(layers), "use_rslora": cfg.scaling == "rslora",
+        "target_modules": target_modules(model, list(layers)), "use_rslora": cfg.scaling == "rslora",
         "fan_in_fan_out": fan_in_fan_out.pop(), "init_lora_weights": True,
-        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != r0},
-        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != a0},
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
         "modules_to_save": saved_modules or None, "use_dora": cfg.adapter == "dora", "layers_to_transform": None,
         "layers_pattern": None,
     }

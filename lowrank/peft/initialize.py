@@ -12,8 +12,12 @@ dtype); for methods that offset the base, the base weight becomes ``W0 - s B A``
 float32 from the cast factors, in the base layer's layout). The rank, alpha and scaling are
 PEFT's. Atomic: on any error, weights are put back bit for bit.
 
-As with PEFT's own LoRA-GA and PiSSA, an adapter saved by PEFT afterwards is relative to the
-offset base; export it for the original base with ``lowrank.peft.export``'s exact rank-2r conversion.
+**Saving.** For methods that offset the base, an adapter PEFT's ``save_pretrained`` writes is relative to
+the offset base ``W0 - s B0 A0`` and does not reproduce the model on the original base (the model's
+``save_pretrained`` warns). Save with ``lowrank.peft.export(model, directory)``: it writes the exact rank-2r
+LoRA ``[A; A0]``, ``[B, -B0]`` on the original weights (``modules_to_save`` kept), which
+``peft.PeftModel.from_pretrained(original_base, directory)`` loads with the trained model's outputs
+(``initialize`` keeps ``A0``, ``B0`` on the model for this: ``lowrank.peft.native``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from torch import nn
 from ..adapters.base import weight_view
 from ..init.driver import LayerSpec, offset_weight, run_initializer
 from ..registry import get_initializer
+from . import native
 
 PEFT_PREFIX = "base_model.model."
 
@@ -48,8 +53,9 @@ def _lora_layers(peft_model: nn.Module, adapter: str) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def _commit(layers: Mapping[str, nn.Module], adapter: str, results: Mapping[str, Any]) -> None:
-    saved = []
+def _commit(layers: Mapping[str, nn.Module], adapter: str, results: Mapping[str, Any]) -> dict[str, tuple]:
+    """Write the factors (and offsets); return ``{name: (A0, B0)}`` of the offset layers, as stored."""
+    saved, initial = [], {}
     try:
         for name, module in layers.items():
             res, base = results[name], module.get_base_layer()
@@ -63,6 +69,7 @@ def _commit(layers: Mapping[str, nn.Module], adapter: str, results: Mapping[str,
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"layer {name!r}: {exc}") from None
                 saved[-1] = saved[-1][:5] + (old,)
+                initial[name] = (la.detach().clone(), lb.detach().clone())
     except BaseException:
         for la, a, lb, b, base, old in reversed(saved):
             la.data.copy_(a)
@@ -70,6 +77,7 @@ def _commit(layers: Mapping[str, nn.Module], adapter: str, results: Mapping[str,
             if old is not None:
                 base.weight.data = old
         raise
+    return initial
 
 
 def initialize(peft_model: nn.Module, init: str = "lora_ga", data: Iterable | None = None,
@@ -80,6 +88,11 @@ def initialize(peft_model: nn.Module, init: str = "lora_ga", data: Iterable | No
     under torch.distributed the statistics are all-reduced and the factors broadcast from rank 0, as
     ``inject`` does (one driver: ``lowrank.init.driver``)."""
     layers = _lora_layers(peft_model, adapter_name)
+    done = native.records(peft_model).get(adapter_name)
+    if done is not None and done.initial:
+        raise ValueError(f"adapter {adapter_name!r} was already initialized with {done.init!r}, which offset its base "
+                         "weights; a second initialize would offset them again. Start from a fresh "
+                         "peft.get_peft_model(original_base, config)")
     initializer = get_initializer(init)(**dict(init_options or {}))
     if "factors" not in initializer.adapter_kinds:
         raise ValueError(f"initializer {init!r} initializes {list(initializer.adapter_kinds)} adapters, not PEFT's "
@@ -91,5 +104,6 @@ def initialize(peft_model: nn.Module, init: str = "lora_ga", data: Iterable | No
     specs = [LayerSpec(n, m.get_base_layer(), m.r[adapter_name], float(m.lora_alpha[adapter_name]),
                        float(m.scaling[adapter_name])) for n, m in layers.items()]
     results = run_initializer(initializer, specs, seed=seed, model=peft_model, data=data, loss_fn=loss_fn)
-    _commit(layers, adapter_name, dict(zip(layers, results)))
+    initial = _commit(layers, adapter_name, dict(zip(layers, results)))
+    native.remember(peft_model, adapter_name, native.PeftInitRecord(init, dict(init_options or {}), initial))
     return peft_model

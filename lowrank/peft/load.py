@@ -24,7 +24,7 @@ from ..adapters.lora import LoRALayer
 from ..config import LoRAConfig
 from ..inject import adapted_layers, inject
 from ..io import AdapterFileError
-from .export import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX
+from .export import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, exact_key
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
@@ -133,10 +133,13 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             raise AdapterFileError(f"adapter tensor {key!r}: {tuple(t.shape)}, the model's {tuple(p.shape)}")
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)
     a0 = float(cfg.get("lora_alpha", 8))
+    # exactly the named modules: one anchored regex (a name list would also match every dotted suffix, so a
+    # top-level `proj` would pull in `head.proj`), and exact keys for the per-layer ranks and alphas
     config = LoRAConfig(
-        rank=r0, alpha=a0, scaling="rslora" if cfg.get("use_rslora") else "standard", targets=sorted(factors),
-        rank_pattern={re.escape(n): r for n, r in ranks.items() if r != r0},
-        alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != a0},
+        rank=r0, alpha=a0, scaling="rslora" if cfg.get("use_rslora") else "standard",
+        targets="^(?:" + "|".join(re.escape(n) for n in sorted(factors)) + ")$",
+        rank_pattern={exact_key(n): r for n, r in ranks.items() if r != r0},
+        alpha_pattern={exact_key(n): a for n, a in alphas.items() if a != a0},
         dropout=float(cfg.get("lora_dropout") or 0.0), init="kaiming", trainable=trainable,
         adapter="dora" if dora else "lora")
     inject(model, config, progress=False)  # atomic; shapes were checked above, so the copies below cannot fail

@@ -1,0 +1,130 @@
+"""PEFT models that ``lowrank.peft.initialize`` initialized: what it records, how they are saved.
+
+An offset initializer (LoRA-GA, PiSSA, ...) rewrites each PEFT base weight as ``W = W0 - s B0 A0``. PEFT's
+``save_pretrained`` then writes an adapter relative to ``W``: loaded onto the original base ``W0`` it gives
+other outputs. ``initialize`` therefore keeps ``(A0, B0)`` of every offset layer on the model
+(``model._lowrank_peft_init[adapter_name]``) and wraps the model's ``save_pretrained`` so that it warns;
+``lowrank.peft.export(peft_model, directory)`` writes the adapter for the original base: each offset
+layer as the rank-``2r`` LoRA ``A' = [A; A0]``, ``B' = [B, -B0]`` with ``alpha'`` such that ``s' = s``
+(``lowrank.peft.export.rank_2r``), every other tensor (other LoRA layers, ``modules_to_save``) as PEFT
+saves it. ``PeftModel.from_pretrained(original_base, directory)`` then reproduces the trained model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._version import __version__
+
+ATTR = "_lowrank_peft_init"
+
+
+@dataclass
+class PeftInitRecord:
+    """What one ``initialize`` call did to one adapter of a PEFT model."""
+
+    init: str
+    init_options: dict[str, Any]
+    initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Offset layers (base-model module names) -> ``(A0, B0)`` as initialized (copies)."""
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model") and hasattr(model, "save_pretrained")
+
+
+def records(model: nn.Module) -> dict[str, PeftInitRecord]:
+    return model.__dict__.get(ATTR, {})
+
+
+def remember(model: nn.Module, adapter: str, record: PeftInitRecord) -> None:
+    """Keep ``record`` on the model and, for offset inits, make ``save_pretrained`` warn."""
+    store = model.__dict__.setdefault(ATTR, {})
+    store[adapter] = record
+    if record.initial and "save_pretrained" not in model.__dict__:
+        original = model.save_pretrained
+
+        def save_pretrained(*args, **kwargs):
+            offset = [f"{a!r} ({r.init})" for a, r in records(model).items() if r.initial]
+            warnings.warn(f"adapter(s) {', '.join(offset)} of this PEFT model were initialized by lowrank.peft.initialize "
+                          "with an initializer that offset the base weights (W = W0 - s B0 A0): the adapter "
+                          "save_pretrained writes is relative to the offset base and does not reproduce this model on "
+                          "the original one. To save for the original base, use lowrank.peft.export(model, directory) "
+                          "(the exact rank-2r conversion, modules_to_save kept)", UserWarning, stacklevel=2)
+            return original(*args, **kwargs)
+
+        model.save_pretrained = save_pretrained  # an instance attribute: nn.Module keeps plain callables as-is
+
+
+def _plain(obj: Any) -> Any:
+    """A PEFT config dict as JSON data (sets, e.g. ``target_modules``, as sorted lists; enums as their value)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (set, frozenset)):
+        return sorted(_plain(v) for v in obj)
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "value") and not isinstance(obj, (str, int, float, bool)):
+        return obj.value
+    return obj
+
+
+def export_peft_model(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``lowrank_export.json``) that load onto the
+    *original* base model and reproduce ``model`` (a PEFT LoRA model, initialized by lowrank or not)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save as st_save
+
+    from ..io import _atomic_write
+    from .export import LOWRANK_NOTE, PEFT_CONFIG, PEFT_WEIGHTS, patterns, rank_2r
+
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"the PEFT model has no adapter {adapter_name!r}; it has {sorted(model.peft_config)}")
+    cfg = copy.deepcopy(model.peft_config[adapter_name])
+    if getattr(cfg, "peft_type", None) is None or str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
+        raise ValueError(f"adapter {adapter_name!r} is a {cfg.peft_type} adapter; lowrank exports PEFT LoRA adapters")
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    record = records(model).get(adapter_name)
+    inner = model.base_model.model
+    ranks, alphas = {}, {}
+    for name, module in inner.named_modules():
+        lora_A = getattr(module, "lora_A", None)
+        if not isinstance(lora_A, nn.ModuleDict) or adapter_name not in lora_A:
+            continue
+        r, alpha = module.r[adapter_name], float(module.lora_alpha[adapter_name])
+        if record is not None and name in record.initial:
+            A0, B0 = record.initial[name]
+            ka, kb = f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight"
+            if ka not in state or kb not in state:
+                raise ValueError(f"layer {name!r}: PEFT's state dict has no {ka!r}; the model changed after initialize")
+            A, B, r, alpha = rank_2r(state[ka], state[kb], A0.cpu(), B0.cpu(), r, alpha, module.scaling[adapter_name])
+            state[ka], state[kb] = A.contiguous(), B.contiguous()
+        ranks[name], alphas[name] = r, alpha
+    if not ranks:
+        raise ValueError(f"the PEFT model has no LoRA layers for adapter {adapter_name!r}")
+    cfg.r, cfg.lora_alpha, cfg.rank_pattern, cfg.alpha_pattern = patterns(ranks, alphas)
+    cfg.init_lora_weights = True  # the weights are loaded; no init to rerun on the original base
+    if hasattr(cfg, "lora_ga_config"):
+        cfg.lora_ga_config = None
+    cfg.inference_mode = True
+    converted = sorted(record.initial) if record else []
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / PEFT_WEIGHTS, st_save(state, metadata={"format": "pt"}))
+    _atomic_write(out / PEFT_CONFIG, json.dumps(_plain(cfg.to_dict()), indent=2).encode())
+    note = {"exported_by": f"lowrank {__version__}", "from": "a PEFT model", "adapter_name": adapter_name,
+            "init": record.init if record else None, "init_options": record.init_options if record else None,
+            "rank_2r_conversion": converted,
+            "note": "layers listed in rank_2r_conversion were offset at initialization (W = W0 - s B0 A0) and are "
+                    "exported as the rank-2r LoRA [A; A0], [B, -B0] on the original W0"}
+    _atomic_write(out / LOWRANK_NOTE, json.dumps(note, indent=2, default=str).encode())
+    return out
