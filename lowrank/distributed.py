@@ -47,6 +47,24 @@ def agree(error: BaseException | None, what: str = "gradient estimation") -> Non
                            "nothing was changed here either")
 
 
+def check_same(description: list, what: str) -> None:
+    """Raise on every rank unless every rank passed the same ``description`` (e.g. its layers' names and
+    shapes): before a sequence of all-reduces, different layers on different ranks would be summed silently
+    or hang in gloo. One ``all_gather_object`` of the small description; the message names the first
+    rank that differs from rank 0 and the first difference."""
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, description)
+    for r, other in enumerate(gathered):
+        if other != gathered[0]:
+            first = next((i for i, (a, b) in enumerate(zip(gathered[0], other)) if a != b),
+                         min(len(gathered[0]), len(other)))
+            mine = gathered[0][first] if first < len(gathered[0]) else "<none>"
+            theirs = other[first] if first < len(other) else "<none>"
+            raise ValueError(f"{what}: rank {r} has other layers than rank 0 ({len(other)} vs {len(gathered[0])}; "
+                             f"entry {first}: rank 0 {mine!r}, rank {r} {theirs!r}). Every rank must build the same "
+                             "model with the same targets and ranks before a data-parallel init; nothing was changed")
+
+
 def broadcast_(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
     """Overwrite ``tensors`` in place with rank ``src``'s values."""
     for t in tensors:

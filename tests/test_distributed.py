@@ -308,3 +308,30 @@ def test_sketched_inits_are_identical_on_every_rank_and_equal_one_process(tmp_pa
         A, B, _ = a[name]
         torch.testing.assert_close(A.T @ A, layer.A.detach().T @ layer.A.detach(), rtol=1e-3, atol=1e-4)
         torch.testing.assert_close(B @ B.T, layer.B.detach() @ layer.B.detach().T, rtol=1e-3, atol=1e-4)
+
+
+def _different_models_worker(rank: int, init_file: str, out_dir: str) -> None:
+    _setup(rank, init_file)
+    try:
+        model = tiny_bert()
+        targets = ["query", "value"] if rank == 0 else ["query"]  # rank 1 built another model
+        cfg = lowrank.LoRAConfig(rank=2, alpha=4, targets=targets, init="lora_ga", init_options={"progress": False})
+        try:
+            lowrank.inject(model, cfg, data=batches("bert", 2, seed=1)[rank::WORLD], progress=False)
+            msg = "no error"
+        except Exception as exc:  # noqa: BLE001
+            msg = f"{type(exc).__name__}: {exc}"
+        msg += f" | adapters: {len(list(lowrank.adapted_layers(model)))}"
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        _teardown()
+
+
+def test_ranks_with_different_layers_are_an_error_on_every_rank(tmp_path):
+    """Without the check, the per-layer sums would be all-reduced across different layers (or gloo aborts)."""
+    _spawn(_different_models_worker, tmp_path)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    for m in msgs:
+        assert m.startswith("ValueError: data-parallel 'lora_ga' init: rank 1 has other layers than rank 0"), msgs
+        assert m.endswith("adapters: 0")

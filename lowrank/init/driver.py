@@ -119,6 +119,9 @@ def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], *, se
         if data is None:
             raise ValueError(f"initializer {name!r} is data-driven: pass data=<iterable of batches> (and "
                              "loss_fn=lambda model, batch: <scalar loss> if model(**batch).loss is not your loss)")
+        if getattr(initializer.options, "distributed", False) and dist_helpers.active():
+            dist_helpers.check_same([(s.name, tuple(weight_shape(s.module)), s.rank) for s in layers] + [name],
+                                    f"data-parallel {name!r} init")
         initializer.ranks = {s.name: s.rank for s in layers}  # the config's ranks, for collect (sketch widths)
         collected = initializer.collect(model, {s.name: s.module for s in layers}, data, loss_fn)
     if budget is not None:
