@@ -114,6 +114,10 @@ class LoRAConfig:
 
         adapter = get_adapter(self.adapter)
         init = get_initializer(self.init)
+        from .registry import ADAPTERS, INITIALIZERS
+
+        set_("init", INITIALIZERS.canonical(self.init))  # "LoRA_GA" is stored as "lora_ga"
+        set_("adapter", ADAPTERS.canonical(self.adapter))
         if adapter.kind not in init.adapter_kinds:
             from .registry import ADAPTERS
 
@@ -208,3 +212,32 @@ def _check_regex(name: str, value: str) -> None:
         re.compile(value)
     except re.error as exc:
         raise ValueError(f"invalid {name} {value!r}: not a valid regex ({exc})") from None
+
+
+PEFT_NAMES = {"r": "rank", "lora_alpha": "alpha", "target_modules": "targets", "lora_dropout": "dropout",
+              "modules_to_save": "trainable", "init_lora_weights": "init", "use_rslora": "scaling='rslora'",
+              "use_dora": "adapter='dora'", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern"}
+"""PEFT ``LoraConfig`` argument -> the ``LoRAConfig`` field (or setting) that means the same."""
+
+
+def _with_suggestions(init):
+    """``LoRAConfig(r=8, target_modules=[...])`` (PEFT's names) gets "did you mean rank / targets" instead of
+    a bare ``unexpected keyword argument``."""
+    import difflib
+    import functools
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        valid = {f.name for f in dataclasses.fields(LoRAConfig)}
+        unknown = [k for k in kwargs if k not in valid]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = PEFT_NAMES.get(k) or next(iter(difflib.get_close_matches(k, sorted(valid), n=1)), None)
+                hints.append(f"{k!r} (did you mean {close}?)" if close else repr(k))
+            raise TypeError(f"LoRAConfig got unknown argument(s) {', '.join(hints)}; its fields are {sorted(valid)}")
+        init(self, *args, **kwargs)
+    return __init__
+
+
+LoRAConfig.__init__ = _with_suggestions(LoRAConfig.__init__)

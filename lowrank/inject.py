@@ -42,6 +42,8 @@ class InjectionRecord:
 
     config: LoRAConfig
     requires_grad: dict[str, bool]
+    origin: dict[str, Any] | None = None
+    """Loaded from a file whose initializer is not installed here: its ``init`` and ``init_options``."""
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
@@ -82,14 +84,49 @@ def _check_not_sharded(name: str, weight: torch.Tensor) -> None:
                         "full weight. Inject (and initialize) before sharding the model, then wrap it")
 
 
+def _wrapper_of(model: nn.Module) -> str | None:
+    """``"torch.compile"`` / ``"DataParallel"`` when ``model`` is such a wrapper (its names gain a prefix)."""
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        return "torch.compile"
+    if isinstance(model, nn.DataParallel):
+        return "DataParallel"
+    return None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside ``torch.compile``, ``DataParallel`` and ``DistributedDataParallel`` wrappers, so that
+    saved names are the plain model's (``_orig_mod.`` and ``module.`` prefixes dropped)."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def find_targets(model: nn.Module, config: LoRAConfig, ranks: Mapping[str, int] | None = None) -> list[Target]:
     """The modules ``config.targets`` selects, validated (type, rank limits, dtype); ``ranks`` overrides
     the config's per-layer ranks (allocated ones, read back from a saved adapter)."""
     adapter_cls = get_adapter(config.adapter)
+    aliases: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name:
+            aliases.setdefault(id(module), []).append(name)
     targets = []
     for name, module in model.named_modules():
-        if not name or not matches_targets(config.targets, name):
+        names = aliases.get(id(module), [name])
+        if not name or not any(matches_targets(config.targets, n) for n in names):
             continue
+        if len(names) > 1:
+            raise ValueError(f"module {name!r} is also reachable as {names[1:]} (one {type(module).__name__} object "
+                             "under several names, e.g. self.a = self.b = layer); adapting it would leave the other "
+                             "use(s) unadapted. Give each use its own module (copy.deepcopy) or target another layer")
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_meta:
+            raise ValueError(f"layer {name!r} is on the meta device (its weights are not materialized); load or "
+                             "materialize the model first (e.g. from_pretrained without device_map='meta', or "
+                             "model.to_empty(device=...) followed by loading the weights), then inject")
         if not adapter_cls.supports(module):
             raise TypeError(
                 f"target {config.targets!r} matched {name!r}, a {type(module).__name__}; adapter "
@@ -123,6 +160,12 @@ def find_trainable(model: nn.Module, names: Sequence[str], targets: Sequence[Tar
         clash = [n for n, _ in hits if n in target_names]
         if clash:
             raise ValueError(f"module {clash[0]!r} is both a LoRA target and in trainable; choose one")
+        inside = [(n, t) for n, _ in hits for t in sorted(target_names) if t.startswith(n + ".")]
+        if inside:
+            n, t = inside[0]
+            raise ValueError(f"trainable module {n!r} contains the LoRA target {t!r}: training it in full would make "
+                             "the target's frozen (possibly offset) base weight trainable. Name only the modules to "
+                             f"train in full (e.g. the head), not a parent of {t!r}")
         found.extend(hits)
     return found
 
@@ -146,7 +189,7 @@ def _check_untied(model: nn.Module, targets: Sequence[Target], results: Sequence
                     f"offsets the base weight (W = W0 - s B A), which would change {users[0]!r} too. Untie first "
                     f"(e.g. model.{t.name}.weight = torch.nn.Parameter(model.{t.name}.weight.detach().clone()), and "
                     "set config.tie_word_embeddings = False for transformers models), drop the layer from targets, "
-                    "or use an initializer without offset (kaiming, gaussian, lora_one)")
+                    "or use an initializer without offset (kaiming, gaussian with b_std=0, lora_one, eva)")
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
@@ -245,6 +288,11 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
 
     Returns ``model``. Raises (leaving the model exactly as it was) on any bad input.
     """
+    wrapped = _wrapper_of(model)
+    if wrapped:
+        raise TypeError(f"inject into the model before wrapping it in {wrapped} (its module names carry the wrapper's "
+                        "prefix, and a compiled graph would not see the new layers): lowrank.inject(model, config), then "
+                        "wrap; save_adapter / load_adapter / peft.export accept the wrapped model and unwrap it")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("inject into the model before wrapping it in DistributedDataParallel (DDP fixes its parameter "
                         "list at construction): lowrank.inject(model, config, data=shard) on every rank, then "

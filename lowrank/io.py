@@ -17,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,14 @@ from torch import nn
 from ._version import __version__
 from .adapters.base import weight_shape
 from .config import LoRAConfig, matches_targets
-from .inject import RECORD_ATTR, _check_untied, adapted_layers, commit, find_targets, find_trainable
+from .inject import RECORD_ATTR, _check_untied, adapted_layers, commit, find_targets, find_trainable, unwrap
 from .registry import get_adapter
 
 CONFIG_NAME = "lowrank_config.json"
 WEIGHTS_NAME = "lowrank_adapter.safetensors"
 PREV = ".prev"
 """Suffix of the previous pair, kept while a save is in progress."""
+LOCK_NAME = ".lowrank.lock"
 FORMAT = "lowrank-adapter"
 FORMAT_VERSION = 1
 
@@ -69,7 +71,13 @@ def _record(model: nn.Module):
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the model's adapters (and ``trainable`` modules) to the directory ``path``."""
+    """Write the model's adapters (and ``trainable`` modules) to the directory ``path``.
+
+    A ``torch.compile`` / ``DataParallel`` / DDP wrapper is unwrapped first, so the file loads into the plain
+    model. Saves into one directory are serialized by a lock file (two processes, e.g. every rank of a
+    ``torchrun`` job, never collide; the last complete save wins; saving from rank 0 only avoids the
+    redundant writes). A save cut short at any point leaves the last complete pair readable."""
+    model = unwrap(model)
     record = _record(model)
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
@@ -86,27 +94,67 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
             tensors[f"trainable.{mname}.{pname}"] = p.detach()
     blob = st_save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata={"format": FORMAT})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "lowrank_version": __version__,
-            "config": record.config.to_dict(), "layers": layers, "trainable": trainable,
+            "config": {**record.config.to_dict(), **(record.origin or {})}, "layers": layers, "trainable": trainable,
             "weights_sha256": hashlib.sha256(blob).hexdigest()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    # The previous pair stays readable until the new pair is complete: it is hard-linked to *.prev
-    # first, and read_adapter falls back to it if a crash leaves new weights beside the old config.
+    with _locked(out):
+        _write_pair(out, blob, (json.dumps(meta, indent=2) + "\n").encode())
+    return out
+
+
+@contextmanager
+def _locked(directory: Path, shared: bool = False):
+    """An advisory lock on ``directory/.lowrank.lock`` (POSIX ``flock``): saves are serialized, reads wait for a
+    save in progress. Where ``fcntl`` is missing (Windows) no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = directory / LOCK_NAME
+    if shared and not lock.exists():  # nothing ever saved here with a lock: nothing to wait for
+        yield
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _pair_is_complete(cfg_path: Path, w_path: Path) -> bool:
+    """Whether the weights file is the one its config's checksum names (a pair a save finished)."""
+    try:
+        meta = json.loads(cfg_path.read_text())
+        return isinstance(meta, dict) and hashlib.sha256(w_path.read_bytes()).hexdigest() == meta.get("weights_sha256")
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def _write_pair(out: Path, blob: bytes, config: bytes) -> None:
+    """Weights, then config (the commit point). The last complete pair stays readable throughout: it is
+    hard-linked to ``*.prev`` first (only if it *is* complete: after a save cut between its two files, the
+    ``*.prev`` pair from before is kept, so two failures in a row never lose it), and ``read_adapter`` falls
+    back to it while the current pair is inconsistent."""
     prev = [(out / name, out / (name + PREV)) for name in (WEIGHTS_NAME, CONFIG_NAME)]
-    if all(cur.is_file() for cur, _ in prev):
+    (w_cur, w_old), (c_cur, c_old) = prev
+    linked = _pair_is_complete(c_cur, w_cur)
+    if linked:
         for cur, old in prev:
             old.unlink(missing_ok=True)
             os.link(cur, old)
     try:
-        _atomic_write(out / WEIGHTS_NAME, blob)
-    except BaseException:  # nothing replaced: the current pair is the previous one
-        for _, old in prev:
-            old.unlink(missing_ok=True)
+        _atomic_write(w_cur, blob)
+    except BaseException:  # nothing replaced: the current pair is still the complete one
+        if linked:
+            for _, old in prev:
+                old.unlink(missing_ok=True)
         raise
-    _atomic_write(out / CONFIG_NAME, (json.dumps(meta, indent=2) + "\n").encode())  # the commit point
+    _atomic_write(c_cur, config)  # the commit point
     for _, old in prev:
         old.unlink(missing_ok=True)
-    return out
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -115,6 +163,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     If a save was interrupted between its two files (new weights beside the old config), the
     previous complete pair, kept as ``*.prev`` during the save, is read instead, with a warning."""
     d = Path(path)
+    with _locked(d, shared=True) if d.is_dir() else nullcontext():
+        return _read_with_fallback(d)
+
+
+def _read_with_fallback(d: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     try:
         return _read_pair(d / CONFIG_NAME, d / WEIGHTS_NAME)
     except AdapterFileError as exc:
@@ -134,10 +187,7 @@ def _read_pair(cfg_path: Path, w_path: Path) -> tuple[dict[str, Any], dict[str, 
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise AdapterFileError(f"no adapter at {str(d)!r}: missing {p.name} (save one with lowrank.save_adapter)")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{cfg_path} is corrupted (not valid JSON: {exc})") from None
+    meta = parse_json(cfg_path)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdapterFileError(f"{cfg_path} is not a lowrank adapter config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
     version = meta.get("format_version", 0)
@@ -158,6 +208,48 @@ def _read_pair(cfg_path: Path, w_path: Path) -> tuple[dict[str, Any], dict[str, 
     return meta, tensors
 
 
+def parse_json(path: Path) -> Any:
+    """A JSON file that is untrusted input: not UTF-8, not JSON, nested too deep (``RecursionError``) or with an
+    integer too long to convert (``ValueError``) is an :class:`AdapterFileError`."""
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        what = "nested too deeply" if isinstance(exc, RecursionError) else f"not valid JSON: {exc}"
+        raise AdapterFileError(f"{path} is corrupted ({what})") from None
+
+
+def config_from_file(d: Any, cfg_path: Path, warn: bool = True) -> tuple[LoRAConfig, dict[str, Any] | None]:
+    """The file's ``LoRAConfig`` and, when its initializer is not installed here, ``origin`` (its name and
+    options, kept as metadata). Loading needs only the tensors (the offset factors ``A0``, ``B0`` are
+    stored), so a missing initializer is a warning and the config is read with ``init="kaiming"``; a missing
+    *adapter* cannot be rebuilt without its code and is an error naming it."""
+    from .registry import ADAPTERS, INITIALIZERS
+
+    if not isinstance(d, dict):
+        raise AdapterFileError(f"{cfg_path}: invalid 'config': expected a mapping, got {type(d).__name__}")
+    adapter = d.get("adapter", "lora")
+    if isinstance(adapter, str) and adapter not in ADAPTERS:
+        raise AdapterFileError(f"{cfg_path}: the adapter was made with the adapter layer {adapter!r}, which is not "
+                               "installed here, and its tensors cannot be rebuilt without its code: install the package "
+                               "that registers it (a 'lowrank.plugins' entry point) or import the module that defines "
+                               f"it before loading (installed: {ADAPTERS.list()})")
+    origin = None
+    init = d.get("init", "kaiming")
+    if isinstance(init, str) and init not in INITIALIZERS:
+        origin = {"init": init, "init_options": d.get("init_options", {})}
+        d = {**d, "init": "kaiming", "init_options": {}, "rank_budget": None}
+        if warn:
+            import warnings
+
+            warnings.warn(f"{cfg_path}: made with initializer {init!r}, which is not installed here; loading needs "
+                          "only the saved tensors, so the adapter loads as saved (the name is kept in the model's "
+                          "record and written again by save_adapter)", stacklevel=3)
+    try:
+        return LoRAConfig.from_dict(d), origin
+    except (TypeError, ValueError, KeyError) as exc:
+        raise AdapterFileError(f"{cfg_path}: invalid 'config': {exc}") from None
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -165,10 +257,7 @@ def _is_int(v: Any) -> bool:
 def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg_path: Path, w_path: Path) -> None:
     """Every field a load relies on is present, typed and consistent; the tensor file holds exactly the
     tensors the config declares, floating point and finite. A file is untrusted input."""
-    try:
-        config = LoRAConfig.from_dict(meta.get("config"))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise AdapterFileError(f"{cfg_path}: invalid 'config': {exc}") from None
+    config, origin = config_from_file(meta.get("config"), cfg_path, warn=False)
     layers, trainable = meta.get("layers"), meta.get("trainable", [])
     if not isinstance(layers, dict) or not layers:
         raise AdapterFileError(f"{cfg_path}: 'layers' must be a non-empty mapping of layer name -> its shape and scale")
@@ -178,10 +267,12 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
         if not (config.trainable and matches_targets(list(config.trainable), name)):
             raise AdapterFileError(f"{cfg_path}: trainable module {name!r} is not named by the config's trainable "
                                    f"{list(config.trainable)}")
-    try:
-        adapter_cls = get_adapter(config.adapter)
-    except KeyError as exc:
-        raise AdapterFileError(f"{cfg_path}: {exc}") from None
+        hit = next((n for n in layers if n == name or n.startswith(name + ".")), None)
+        if hit is not None:
+            raise AdapterFileError(f"{cfg_path}: trainable module {name!r} {'is' if hit == name else 'contains'} the "
+                                   f"adapted layer {hit!r}; loading it would overwrite or unfreeze that layer's base "
+                                   "weight. The file was edited or is corrupted")
+    adapter_cls = get_adapter(config.adapter)  # config_from_file checked it is installed
     expected: set[str] = set()
     for name, info in layers.items():
         where = f"{cfg_path}: layer {name!r}"
@@ -200,9 +291,11 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
                 raise AdapterFileError(f"{where}: {key} must be {what}, got {info.get(key, '<missing>')!r}")
         if not matches_targets(config.targets, name):
             raise AdapterFileError(f"{where} is not matched by the config's targets {config.targets!r}")
-        rank = info["rank"] if config.allocates_ranks else config.rank_for(name)  # allocated: checked below
+        rank = info["rank"] if config.allocates_ranks or origin else config.rank_for(name)  # allocated: below
         want = (rank, config.alpha_for(name, rank), config.scaling_for(name, rank))
         got = (info["rank"], info["alpha"], info["scaling"])
+        if origin:  # the method's own rules (ranks, alphas) are not installed: the file's values, self-consistent
+            want = (rank, got[1], got[1] / rank if config.scaling == "standard" else got[1] / math.sqrt(rank))
         if got[0] != want[0] or not math.isclose(got[1], want[1]) or not math.isclose(got[2], want[2], rel_tol=1e-9):
             raise AdapterFileError(f"{where}: (rank, alpha, scaling) = {got} but the file's config gives {want}; "
                                    "the file was edited or is corrupted")
@@ -284,7 +377,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     is changed; on any mismatch it is left as it was.
     """
     meta, tensors = read_adapter(path)
-    config = LoRAConfig.from_dict(meta["config"])
+    config, origin = config_from_file(meta["config"], Path(path) / CONFIG_NAME)
     layers = dict(adapted_layers(model))
     if layers:
         _check_fit(model, meta, tensors, {n: layer.base_layer for n, layer in layers.items()})
@@ -307,11 +400,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     else:
         targets = find_targets(model, config, {n: info["rank"] for n, info in meta["layers"].items()})
         _check_fit(model, meta, tensors, {t.name: t.module for t in targets})
+        for t in targets:  # the file's values (checked against the method's rules when it is installed)
+            t.alpha, t.scaling = float(meta["layers"][t.name]["alpha"]), float(meta["layers"][t.name]["scaling"])
         trainable = find_trainable(model, config.trainable, targets)
         adapter_cls = get_adapter(config.adapter)
         results = [adapter_cls.init_result(_layer_tensors(tensors, t.name)) for t in targets]
         _check_untied(model, targets, results, config.init)
         commit(model, config, targets, results, trainable)
+        getattr(model, RECORD_ATTR).origin = origin
         layers = dict(adapted_layers(model))
     for name, layer in layers.items():
         layer.load_tensors(_layer_tensors(tensors, name))

@@ -1,9 +1,9 @@
 """Name -> class registries for the three extension points (initializer, preconditioner, adapter).
 
 Modelled on timm's registry: entries are registered where they are defined, listed with
-wildcards, and looked up by name. Differences: a duplicate name is an error (unless
-``override=True``), and an unknown name raises a ``KeyError`` that suggests the closest
-names and says how to list them all.
+wildcards, and looked up by name (case-insensitively: ``"LoRA_GA"`` finds ``lora_ga``). Differences: a duplicate
+name is an error (unless ``override=True``), and an unknown name raises a ``KeyError`` that
+suggests the closest names and says how to list them all.
 
 Third-party packages register through the entry-point group ``lowrank.plugins``: each entry
 point names a module (importing it runs its ``@register_*`` decorators) or a callable (called
@@ -87,6 +87,9 @@ class Registry:
             return self._entries[name].obj
         except (KeyError, TypeError):
             pass
+        folded = [n for n in self._entries if isinstance(name, str) and n.casefold() == name.casefold()]
+        if len(folded) == 1:  # names match case-insensitively ("LoRA_GA" is "lora_ga")
+            return self._entries[folded[0]].obj
         close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
         raise KeyError(
@@ -94,9 +97,14 @@ class Registry:
             f"{len(self._entries)} registered)"
         ) from None
 
+    def canonical(self, name: str) -> str:
+        """The registered spelling of ``name`` (lookups are case-insensitive); ``KeyError`` when unknown."""
+        obj = self.get(name)
+        return name if name in self._entries else next(n for n, e in self._entries.items() if e.obj is obj
+                                                       and n.casefold() == name.casefold())
+
     def entry(self, name: str) -> Entry:
-        self.get(name)
-        return self._entries[name]
+        return self._entries[self.canonical(name)]
 
     def list(self, pattern: str = "*", exclude: str | None = None) -> list[str]:
         """Sorted names matching the shell-style ``pattern`` and not matching ``exclude``."""
@@ -108,7 +116,8 @@ class Registry:
 
     def __contains__(self, name: object) -> bool:
         _load_plugins()
-        return name in self._entries
+        return name in self._entries or (isinstance(name, str)
+                                         and sum(n.casefold() == name.casefold() for n in self._entries) == 1)
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {sorted(self._entries)})"

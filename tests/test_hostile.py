@@ -30,7 +30,7 @@ from safetensors.torch import save as st_save
 
 import lowrank
 from lowrank import LoRAConfig
-from lowrank.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
+from lowrank.io import CONFIG_NAME, LOCK_NAME, WEIGHTS_NAME, AdapterFileError
 from lowrank.optim import PreconditionedOptimizer
 
 from .conftest import Snapshot, batches, tiny_bert, tiny_gpt2
@@ -246,7 +246,7 @@ def test_save_interrupted_between_its_two_files_keeps_the_previous_save(tmp_path
     with torch.no_grad():
         assert torch.equal(fresh(**x).logits, want)
     lowrank.save_adapter(model, tmp_path)  # a complete save cleans up
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME, LOCK_NAME])
 
 
 # 10 ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 
 import lowrank
 from lowrank import LoRAConfig
-from lowrank.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
+from lowrank.io import CONFIG_NAME, LOCK_NAME, WEIGHTS_NAME, AdapterFileError
 
 from .conftest import MODELS, Snapshot, batches, tiny_bert
 
@@ -50,7 +50,8 @@ def test_finetuned_adapter_rebuilds_from_original_model(tiny, tmp_path, init):
     lowrank.inject(model, LoRAConfig(rank=3, alpha=6, targets=targets, trainable=trainable, init=init))
     _train(model, kind)
     lowrank.save_adapter(model, tmp_path / "a")
-    assert sorted(os.listdir(tmp_path / "a")) == sorted([CONFIG_NAME, WEIGHTS_NAME])  # no temp files left
+    # no temp files left; the lock file that serializes saves stays
+    assert sorted(os.listdir(tmp_path / "a")) == sorted([CONFIG_NAME, WEIGHTS_NAME, LOCK_NAME])
     fresh = lowrank.load_adapter(factory(), tmp_path / "a")
     want = dict(model.named_parameters())
     for name, p in fresh.named_parameters():
@@ -87,7 +88,7 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch):
         lowrank.save_adapter(model, tmp_path)
     monkeypatch.undo()
     assert {f: (tmp_path / f).read_bytes() for f in files} == files
-    assert sorted(os.listdir(tmp_path)) == sorted(files)
+    assert sorted(os.listdir(tmp_path)) == sorted([*files, LOCK_NAME])
 
 
 def _saved(tmp_path, **cfg):

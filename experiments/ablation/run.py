@@ -62,13 +62,15 @@ def lora_config(arm: dict[str, Any], rank: int, alpha: float, seed: int, built) 
 
 def check_arms(cfg, task) -> None:
     """Every adapter arm x rank fits the task's layers (targets exist, ranks fit their shapes, the
-    initializer accepts each layer), checked on one built model before any training; a ``ValueError``
+    initializer accepts each layer) and the task gives what each arm needs (evaluation batches, init
+    batches for data-driven inits), checked on one built model before any training; a ``ValueError``
     names the arm, the rank and the layer."""
     from lowrank.init.driver import LayerSpec, context
     from lowrank.inject import find_targets
 
     built = task.build(cfg.search.seeds[0], cfg.sweep.batch_size)
     for arm in cfg.arms:
+        _check_built(built, {"task": cfg.sweep.task, "arm": arm.name, "arm_config": arm.identity()})
         if arm.full_finetune:
             continue
         for rank in cfg.ranks_of(arm):
@@ -121,6 +123,7 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
     torch.manual_seed(spec["seed"])
     t0 = time.perf_counter()
     built = task.build(spec["seed"], spec["batch_size"])
+    _check_built(built, spec)
     model = prepare(built.model, spec, device)
     built.init_batches = [_to(b, device) for b in built.init_batches]
     if world > 1:
@@ -156,6 +159,9 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
             if step % spec["eval_every"] == 0 or step == spec["steps"]:
                 evals.append({"step": step, **task.evaluate(model, val, progress=show)})
         bar.close()
+        if status == "ok" and len(losses) < spec["steps"]:
+            raise RuntimeError(f"task {spec['task']!r}: its training stream ended after {len(losses)} of "
+                               f"{spec['steps']} steps; Task.build must return a stream without end (cycle the data)")
         if status == "ok":
             final_val = {k: v for k, v in evals[-1].items() if k != "step"}
             final_test = task.evaluate(model, [_to(b, device) for b in built.test_batches], progress=show)
@@ -164,6 +170,18 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
     return {**spec, "status": status, "loss_curve": losses, "eval": evals, "val": final_val, "test": final_test,
             "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra, "world_size": world,
             "lowrank_version": lowrank.__version__, "torch_version": torch.__version__}
+
+
+def _check_built(built, spec) -> None:
+    """What a run needs from the task, before any training (an empty split would divide by zero later)."""
+    where = f"task {spec['task']!r}"
+    for split in ("val_batches", "test_batches"):
+        if not list(getattr(built, split)):
+            raise ValueError(f"{where}: {split} is empty; the task must give at least one evaluation batch")
+    uses_data = not spec["arm_config"]["full_finetune"] and lowrank.get_initializer(spec["arm_config"]["init"]).uses_data
+    if uses_data and not built.init_batches:
+        raise ValueError(f"{where}: init_batches is empty but arm {spec['arm']!r} uses the data-driven initializer "
+                         f"{spec['arm_config']['init']!r}; raise the task's init_batches")
 
 
 def _to(batch, device):

@@ -28,7 +28,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .._version import __version__
-from ..inject import RECORD_ATTR, adapted_layers, find_trainable
+from ..inject import RECORD_ATTR, adapted_layers, find_trainable, unwrap
 from ..io import _atomic_write
 
 PEFT_CONFIG = "adapter_config.json"
@@ -95,6 +95,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
     """
     from .native import export_peft_model, is_peft_model
 
+    model = unwrap(model)
     if is_peft_model(model):
         return export_peft_model(model, directory)
     record = getattr(model, RECORD_ATTR, None)

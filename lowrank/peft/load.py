@@ -9,7 +9,6 @@ before the model changes (first mismatch named); on any error the model is as it
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -23,7 +22,7 @@ from ..adapters.base import weight_shape
 from ..adapters.lora import LoRALayer
 from ..config import LoRAConfig
 from ..inject import adapted_layers, inject
-from ..io import AdapterFileError
+from ..io import AdapterFileError, parse_json
 from .export import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, exact_key
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
@@ -50,13 +49,13 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
         extra = " (only adapter_model.bin found: re-save it with safe_serialization=True)" \
             if (d / "adapter_model.bin").is_file() else ""
         raise AdapterFileError(f"no PEFT adapter weights at {str(d)!r}: missing {PEFT_WEIGHTS}{extra}")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{cfg_path} is corrupted (not valid JSON: {exc})") from None
+    cfg = parse_json(cfg_path)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise AdapterFileError(f"{cfg_path} is not a PEFT LoRA adapter (peft_type="
                                f"{cfg.get('peft_type') if isinstance(cfg, dict) else None!r})")
+    if cfg.get("trainable_token_indices"):
+        raise AdapterFileError(f"{cfg_path}: trainable_token_indices (PEFT's trainable tokens: a delta on chosen "
+                               "embedding rows) cannot be loaded as lowrank LoRA; load this adapter with PEFT")
     for key, what in (("lora_bias", "lora_bias"),):
         if cfg.get(key):
             raise AdapterFileError(f"{cfg_path}: {what} adapters cannot be loaded as lowrank LoRA ({key}=true)")

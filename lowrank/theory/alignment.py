@@ -61,8 +61,31 @@ def _sine(D: torch.Tensor, T: torch.Tensor) -> float:
     return ((T - c * D).norm() / nt).item()
 
 
+def _check_inputs(A, B, scaling, G) -> None:
+    for name, x in (("A", A), ("B", B), ("G", G)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            what = f"a {x.dim()}-D tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"alignment: {name} must be a 2-D tensor, got {what}")
+    (r, n), (m, rb) = A.shape, B.shape
+    if r == 0 or rb != r:
+        raise ValueError(f"alignment: A is {tuple(A.shape)} and B is {tuple(B.shape)}; they must share a rank r >= 1 "
+                         "(A (r, d_in), B (d_out, r))")
+    if tuple(G.shape) != (m, n):
+        raise ValueError(f"alignment: G is {tuple(G.shape)} but B A is {(m, n)}; pass the layer's (d_out, d_in) gradient")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) or scaling <= 0:
+        raise ValueError(f"alignment: scaling must be a positive finite number, got {scaling!r}")
+    for name, x in (("A", A), ("B", B), ("G", G)):
+        if not torch.isfinite(x).all():
+            raise ValueError(f"alignment: {name} has non-finite entries (NaN or inf)")
+
+
 def alignment(A: torch.Tensor, B: torch.Tensor, scaling: float, G: torch.Tensor) -> Alignment:
-    """First-step alignment of an adapter ``(A (r, n), B (m, r), s)`` with gradient ``G (m, n)``; float64."""
+    """First-step alignment of an adapter ``(A (r, n), B (m, r), s)`` with gradient ``G (m, n)``; float64.
+
+    ``ValueError`` naming the argument for inputs that are not 2-D tensors, whose shapes do not chain
+    (``B A`` must be ``G``'s shape), with rank 0, a scaling that is not a positive finite number, or
+    non-finite entries."""
+    _check_inputs(A, B, scaling, G)
     A, B, G = A.detach().double(), B.detach().double(), G.detach().double()
     r = A.shape[0]
     D = first_step_direction(A, B, scaling, G)
