@@ -106,3 +106,25 @@ def test_a_task_with_an_ending_stream_or_an_empty_split_is_an_error_not_a_short_
         assert not read_records(results)  # nothing recorded as if it had run
     finally:
         TASKS.unregister("flawed-synthetic")
+
+
+def test_lowrank_data_that_is_empty_ragged_or_holds_an_empty_batch():
+    import torch
+
+    import lowrank
+    from tests.conftest import Snapshot, batches, tiny_bert
+
+    cfg = lowrank.LoRAConfig(rank=2, targets=["query"], init="lora_ga", scaling="rslora",
+                             init_options={"progress": False})
+    for data in ([], iter([])):
+        with pytest.raises(ValueError, match="data gave no batches"):
+            lowrank.inject(tiny_bert(), cfg, data=data, progress=False)
+    empty = {"input_ids": torch.zeros(0, 9, dtype=torch.long), "attention_mask": torch.zeros(0, 9, dtype=torch.long),
+             "labels": torch.zeros(0, dtype=torch.long)}
+    model = tiny_bert()
+    snap = Snapshot(model)
+    with pytest.raises(ValueError, match="batch 1 of data is empty"):
+        lowrank.inject(model, cfg, data=[batches("bert", 1)[0], empty], progress=False)
+    snap.assert_unchanged()
+    ragged = [batches("bert", 1)[0], batches("bert", 1, bsz=2)[0]]  # 4 then 2 examples: fine, a mean of batches
+    lowrank.inject(model, cfg, data=ragged, progress=False)

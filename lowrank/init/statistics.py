@@ -313,6 +313,16 @@ class GradientSink:
         raise NotImplementedError
 
 
+def _check_not_empty(batch: Any, index: int) -> None:
+    """A batch whose tensors hold no example (a ragged last shard, a filter that emptied it) is named, not fed to
+    the model (where it fails deep inside a reshape). Batches of different sizes are fine: ``G`` is the mean of
+    the per-batch gradients."""
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    if any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 0 for v in values):
+        raise ValueError(f"batch {index} of data is empty (a tensor with 0 rows); drop empty batches (e.g. "
+                         "DataLoader(drop_last=True) or a filter) before passing data")
+
+
 def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators, want_grad, mask_padding,
                 num_batches, train_mode, progress, device, losses=None) -> int:
     """This process's batches: returns how many were used; every contribution lands in the accumulators."""
@@ -339,6 +349,7 @@ def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators
             if num_batches is not None and n_done >= num_batches:
                 break
             batch = _to_device(batch, device)
+            _check_not_empty(batch, n_done)
             mask = batch.get("attention_mask") if mask_padding and isinstance(batch, Mapping) else None
             state["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
             loss = loss_fn(model, batch)
