@@ -12,12 +12,14 @@ with no arguments). Plugins load lazily, on the first lookup or listing of any r
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, TypeVar
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, TypeVar
 
 T = TypeVar("T")
 
@@ -42,18 +44,23 @@ def _load_plugins() -> None:
 
 @dataclass(frozen=True)
 class Entry:
-    """One registered object with its description (the first line of its docstring)."""
+    """One registered object: its name, description (the first line of its docstring) and capabilities (what
+    its class declares, e.g. ``uses_data`` or ``adapter_kinds``; ``Registry.list`` filters on them)."""
 
     name: str
     obj: Any
     description: str
+    capabilities: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class Registry:
-    """A named collection of classes of one kind (``"initializer"``, ``"preconditioner"``, ``"adapter"``)."""
+    """A named collection of classes of one kind (``"initializer"``, ``"preconditioner"``, ``"adapter"``).
 
-    def __init__(self, kind: str):
+    ``capabilities(cls) -> dict`` (optional) reads what a registered class declares, once, at registration."""
+
+    def __init__(self, kind: str, capabilities: Callable[[Any], Mapping[str, Any]] | None = None):
         self.kind = kind
+        self._capabilities = capabilities
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str, obj: T | None = None, *, override: bool = False) -> Any:
@@ -68,7 +75,8 @@ class Registry:
                     f"pick another name or pass override=True to replace it"
                 )
             doc = (getattr(o, "__doc__", None) or "").strip().splitlines()
-            self._entries[name] = Entry(name, o, doc[0] if doc else "")
+            caps = MappingProxyType(dict(self._capabilities(o))) if self._capabilities else MappingProxyType({})
+            self._entries[name] = Entry(name, o, doc[0] if doc else "", caps)
             if isinstance(o, type) and "registry_name" not in vars(o):  # an alias keeps the first name
                 o.registry_name = name  # type: ignore[attr-defined]
             return o
@@ -106,12 +114,21 @@ class Registry:
     def entry(self, name: str) -> Entry:
         return self._entries[self.canonical(name)]
 
-    def list(self, pattern: str = "*", exclude: str | None = None) -> list[str]:
-        """Sorted names matching the shell-style ``pattern`` and not matching ``exclude``."""
+    def list(self, pattern: str = "*", exclude: str | None = None, **where: Any) -> list[str]:
+        """Sorted names matching the shell-style ``pattern``, not matching ``exclude``, and whose capabilities
+        match every ``where`` filter (``uses_data=True``; for a tuple capability such as ``adapter_kinds``, the
+        singular key names a member: ``adapter_kind="factors"``)."""
         _load_plugins()
         names = [n for n in self._entries if fnmatch.fnmatchcase(n, pattern)]
         if exclude is not None:
             names = [n for n in names if not fnmatch.fnmatchcase(n, exclude)]
+        if where:
+            known = {k for e in self._entries.values() for k in e.capabilities}
+            known |= {k[:-1] for k in known if k.endswith("s")}
+            bad = sorted(set(where) - known)
+            if bad:
+                raise ValueError(f"unknown {self.kind} capability filter(s) {bad}; filter on {sorted(known)}")
+            names = [n for n in names if all(_has(self._entries[n].capabilities, k, v) for k, v in where.items())]
         return sorted(names)
 
     def __contains__(self, name: object) -> bool:
@@ -123,9 +140,44 @@ class Registry:
         return f"Registry({self.kind!r}, {sorted(self._entries)})"
 
 
-INITIALIZERS = Registry("initializer")
-PRECONDITIONERS = Registry("preconditioner")
-ADAPTERS = Registry("adapter")
+def _has(caps: Mapping[str, Any], key: str, value: Any) -> bool:
+    if key in caps:
+        return caps[key] == value
+    return value in caps.get(key + "s", ())  # adapter_kind="factors" -> "factors" in adapter_kinds
+
+
+def _initializer_caps(cls) -> dict[str, Any]:
+    options = getattr(cls, "Options", None)
+    return {"uses_data": bool(getattr(cls, "uses_data", False)), "adapter_kinds": tuple(getattr(cls, "adapter_kinds", ())),
+            "allocates_ranks": bool(getattr(cls, "supports_budget", False)),
+            "preserves_output": bool(getattr(cls, "preserves_output", True)), "needs": tuple(getattr(cls, "needs", ())),
+            "options": tuple(f.name for f in dataclasses.fields(options)) if dataclasses.is_dataclass(options) else ()}
+
+
+def _preconditioner_caps(cls) -> dict[str, Any]:
+    # stateful: a class below the base (the last class that defines init_state) overrides init_state
+    owners = [k for k in getattr(cls, "__mro__", ()) if "init_state" in vars(k)]
+    return {"adapter_kinds": tuple(getattr(cls, "adapter_kinds", ())), "trains_A": bool(getattr(cls, "trains_A", True)),
+            "stateful": len(owners) > 1}
+
+
+def _adapter_caps(cls) -> dict[str, Any]:
+    return {"kind": getattr(cls, "kind", None)}
+
+
+def import_package(name: str, path) -> None:
+    """Import every module of package ``name`` (``path`` its ``__path__``), so that a new plug-in is one new
+    file: its ``@register_*`` decorator runs without any list to edit."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
+        importlib.import_module(f"{name}.{info.name}")
+
+
+INITIALIZERS = Registry("initializer", _initializer_caps)
+PRECONDITIONERS = Registry("preconditioner", _preconditioner_caps)
+ADAPTERS = Registry("adapter", _adapter_caps)
 
 
 def _api(reg: Registry) -> tuple[Callable, Callable, Callable]:
@@ -135,8 +187,8 @@ def _api(reg: Registry) -> tuple[Callable, Callable, Callable]:
     def get(name: str) -> Any:
         return reg.get(name)
 
-    def list_(pattern: str = "*", exclude: str | None = None) -> list[str]:
-        return reg.list(pattern, exclude)
+    def list_(pattern: str = "*", exclude: str | None = None, **capabilities: Any) -> list[str]:
+        return reg.list(pattern, exclude, **capabilities)
 
     for f, verb in ((register, "register"), (get, "get"), (list_, "list")):
         f.__name__ = f.__qualname__ = f"{verb}_{reg.kind}" + ("s" if verb == "list" else "")

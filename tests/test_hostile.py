@@ -262,7 +262,7 @@ def test_10_non_finite_offset_base_weight_rolls_back():
 # fuzzing ----------------------------------------------------------------------------------------
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 70), st.floats(allow_nan=True, allow_infinity=True),
                    st.text(max_size=4), st.lists(st.integers(0, 3), max_size=2))
-INITS = ["kaiming", "gaussian", "pissa", "milora", "olora"]
+INITS = lowrank.list_initializers(uses_data=False, adapter_kind="factors")  # every data-free factor init
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

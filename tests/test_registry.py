@@ -11,11 +11,44 @@ import lowrank
 from lowrank import registry
 
 
-def test_builtins_are_registered():
-    assert {"kaiming", "gaussian"} <= set(lowrank.list_initializers())
-    assert lowrank.list_adapters() == ["dora", "lora", "lora_xs"]
-    assert "identity" in lowrank.list_preconditioners()
+@pytest.mark.parametrize("package,reg,base", [("lowrank.init", registry.INITIALIZERS, "Initializer"),
+                                              ("lowrank.optim", registry.PRECONDITIONERS, "Preconditioner"),
+                                              ("lowrank.adapters", registry.ADAPTERS, "Adapter")])
+def test_every_plugin_class_of_a_package_is_registered_without_a_list(package, reg, base):
+    """Discovery: each module of the package is imported; every concrete plug-in class defined in it is listed."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    root = getattr(lowrank, base)
+    defined = {cls for info in pkgutil.iter_modules(pkg.__path__)
+               for _, cls in inspect.getmembers(importlib.import_module(f"{package}.{info.name}"), inspect.isclass)
+               if issubclass(cls, root) and cls.__module__.startswith(package) and vars(cls).get("registry_name", "?") != "?"
+               and cls is not lowrank.optim.Chain}  # a composition of registered preconditioners, not one itself
+    assert defined and {c.registry_name for c in defined} <= set(reg.list())
     assert lowrank.get_adapter("lora") is lowrank.LoRALayer
+
+
+def test_entries_carry_capabilities_and_lists_filter_on_them():
+    for name in lowrank.list_initializers():
+        caps = registry.INITIALIZERS.entry(name).capabilities
+        cls = lowrank.get_initializer(name)
+        assert caps["uses_data"] == cls.uses_data and caps["adapter_kinds"] == tuple(cls.adapter_kinds)
+        with pytest.raises(TypeError):
+            caps["uses_data"] = not caps["uses_data"]  # frozen
+    data = lowrank.list_initializers(uses_data=True)
+    assert data and all(lowrank.get_initializer(n).uses_data for n in data)
+    assert set(data) | set(lowrank.list_initializers(uses_data=False)) == set(lowrank.list_initializers())
+    latent = lowrank.list_initializers(adapter_kind="latent")
+    assert latent and all("latent" in lowrank.get_initializer(n).adapter_kinds for n in latent)
+    assert lowrank.list_initializers("lora_*", uses_data=True) == [n for n in data if n.startswith("lora_")]
+    assert all(lowrank.get_adapter(n).kind == "factors" for n in lowrank.list_adapters(kind="factors"))
+    stateful = set(lowrank.list_preconditioners(stateful=True))
+    assert stateful and all((lowrank.get_preconditioner(n).init_state is not lowrank.Preconditioner.init_state)
+                            == (n in stateful) for n in lowrank.list_preconditioners())
+    with pytest.raises(ValueError, match=r"unknown initializer capability filter\(s\) \['offsets'\]"):
+        lowrank.list_initializers(offsets=True)
 
 
 def test_unknown_name_suggests_closest_and_how_to_list():

@@ -1,14 +1,16 @@
 """Preconditioners for LoRA factors and the optimizer that applies them.
 
-Importing this package registers the built-in ones: ``identity``, ``lora_plus``, ``riemannian``,
-``lora_pro``, ``lora_fa``, ``lora_rite``. See ``PreconditionedOptimizer`` and ``build_optimizer``.
+Importing this package registers the built-in ones (``lowrank.list_preconditioners()``): every module here
+is imported, so a new method is one new file. See ``PreconditionedOptimizer`` and ``build_optimizer``.
 """
 
 from .base import Preconditioner
-from . import identity, lora_fa, lora_plus, lora_pro, lora_rite, riemannian  # noqa: F401  (registration side effect)
-from .chain import Chain, chain
-from .lora_pro import lora_pro_directions
-from .optimizer import BASES, PreconditionedOptimizer, build_optimizer
+from ..registry import import_package
+
+import_package(__name__, __path__)
+from .chain import Chain, chain  # noqa: E402
+from .lora_pro import lora_pro_directions  # noqa: E402
+from .optimizer import BASES, PreconditionedOptimizer, build_optimizer  # noqa: E402
 
 __all__ = ["Preconditioner", "Chain", "chain", "PreconditionedOptimizer", "build_optimizer", "BASES",
            "lora_pro_directions"]
