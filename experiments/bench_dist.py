@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lowrank
-from lowrank.data.batches import classification_batches
-from lowrank.data.offline import load_minilm_classifier
-from lowrank.data.wordnet import supersense_splits
+from experiments.data.batches import classification_batches
+from experiments.data.minilm import load_minilm_classifier
+from experiments.data.wordnet import supersense_splits
 
 TARGETS = ["query", "key", "value", "dense"]
 

@@ -57,8 +57,8 @@ import time
 import torch
 
 import lowrank
-from lowrank.data.batches import classification_batches
-from lowrank.data.wordnet import supersense_splits
+from experiments.data.batches import classification_batches
+from experiments.data.wordnet import supersense_splits
 
 from .ablation.memory import PeakMemory
 
@@ -71,7 +71,7 @@ def load_model(num_labels: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
-    from lowrank.data.offline import minilm_path
+    from experiments.data.minilm import minilm_path
 
     logging.set_verbosity_error()
     path = minilm_path()

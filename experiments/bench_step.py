@@ -27,9 +27,9 @@ import time
 import torch
 
 import lowrank
-from lowrank.data.batches import classification_batches
-from lowrank.data.offline import load_minilm_classifier
-from lowrank.data.wordnet import supersense_splits
+from experiments.data.batches import classification_batches
+from experiments.data.minilm import load_minilm_classifier
+from experiments.data.wordnet import supersense_splits
 
 
 MINILM = (["query", "key", "value", "dense"], ["classifier"])
@@ -125,7 +125,7 @@ def main(argv=None) -> None:
         n = train.features["label"].num_classes
         from transformers import AutoTokenizer
 
-        from lowrank.data.offline import minilm_path
+        from experiments.data.minilm import minilm_path
 
         tok = AutoTokenizer.from_pretrained(minilm_path())
         raw = list(classification_batches(train, tok, args.batch_size, shuffle=True))

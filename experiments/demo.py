@@ -24,9 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 import lowrank
-from lowrank.data.batches import classification_batches
-from lowrank.data.offline import load_minilm_classifier
-from lowrank.data.wordnet import supersense_splits
+from experiments.data.batches import classification_batches
+from experiments.data.minilm import load_minilm_classifier
+from experiments.data.wordnet import supersense_splits
 
 TARGETS = r"encoder\..*\.(query|key|value|dense)"
 

@@ -166,7 +166,7 @@ def test_presets_are_valid_and_the_demo_is_small():
 
 def test_hf_text_classification_from_local_files(tmp_path):
     """Any HF classifier + dataset by name or path: here the offline MiniLM and a local CSV."""
-    from lowrank.data.offline import minilm_path
+    from experiments.data.minilm import minilm_path
 
     rows = [("a small furry animal", "animal"), ("a large striped cat", "animal"), ("a fast red car", "artifact"),
             ("a wooden table", "artifact")] * 6

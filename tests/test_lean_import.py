@@ -38,3 +38,21 @@ def test_core_works_without_optional_dependencies(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_the_library_holds_no_experiment_code():
+    """Data loaders (datasets, scikit-learn) and command-line scripts live in experiments/, not in lowrank/."""
+    import ast
+    from pathlib import Path
+
+    import lowrank
+
+    root = Path(lowrank.__file__).parent
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            bad = [n for n in names if n.split(".")[0] in ("datasets", "sklearn", "experiments")]
+            assert not bad, f"{path.relative_to(root.parent)} imports {bad}"
+        assert "argparse" not in path.read_text(), f"{path.relative_to(root.parent)} is a command-line script"

@@ -166,7 +166,7 @@ def test_adapted_alignment_matches_compare_and_needs_adapters():
 def test_report_tables_show_allocated_ranks_and_the_floor():
     import lowrank
     from lowrank.theory.alignment import compare
-    from lowrank.theory.report import per_layer, summarize
+    from lowrank.theory.tables import per_layer, summarize
 
     from .conftest import batches as make_batches
     from .conftest import tiny_bert

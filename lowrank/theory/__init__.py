@@ -6,7 +6,7 @@
 - ``scale_stability``: a mup-style coordinate check over width and rank.
 - ``sharpness``: the largest-magnitude Hessian eigenvalue (plain or Adam-preconditioned) at any point.
 - ``transfer_lr``: a configuration's learning rate predicted from a reference's, measured at initialization.
-- ``python -m lowrank.theory.report``: a per-layer alignment table on a real model.
+- ``python -m experiments.theory_report``: a per-layer alignment table on a real model.
 """
 
 from .alignment import Alignment, adapted_alignment, alignment, compare, gradients, init_factors

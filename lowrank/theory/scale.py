@@ -15,7 +15,7 @@ scaled by ``c = m^(1/4) / sqrt(gamma)`` (``scale="stable"``) and rsLoRA ``s = al
 ``forward = alpha^2 / gamma^2`` for every ``(m, n, r)`` and ``backward = alpha^2 m / (gamma^2 n)``;
 with standard scaling ``s = alpha / r`` the forward moment decays like ``1 / r``.
 
-    python -m lowrank.theory.coord_check --init lora_ga --plot docs/figures/coord_check.png
+    python -m experiments.coord_check --init lora_ga --plot docs/figures/coord_check.png
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Per-layer first-step alignment of several initializers on a real model and real data.
 
-    python -m lowrank.theory.report                                  # offline MiniLM + WordNet
-    python -m lowrank.theory.report --inits lora_ga,pissa,kaiming,eva,corda,gora --rank 8 --batches 4 --out out/theory
-    python -m lowrank.theory.report --model PATH --targets query,value  # any local HF classifier
+    python -m experiments.theory_report                                  # offline MiniLM + WordNet
+    python -m experiments.theory_report --inits lora_ga,pissa,kaiming,eva,corda,gora --rank 8 --batches 4 --out out/theory
+    python -m experiments.theory_report --model PATH --targets query,value  # any local HF classifier
 
 The gradient ``G`` of every target layer is estimated once at the pretrained weights, on WordNet
-definition -> supersense batches (``lowrank.data.wordnet``), and each initializer's first step is
+definition -> supersense batches (``experiments.data.wordnet``), and each initializer's first step is
 compared with it (``lowrank.theory.alignment``): relative error ``min_c ||G - c D|| / ||G||``, its
 Eckart-Young floor for rank ``2r``, and the excess over the floor (0 = LoRA-GA's theorem). Every
 arm uses rsLoRA scaling; angles do not depend on ``s``. Writes ``alignment.md`` and ``alignment.csv``.
@@ -15,42 +15,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 from pathlib import Path
 
 import lowrank
-from .alignment import compare
-
-
-def summarize(results: dict[str, dict[str, "lowrank.theory.Alignment"]]) -> str:
-    lines = ["| init | rel. error (median) | floor (median) | excess over floor (median / max) | cosine (median) | "
-             "layers at the floor (excess < 1e-3) |", "|---|---|---|---|---|---|"]
-    for label, per_layer in results.items():
-        al = list(per_layer.values())
-        ex = [a.excess for a in al]
-        lines.append(f"| {label} | {statistics.median(a.rel_error for a in al):.4f} | "
-                     f"{statistics.median(a.floor for a in al):.4f} | {statistics.median(ex):.2e} / {max(ex):.2e} | "
-                     f"{statistics.median(a.cosine for a in al):.4f} | {sum(e < 1e-3 for e in ex)}/{len(ex)} |")
-    return "\n".join(lines)
-
-
-def per_layer(results, G, rank: int) -> str:
-    """Per layer: the rank-``2 rank`` floor and each arm's error; an arm whose initializer allocated this
-    layer another rank (EVA, GoRA) shows it, ``(r=k)``: its floor is that of ``2k``."""
-    import torch
-
-    labels = list(results)
-    layers = list(next(iter(results.values())))
-    head = f"| layer | floor (rank {2 * rank}) | " + " | ".join(f"{lab} error" for lab in labels) + " |"
-    lines = [head, "|---|---|" + "---|" * len(labels)]
-    for name in layers:
-        S2 = torch.linalg.svdvals(G[name].double()).square()
-        floor = (S2[2 * rank:].sum() / S2.sum()).sqrt().item() if S2.sum() > 0 else 0.0
-        cells = " | ".join(f"{results[lab][name].rel_error:.4f}"
-                           + (f" (r={results[lab][name].rank})" if results[lab][name].rank != rank else "")
-                           for lab in labels)
-        lines.append(f"| {name} | {floor:.4f} | {cells} |")
-    return "\n".join(lines)
+from lowrank.theory import compare
+from lowrank.theory.tables import per_layer, summarize
 
 
 def main(argv=None) -> None:
@@ -68,9 +37,9 @@ def main(argv=None) -> None:
     import torch
     from transformers.utils import logging
 
-    from ..data.batches import classification_batches
-    from ..data.offline import load_minilm_classifier
-    from ..data.wordnet import supersense_splits
+    from experiments.data.batches import classification_batches
+    from experiments.data.minilm import load_minilm_classifier
+    from experiments.data.wordnet import supersense_splits
 
     logging.set_verbosity_error()
     inits = [s.strip() for s in args.inits.split(",") if s.strip()]

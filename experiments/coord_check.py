@@ -1,7 +1,7 @@
 """Coordinate check on the command line: tables and a log-log plot (``lowrank.theory.scale``).
 
-    python -m lowrank.theory.coord_check --init lora_ga --plot docs/figures/coord_check.png
-    python -m lowrank.theory.coord_check --init gaussian --widths 64,256,1024 --ranks 4,16 --steps 0,10
+    python -m experiments.coord_check --init lora_ga --plot docs/figures/coord_check.png
+    python -m experiments.coord_check --init gaussian --widths 64,256,1024 --ranks 4,16 --steps 0,10
 
 Runs the sweep with rsLoRA and with standard scaling and prints, per arm, a markdown table and
 the log-log slope of the forward moment against the rank at the largest width (theory for
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from .scale import format_table, loglog_slope, plot, scale_stability
+from lowrank.theory.scale import format_table, loglog_slope, plot, scale_stability
 
 
 def main(argv=None) -> None:

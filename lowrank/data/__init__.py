@@ -1,1 +1,0 @@
-"""Offline data and model helpers used by the experiments, benchmarks and slow tests."""
