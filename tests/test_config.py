@@ -39,7 +39,9 @@ def test_target_matching(targets, name, hit):
 
 def test_frozen_and_round_trips():
     cfg = LoRAConfig(targets=["a", "b"], rank=2, init="gaussian", init_options={"std": 0.1}, trainable="head")
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rank = 3  # type: ignore[misc]
     assert cfg.trainable == ("head",)
     assert LoRAConfig.from_dict(cfg.to_dict()) == cfg
