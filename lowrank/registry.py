@@ -131,6 +131,20 @@ class Registry:
             names = [n for n in names if all(_has(self._entries[n].capabilities, k, v) for k, v in where.items())]
         return sorted(names)
 
+    def table(self) -> str:
+        """A markdown table of every entry: name, description, what it declares (``TABLE_COLUMNS``) and its
+        options with their defaults. The README's method tables are this output (a test keeps them in sync)."""
+        _load_plugins()
+        cols = TABLE_COLUMNS.get(self.kind, ())
+        lines = ["| name | method | " + " | ".join(label for _, label in cols) + (" | " if cols else "") + "options |",
+                 "|---|---|" + "---|" * len(cols) + "---|"]
+        for name in self.list():
+            e = self._entries[name]
+            cells = [_cell(e.capabilities.get(key)) for key, _ in cols]
+            lines.append(f"| `{name}` | {e.description.replace('|', chr(92) + '|')} | " + " | ".join(cells)
+                         + (" | " if cells else "") + f"{_options(getattr(e.obj, 'Options', None))} |")
+        return "\n".join(lines)
+
     def __contains__(self, name: object) -> bool:
         _load_plugins()
         return name in self._entries or (isinstance(name, str)
@@ -138,6 +152,36 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {sorted(self._entries)})"
+
+
+TABLE_COLUMNS = {"initializer": (("uses_data", "data"), ("adapter_kinds", "adapters"), ("allocates_ranks", "ranks")),
+                 "preconditioner": (("stateful", "state"),), "adapter": (("kind", "kind"),)}
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value))
+    return "" if value is None else str(value)
+
+
+def _options(options: Any) -> str:
+    """Own options with defaults; options inherited from a shared base (e.g. ``GradientOptions``) by its name."""
+    if not dataclasses.is_dataclass(options):
+        return "none"
+    bases = [b for b in options.__mro__[1:] if dataclasses.is_dataclass(b) and dataclasses.fields(b)]
+    inherited = {f.name for f in dataclasses.fields(bases[0])} if bases else set()
+    own = [f"`{f.name}={_default(f)}`" for f in dataclasses.fields(options) if f.name not in inherited]
+    return ", ".join(own + ([f"+ `{bases[0].__name__}`"] if bases else [])) or "none"
+
+
+def _default(f) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(f.default_factory())  # type: ignore[misc]
+    return "required"
 
 
 def _has(caps: Mapping[str, Any], key: str, value: Any) -> bool:

@@ -1,0 +1,39 @@
+"""The method tables follow the registries: the README's generated blocks are current
+(``python -m experiments.gen_docs``), and docs/methods.md has a row for every registered method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import lowrank
+from experiments.gen_docs import README, render
+from lowrank import registry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_method_tables_are_generated_and_current():
+    text = README.read_text()
+    assert text.count("<!-- begin generated: ") == 3
+    assert render(text) == text, "stale: run python -m experiments.gen_docs"
+
+
+def test_a_new_registration_makes_the_readme_stale():
+    @lowrank.register_initializer("docs_probe_init")
+    class Probe(lowrank.get_initializer("kaiming")):
+        """A probe: registered for this test only."""
+    try:
+        assert "`docs_probe_init`" in render(README.read_text())
+    finally:
+        registry.INITIALIZERS.unregister("docs_probe_init")
+
+
+@pytest.mark.parametrize("reg", [registry.INITIALIZERS, registry.PRECONDITIONERS, registry.ADAPTERS])
+def test_docs_methods_has_a_row_for_every_registered_method(reg):
+    methods = (ROOT / "docs" / "methods.md").read_text()
+    import re
+
+    missing = [n for n in reg.list() if not re.search(rf"^(?:\| |- )`{re.escape(n)}`", methods, re.M)]
+    assert not missing, f"docs/methods.md lacks the formula row of {reg.kind}(s) {missing}"
