@@ -19,6 +19,7 @@ from torch import nn
 from .adapters.base import SUPPORTED_TYPES, Adapter, weight_shape, weight_view
 from .config import LoRAConfig, matches_targets
 from .init.base import InitResult
+from .init.statistics import default_loss  # noqa: F401  (public here too: lowrank.default_loss)
 from .init.driver import LayerSpec, offset_is_finite, offsets_in_place, run_initializer
 from .registry import get_adapter
 
@@ -51,23 +52,6 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
     for name, module in model.named_modules():
         if isinstance(module, Adapter):
             yield name, module
-
-
-def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``model(**batch).loss`` (a dict batch), ``model(*batch).loss`` (a tuple) or ``model(batch).loss``."""
-    if isinstance(batch, Mapping):
-        out = model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        out = model(*batch)
-    else:
-        out = model(batch)
-    loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, Mapping):
-        loss = out.get("loss")
-    if loss is None:
-        raise ValueError("the model's output has no .loss (does the batch carry labels?); "
-                         "pass loss_fn=lambda model, batch: <scalar loss> to lowrank.inject")
-    return loss
 
 
 def _adaptable_names(model: nn.Module, limit: int = 8) -> list[str]:

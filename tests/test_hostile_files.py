@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lowrank
-from lowrank.io import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
+from lowrank.io import CONFIG_NAME, AdapterFileError
 from tests.conftest import Snapshot, batches, tiny_bert
 
 

@@ -4,7 +4,6 @@ base, PEFT -> lowrank.peft.load, lowrank.peft.initialize on a PEFT model, and ba
 from __future__ import annotations
 
 import json
-import re
 import warnings
 
 import numpy as np

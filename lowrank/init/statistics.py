@@ -51,6 +51,23 @@ STATISTICS = ("gradient", "covariance", "input_svd")
 """What an initializer can declare in ``needs``."""
 
 
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """``model(**batch).loss`` (a dict batch), ``model(*batch).loss`` (a tuple) or ``model(batch).loss``."""
+    if isinstance(batch, Mapping):
+        out = model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        out = model(*batch)
+    else:
+        out = model(batch)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None:
+        raise ValueError("the model's output has no .loss (does the batch carry labels?); "
+                         "pass loss_fn=lambda model, batch: <scalar loss> to lowrank.inject")
+    return loss
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
@@ -117,7 +134,6 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
     want_grad = "gradient" in needs
     want_inputs = "covariance" in needs or "input_svd" in needs
     if loss_fn is None:
-        from ..inject import default_loss
 
         loss_fn = default_loss if want_grad else default_forward
     device = next(iter(modules.values())).weight.device

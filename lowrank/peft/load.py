@@ -23,7 +23,7 @@ from ..adapters.lora import LoRALayer
 from ..config import LoRAConfig
 from ..inject import adapted_layers, inject
 from ..io import AdapterFileError, parse_json
-from .export import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, exact_key
+from .format import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, exact_key
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")

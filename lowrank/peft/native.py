@@ -85,7 +85,7 @@ def export_peft_model(model: nn.Module, directory: str | os.PathLike, adapter_na
     from safetensors.torch import save as st_save
 
     from ..io import _atomic_write
-    from .export import LOWRANK_NOTE, PEFT_CONFIG, PEFT_WEIGHTS, patterns, rank_2r
+    from .format import LOWRANK_NOTE, PEFT_CONFIG, PEFT_WEIGHTS, patterns, rank_2r
 
     if adapter_name not in model.peft_config:
         raise ValueError(f"the PEFT model has no adapter {adapter_name!r}; it has {sorted(model.peft_config)}")

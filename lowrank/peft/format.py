@@ -1,0 +1,52 @@
+"""PEFT's adapter format as lowrank writes it: file names, the rank-2r conversion of an offset layer, and
+``rank_pattern`` / ``alpha_pattern`` keys that select exactly one layer. Shared by ``export`` (lowrank
+models) and ``native`` (PEFT models that ``lowrank.peft.initialize`` initialized)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+LOWRANK_NOTE = "lowrank_export.json"
+PREFIX = "base_model.model."
+
+
+def rank_2r(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, rank: int, alpha: float,
+            scaling: float) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """The trained ``(A, B)`` on an offset base ``W0 - s B0 A0`` as one LoRA on ``W0``: ``A' = [A; A0]``,
+    ``B' = [B, -B0]``, ``r' = 2r`` and ``alpha'`` such that ``s' = s`` (``2 alpha`` for ``s = alpha / r``,
+    ``sqrt(2) alpha`` for rsLoRA's ``alpha / sqrt(r)``)."""
+    factor = 2.0 if math.isclose(scaling, alpha / rank) else math.sqrt(2.0)
+    return torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1), 2 * rank, factor * alpha
+
+
+def exact_key(name: str) -> str:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that selects exactly the module ``name``, under PEFT's rule
+    (``re.match(rf"(.*\\.)?({key})$", module_name)``) and lowrank's (full path or dotted suffix) alike: the
+    leading ``^`` stops a top-level ``proj`` from also matching ``head.proj``."""
+    return "^" + re.escape(name)
+
+
+def patterns(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """The most common rank and alpha as defaults, the others as ``rank_pattern`` / ``alpha_pattern`` with
+    :func:`exact_key` keys."""
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)
+    a0 = max(set(alphas.values()), key=list(alphas.values()).count)
+    return (r0, a0, {exact_key(n): r for n, r in ranks.items() if r != r0},
+            {exact_key(n): a for n, a in alphas.items() if a != a0})
+
+
+def target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """PEFT ``target_modules`` that select exactly ``names``: the list of names, or, when one of them is a dotted
+    suffix of a module that is not adapted (a list entry matches by suffix in PEFT), one anchored regex
+    (PEFT full-matches a string)."""
+    chosen = set(names)
+    others = [n for n, _ in model.named_modules() if n and n not in chosen]
+    if any(o.endswith("." + n) for o in others for n in chosen):
+        return "(?:" + "|".join(re.escape(n) for n in sorted(chosen)) + ")"
+    return sorted(chosen)
