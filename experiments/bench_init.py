@@ -95,10 +95,11 @@ def lowrank_lora_ga(model, batches, rank, alpha, svd="full"):
     return model
 
 
-def peft_lora_ga(model, batches, rank, alpha):
+def peft_lora_ga(model, batches, rank, alpha, targets=TARGETS):
+    """PEFT's LoRA-GA as its docs use it: ``preprocess_loraga`` on the batches, then ``get_peft_model``."""
     import peft
 
-    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=TARGETS, use_rslora=True,
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=True, lora_dropout=0.0,
                           init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig())
 
     def train_step():

@@ -25,7 +25,7 @@ import torch
 import lowrank
 
 from .ablation.memory import PeakMemory
-from .bench_init import run_arms
+from .bench_init import peft_lora_ga, run_arms
 
 PRESET = Path(__file__).parent / "configs" / "lm-ablation.toml"
 
@@ -54,19 +54,9 @@ def _lowrank(model, batches, rank, alpha):
 
 
 def _peft(model, batches, rank, alpha):
-    import peft
-
     from experiments.ablation.tasks.causal_lm import PROJECTIONS
 
-    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=PROJECTIONS, use_rslora=True, lora_dropout=0.0,
-                          init_lora_weights="lora_ga", lora_ga_config=peft.LoraGAConfig())
-
-    def train_step():
-        for b in batches:
-            model(**b).loss.backward()
-
-    peft.tuners.lora.preprocess_loraga(model, cfg, train_step)
-    return peft.get_peft_model(model, cfg)
+    return peft_lora_ga(model, batches, rank, alpha, targets=PROJECTIONS)
 
 
 def _init_worker(arm, rank, alpha, n_batches, batch_size, queue):

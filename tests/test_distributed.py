@@ -198,18 +198,23 @@ def _failing_init_worker(rank: int, init_file: str, out_dir: str) -> None:
                     raise ValueError(f"no factors for {ctx.name}")
                 return super().init_layer(ctx)
 
-        model = tiny_bert()
-        try:
-            lowrank.inject(model, lowrank.LoRAConfig(init="fails_on_rank_1", init_options={"progress": False}, **CFG),
-                           data=batches("bert", 2, seed=1)[rank::WORLD], progress=False)
-            msg = "no error"
-        except Exception as exc:  # noqa: BLE001
-            msg = f"{type(exc).__name__}: {exc}"
-        msg += f" | adapters: {len(list(lowrank.adapted_layers(model)))}"
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(msg)
+        _inject_and_report(rank, out_dir, lowrank.LoRAConfig(init="fails_on_rank_1", init_options={"progress": False},
+                                                             **CFG))
     finally:
         _teardown()
+
+
+def _inject_and_report(rank: int, out_dir: str, cfg) -> None:
+    """Inject on this rank's shard; write the error (or "no error") and how many adapters the model has."""
+    model = tiny_bert()
+    try:
+        lowrank.inject(model, cfg, data=batches("bert", 2, seed=1)[rank::WORLD], progress=False)
+        msg = "no error"
+    except Exception as exc:  # noqa: BLE001
+        msg = f"{type(exc).__name__}: {exc}"
+    msg += f" | adapters: {len(list(lowrank.adapted_layers(model)))}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(msg)
 
 
 def test_an_initializer_error_on_one_rank_is_raised_on_every_rank(tmp_path):
@@ -313,17 +318,9 @@ def test_sketched_inits_are_identical_on_every_rank_and_equal_one_process(tmp_pa
 def _different_models_worker(rank: int, init_file: str, out_dir: str) -> None:
     _setup(rank, init_file)
     try:
-        model = tiny_bert()
         targets = ["query", "value"] if rank == 0 else ["query"]  # rank 1 built another model
-        cfg = lowrank.LoRAConfig(rank=2, alpha=4, targets=targets, init="lora_ga", init_options={"progress": False})
-        try:
-            lowrank.inject(model, cfg, data=batches("bert", 2, seed=1)[rank::WORLD], progress=False)
-            msg = "no error"
-        except Exception as exc:  # noqa: BLE001
-            msg = f"{type(exc).__name__}: {exc}"
-        msg += f" | adapters: {len(list(lowrank.adapted_layers(model)))}"
-        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(msg)
+        _inject_and_report(rank, out_dir, lowrank.LoRAConfig(rank=2, alpha=4, targets=targets, init="lora_ga",
+                                                             init_options={"progress": False}))
     finally:
         _teardown()
 
