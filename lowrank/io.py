@@ -113,10 +113,13 @@ def _locked(directory: Path, shared: bool = False):
         yield
         return
     lock = directory / LOCK_NAME
-    if shared and not lock.exists():  # nothing ever saved here with a lock: nothing to wait for
-        yield
+    try:  # a reader opens read-only and never creates the file (a folder it may not write, another user's lock)
+        fd = os.open(lock, os.O_RDONLY) if shared else os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        if not shared:
+            raise
+        yield  # no lock to wait for: a save in progress is still caught by the checksum and the .prev fallback
         return
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
@@ -236,7 +239,7 @@ def config_from_file(d: Any, cfg_path: Path, warn: bool = True) -> tuple[LoRACon
     origin = None
     init = d.get("init", "kaiming")
     if isinstance(init, str) and init not in INITIALIZERS:
-        origin = {"init": init, "init_options": d.get("init_options", {})}
+        origin = {k: d[k] for k in ("init", "init_options", "rank_budget") if k in d}  # written back by save
         d = {**d, "init": "kaiming", "init_options": {}, "rank_budget": None}
         if warn:
             import warnings
@@ -374,8 +377,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     ``model`` is either the *original* pretrained model (adapters are injected and the base
     offset rebuilt, reproducing the fine-tuned model) or a model already injected with the
     same layout (weights are replaced, e.g. to resume). Everything is verified before the model
-    is changed; on any mismatch it is left as it was.
+    is changed; on any mismatch it is left as it was. A ``torch.compile`` / ``DataParallel`` wrapper is
+    unwrapped (the adapters go into the model it wraps).
     """
+    model = unwrap(model)
     meta, tensors = read_adapter(path)
     config, origin = config_from_file(meta["config"], Path(path) / CONFIG_NAME)
     layers = dict(adapted_layers(model))

@@ -69,6 +69,10 @@ class Registry:
             raise ValueError(f"invalid {self.kind} name {name!r}: use a non-empty string without surrounding spaces")
 
         def decorator(o: T) -> T:
+            clash = [n for n in self._entries if n != name and n.casefold() == name.casefold()]
+            if clash:  # lookups ignore case: "Foo" beside "foo" would make every other spelling ambiguous
+                raise ValueError(f"{self.kind} {name!r} differs from the registered {clash[0]!r} only in case; "
+                                 "names are looked up case-insensitively: pick another name")
             if name in self._entries and not override:
                 raise ValueError(
                     f"{self.kind} {name!r} is already registered (by {self._entries[name].obj!r}); "
@@ -85,8 +89,7 @@ class Registry:
 
     def unregister(self, name: str) -> None:
         """Remove ``name`` (for tests and interactive work)."""
-        self.get(name)
-        del self._entries[name]
+        del self._entries[self.canonical(name)]
 
     def get(self, name: str) -> Any:
         """The object registered as ``name``; ``KeyError`` with suggestions when unknown."""
@@ -191,6 +194,8 @@ def _has(caps: Mapping[str, Any], key: str, value: Any) -> bool:
 
 
 def _initializer_caps(cls) -> dict[str, Any]:
+    """``allocates_ranks``: it can choose per-layer ranks (under ``rank_budget``, or by its own options, e.g.
+    EVA with ``rho > 1``)."""
     options = getattr(cls, "Options", None)
     return {"uses_data": bool(getattr(cls, "uses_data", False)), "adapter_kinds": tuple(getattr(cls, "adapter_kinds", ())),
             "allocates_ranks": bool(getattr(cls, "supports_budget", False)),

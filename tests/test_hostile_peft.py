@@ -133,3 +133,40 @@ def test_export_patterns_select_exactly_the_layer_meant(tmp_path):
     assert _peft_layers(pm1) == {"proj"}
     with torch.no_grad():
         assert torch.allclose(pm1(x), only(x), atol=1e-6)
+
+
+def test_rank_one_rslora_exports_with_the_rslora_alpha(tmp_path):
+    """At r = 1, alpha / r == alpha / sqrt(r): the rule must be passed, not guessed from the numbers."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=1, lora_alpha=2, use_rslora=True,
+                                                              target_modules=["query"]))
+    lowrank.peft.initialize(pm, "pissa")
+    probe = batches("bert", 1, seed=9)[0]
+    lowrank.peft.export(pm, tmp_path)
+    fresh = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    assert (outputs(fresh, probe) - outputs(pm, probe)).abs().max().item() <= 1e-5
+    model = lowrank.inject(tiny_bert(), lowrank.LoRAConfig(rank=1, alpha=2, scaling="rslora", targets=["query"],
+                                                           init="pissa"))
+    lowrank.peft.export(model, tmp_path / "lowrank")
+    fresh = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "lowrank")
+    assert (outputs(fresh, probe) - outputs(model, probe)).abs().max().item() <= 1e-5
+
+
+def test_a_copy_warns_for_itself_and_peft_own_offset_inits_are_refused(tmp_path):
+    import copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    lowrank.peft.initialize(pm, "olora")
+    twin = copy.deepcopy(pm)
+    assert twin.save_pretrained.__self__ is twin  # bound to the copy, not to the original
+    with pytest.warns(UserWarning, match="relative to the offset base"):
+        twin.save_pretrained(tmp_path / "twin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        own = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"],
+                                                               init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="initialized by PEFT itself \\(init_lora_weights='pissa'\\)"):
+        lowrank.peft.export(own, tmp_path / "own")

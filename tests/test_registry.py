@@ -136,3 +136,15 @@ def test_entry_point_plugins_load_lazily(monkeypatch):
         assert calls == [1]  # loaded once
     finally:
         registry.INITIALIZERS.unregister("plugin_init")
+
+
+def test_names_that_differ_only_in_case_are_refused_and_unregister_takes_any_case():
+    @lowrank.register_initializer("case_probe")
+    class Probe(lowrank.get_initializer("kaiming")):
+        """A probe."""
+    try:
+        with pytest.raises(ValueError, match="differs from the registered 'case_probe' only in case"):
+            lowrank.register_initializer("Case_Probe", Probe)
+    finally:
+        registry.INITIALIZERS.unregister("CASE_PROBE")
+    assert "case_probe" not in lowrank.list_initializers()

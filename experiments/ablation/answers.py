@@ -4,8 +4,9 @@
   generation); without one, the answer is the generation's first line (after leading whitespace). A
   generation the pattern does not match counts as wrong, never as an error.
 - Normalization: surrounding whitespace and trailing punctuation (``.,;:!?``) removed, case folded.
-- Comparison: the reference may list alternatives separated by ``|``; two strings that both read as
-  numbers compare as numbers (``1,000`` == ``1000.0``; commas only as thousands separators).
+- Comparison: the reference may list alternatives separated by ``|`` (so a reference answer cannot itself
+  contain ``|``); two strings that both read as numbers compare as numbers (``1,000`` == ``1000.0``; commas
+  only as thousands separators).
 """
 
 from __future__ import annotations

@@ -137,7 +137,9 @@ class Arm:
     """The adapter layer (``lowrank.list_adapters()``, e.g. ``"dora"``)."""
     search_start: float | None = None
     """Under a search: the centre of this arm's first grid (snapped to the ``[search]`` grid; default its
-    ``start``). It saves runs, never decides: the grid still extends until the best rate is interior."""
+    ``start``). It saves runs; the grid still extends until the best rate is interior (or ``max_points``), so
+    it changes the chosen rate only where the validation curve has more than one local optimum or the
+    grid's budget runs out first."""
 
     def identity(self) -> dict[str, Any]:
         """What makes a run of this arm what it is (the rate mode and the search's start are not part of it;
@@ -299,6 +301,10 @@ def load(path: str | Path) -> Config:
                             if sweep.lrs == "transfer" else ""))
     for a in arms:
         _check_arm(a, sweep, f"{path} arm {a.name!r}")
+    # registered spellings ("LoRA_GA" is lora_ga), so that one method is one run key whatever its case
+    arms = [a if a.full_finetune else dataclasses.replace(
+        a, init=lowrank.registry.INITIALIZERS.canonical(a.init), adapter=lowrank.registry.ADAPTERS.canonical(a.adapter),
+        preconditioner=lowrank.registry.PRECONDITIONERS.canonical(a.preconditioner)) for a in arms]
     if sweep.lrs == "transfer" and next(a for a in arms if a.name == sweep.reference).lrs is not None:
         raise ValueError(f"{path} arm {sweep.reference!r}: under lrs = \"transfer\" the reference arm's rate is "
                          "searched; remove its own lrs list")

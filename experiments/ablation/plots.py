@@ -113,9 +113,11 @@ def plot_lr(cfg: Config, plans: list[ArmPlan], path: Path) -> None:
                     markeredgecolor="black", linestyle="none")
     ax.set_xscale("log")
     metric = cfg.select.removeprefix("val_")
-    seeds = len(cfg.search.seeds)
+    searched = isinstance(cfg.sweep.lrs, str)
+    seeds = len(cfg.search.seeds if searched else cfg.sweep.seeds)
     ax.set(xlabel="learning rate (adapters; full FT: all weights)",
-           ylabel=f"validation {_label(cfg, metric)}\nmean over {seeds} search seed{'s' * (seeds > 1)}")
+           ylabel=f"validation {_label(cfg, metric)}\nmean over {seeds} {'search ' if searched else ''}"
+                  f"seed{'s' * (seeds > 1)}")
     ax.grid(alpha=0.3)
     _finish(plt, fig, [ax], path, f"{cfg.title()}\nrate search ({'higher' if cfg.higher_is_better(metric) else 'lower'}"
             " is better; star: chosen rate)")

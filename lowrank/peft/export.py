@@ -32,16 +32,16 @@ from .format import LOWRANK_NOTE, PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, exact_key, 
 from .native import export_peft_model, is_peft_model
 
 
-def _factors(layer) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+def _factors(layer, rslora: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """``(A', B', r', alpha')`` of one layer on the original base weight (from the adapter's saved tensors)."""
     t = layer.tensors()
     A, B = t["A"].detach(), t["B"].detach()
     if not layer.offset:
         return A, B, layer.rank, layer.alpha
-    return rank_2r(A, B, t["A0"], t["B0"], layer.rank, layer.alpha, layer.scaling)
+    return rank_2r(A, B, t["A0"], t["B0"], layer.rank, layer.alpha, rslora)
 
 
-def export(model: nn.Module, directory: str | os.PathLike) -> Path:
+def export(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``lowrank_export.json``).
 
     ``peft.PeftModel.from_pretrained(original_model, directory)`` then reproduces ``model``'s
@@ -49,12 +49,12 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
     kind, merged adapters).
 
     ``model`` may also be a PEFT model that ``lowrank.peft.initialize`` initialized: its offset layers are
-    written as the same rank-``2r`` LoRA on the original base (``modules_to_save`` kept); see
-    :func:`lowrank.peft.native.export_peft_model`.
+    written as the same rank-``2r`` LoRA on the original base (``modules_to_save`` kept; ``adapter_name``
+    picks the PEFT adapter); see :func:`lowrank.peft.native.export_peft_model`.
     """
     model = unwrap(model)
     if is_peft_model(model):
-        return export_peft_model(model, directory)
+        return export_peft_model(model, directory, adapter_name)
     record = getattr(model, RECORD_ATTR, None)
     layers = dict(adapted_layers(model))
     if record is None or not layers:
@@ -71,7 +71,7 @@ def export(model: nn.Module, directory: str | os.PathLike) -> Path:
     from transformers.pytorch_utils import Conv1D
 
     for name, layer in layers.items():
-        A, B, r, alpha = _factors(layer)
+        A, B, r, alpha = _factors(layer, cfg.scaling == "rslora")
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
         if cfg.adapter == "dora":  # PEFT's key has no ".weight"; the norm of W0 + s' B' A' equals ours

@@ -17,11 +17,12 @@ PREFIX = "base_model.model."
 
 
 def rank_2r(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, rank: int, alpha: float,
-            scaling: float) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+            rslora: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """The trained ``(A, B)`` on an offset base ``W0 - s B0 A0`` as one LoRA on ``W0``: ``A' = [A; A0]``,
     ``B' = [B, -B0]``, ``r' = 2r`` and ``alpha'`` such that ``s' = s`` (``2 alpha`` for ``s = alpha / r``,
-    ``sqrt(2) alpha`` for rsLoRA's ``alpha / sqrt(r)``)."""
-    factor = 2.0 if math.isclose(scaling, alpha / rank) else math.sqrt(2.0)
+    ``sqrt(2) alpha`` for rsLoRA's ``alpha / sqrt(r)``). ``rslora`` is the scaling rule, passed, never inferred
+    from the numbers (at ``r = 1`` both rules give the same ``s`` but different ``alpha'``)."""
+    factor = math.sqrt(2.0) if rslora else 2.0
     return torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1), 2 * rank, factor * alpha
 
 

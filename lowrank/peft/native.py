@@ -6,7 +6,7 @@ other outputs. ``initialize`` therefore keeps ``(A0, B0)`` of every offset layer
 (``model._lowrank_peft_init[adapter_name]``) and wraps the model's ``save_pretrained`` so that it warns;
 ``lowrank.peft.export(peft_model, directory)`` writes the adapter for the original base: each offset
 layer as the rank-``2r`` LoRA ``A' = [A; A0]``, ``B' = [B, -B0]`` with ``alpha'`` such that ``s' = s``
-(``lowrank.peft.export.rank_2r``), every other tensor (other LoRA layers, ``modules_to_save``) as PEFT
+(``lowrank.peft.format.rank_2r``), every other tensor (other LoRA layers, ``modules_to_save``) as PEFT
 saves it. ``PeftModel.from_pretrained(original_base, directory)`` then reproduces the trained model.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,14 @@ class PeftInitRecord:
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "base_model") and hasattr(model, "save_pretrained")
+    """A ``peft.PeftModel`` (a transformers model with ``add_adapter`` also has a ``peft_config``, but is not one)."""
+    if not hasattr(model, "peft_config"):
+        return False
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
 
 
 def records(model: nn.Module) -> dict[str, PeftInitRecord]:
@@ -51,18 +59,20 @@ def remember(model: nn.Module, adapter: str, record: PeftInitRecord) -> None:
     store = model.__dict__.setdefault(ATTR, {})
     store[adapter] = record
     if record.initial and "save_pretrained" not in model.__dict__:
-        original = model.save_pretrained
+        # a method bound to this model: a deepcopy rebinds it to the copy (and reads the copy's records)
+        model.save_pretrained = types.MethodType(_warning_save_pretrained, model)
 
-        def save_pretrained(*args, **kwargs):
-            offset = [f"{a!r} ({r.init})" for a, r in records(model).items() if r.initial]
-            warnings.warn(f"adapter(s) {', '.join(offset)} of this PEFT model were initialized by lowrank.peft.initialize "
-                          "with an initializer that offset the base weights (W = W0 - s B0 A0): the adapter "
-                          "save_pretrained writes is relative to the offset base and does not reproduce this model on "
-                          "the original one. To save for the original base, use lowrank.peft.export(model, directory) "
-                          "(the exact rank-2r conversion, modules_to_save kept)", UserWarning, stacklevel=2)
-            return original(*args, **kwargs)
 
-        model.save_pretrained = save_pretrained  # an instance attribute: nn.Module keeps plain callables as-is
+def _warning_save_pretrained(self, *args, **kwargs):
+    """PEFT's ``save_pretrained``, after a warning that its adapter is for the offset base."""
+    offset = [f"{a!r} ({r.init})" for a, r in records(self).items() if r.initial]
+    if offset:
+        warnings.warn(f"adapter(s) {', '.join(offset)} of this PEFT model were initialized by lowrank.peft.initialize "
+                      "with an initializer that offset the base weights (W = W0 - s B0 A0): the adapter "
+                      "save_pretrained writes is relative to the offset base and does not reproduce this model on "
+                      "the original one. To save for the original base, use lowrank.peft.export(model, directory) "
+                      "(the exact rank-2r conversion, modules_to_save kept)", UserWarning, stacklevel=2)
+    return type(self).save_pretrained(self, *args, **kwargs)
 
 
 def _plain(obj: Any) -> Any:
@@ -92,13 +102,18 @@ def export_peft_model(model: nn.Module, directory: str | os.PathLike, adapter_na
     cfg = copy.deepcopy(model.peft_config[adapter_name])
     if getattr(cfg, "peft_type", None) is None or str(getattr(cfg.peft_type, "value", cfg.peft_type)) != "LORA":
         raise ValueError(f"adapter {adapter_name!r} is a {cfg.peft_type} adapter; lowrank exports PEFT LoRA adapters")
-    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     record = records(model).get(adapter_name)
+    own = cfg.init_lora_weights
+    if record is None and own not in (True, False, "gaussian"):  # PEFT's own offset inits (pissa, olora, ...)
+        raise ValueError(f"adapter {adapter_name!r} was initialized by PEFT itself (init_lora_weights={own!r}), which "
+                         "may offset the base weights without lowrank knowing the initial factors; save it with PEFT's "
+                         "save_pretrained(path_initial_model_for_weight_conversion=...) instead")
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
     inner = model.base_model.model
     ranks, alphas = {}, {}
     for name, module in inner.named_modules():
-        lora_A = getattr(module, "lora_A", None)
-        if not isinstance(lora_A, nn.ModuleDict) or adapter_name not in lora_A:
+        held = [getattr(module, k, None) for k in ("lora_A", "lora_embedding_A")]  # linear and embedding LoRA
+        if not any(isinstance(h, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in h for h in held):
             continue
         r, alpha = module.r[adapter_name], float(module.lora_alpha[adapter_name])
         if record is not None and name in record.initial:
@@ -106,7 +121,7 @@ def export_peft_model(model: nn.Module, directory: str | os.PathLike, adapter_na
             ka, kb = f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight"
             if ka not in state or kb not in state:
                 raise ValueError(f"layer {name!r}: PEFT's state dict has no {ka!r}; the model changed after initialize")
-            A, B, r, alpha = rank_2r(state[ka], state[kb], A0.cpu(), B0.cpu(), r, alpha, module.scaling[adapter_name])
+            A, B, r, alpha = rank_2r(state[ka], state[kb], A0.cpu(), B0.cpu(), r, alpha, bool(cfg.use_rslora))
             state[ka], state[kb] = A.contiguous(), B.contiguous()
         ranks[name], alphas[name] = r, alpha
     if not ranks:

@@ -19,10 +19,14 @@ def discover() -> None:
     global _discovered
     if _discovered:
         return
-    _discovered = True
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    _discovered = True  # first: a task module that looks a task up must not recurse
+    try:
+        for info in pkgutil.iter_modules(__path__):
+            if info.name != "base" and not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
+    except BaseException:
+        _discovered = False  # a broken task module fails every lookup, never a silently partial list
+        raise
 
 
 __all__ = ["TASKS", "Built", "Task", "discover", "get_task", "list_tasks", "make_task", "register_task",

@@ -43,7 +43,8 @@ class CausalLM(Task):
         prompt_field: str | None = None
         """Default ``"prompt"`` (jsonl) or ``"question"`` (reasoning-gym)."""
         response_field: str | None = None
-        """Default ``"response"`` (jsonl) or ``"answer"`` (reasoning-gym; ``"answer_cot"`` for gsm_symbolic)."""
+        """Default ``"response"`` (jsonl) or ``"answer"`` (reasoning-gym; set ``"answer_cot"`` to train on
+        gsm_symbolic's worked solutions, with ``answer_pattern = '#### (\\S+)'``)."""
         answer_field: str | None = None
         """Default ``"answer"``."""
         n_train: int = 4000
