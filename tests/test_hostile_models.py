@@ -63,6 +63,10 @@ def test_compiled_and_data_parallel_models_are_refused_and_their_saves_load_into
         fresh = lowrank.load_adapter(tiny_bert(), tmp_path / str(i))
         with torch.no_grad():
             assert torch.equal(fresh.eval()(**x).logits, want)
+        plain = tiny_bert()
+        lowrank.load_adapter(nn.DataParallel(plain), tmp_path / str(i))  # into the wrapped model's own names
+        with torch.no_grad():
+            assert torch.equal(plain.eval()(**x).logits, want)
         lowrank.peft.export(wrapped, tmp_path / f"peft{i}")
 
 
