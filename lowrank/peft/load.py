@@ -73,17 +73,10 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
     return cfg, tensors
 
 
-@torch.no_grad()
-def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Inject lowrank adapters holding the PEFT adapter in ``directory`` into ``model`` (the base model
-    the adapter was trained on, without adapters) and return it; outputs match the PEFT model's."""
-    cfg, tensors = read_peft(directory)
-    if any(True for _ in adapted_layers(model)):
-        raise ValueError(f"{type(model).__name__} already has lowrank adapters; load a PEFT adapter into the plain "
-                         "base model (lowrank.unload(model) first)")
+def _split_tensors(tensors: dict[str, torch.Tensor], dora: bool, directory) -> tuple[dict, dict]:
+    """``({layer: {"A", "B"[, "m"]}}, {modules_to_save parameter: tensor})`` from PEFT's flat state dict."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
-    dora = bool(cfg.get("use_dora"))
     for key, t in tensors.items():
         m = LORA_KEY.match(key)
         mag = MAGNITUDE_KEY.match(key) if dora else None
@@ -97,31 +90,35 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             raise AdapterFileError(f"unexpected tensor {key!r} in the PEFT adapter")
     if not factors:
         raise AdapterFileError(f"{directory}: the adapter holds no lora_A/lora_B weights")
-    modules = dict(model.named_modules())
-    ranks, alphas = {}, {}
-    for name, ab in factors.items():
-        want = {"A", "B", "m"} if dora else {"A", "B"}
-        if set(ab) != want:
-            missing = sorted(want - set(ab))[0]
-            raise AdapterFileError(f"layer {name!r}: the adapter lacks {'lora_magnitude_vector' if missing == 'm' else 'lora_' + missing}; "
-                                   "the file is partial")
-        module = modules.get(name)
-        if module is None:
-            raise AdapterFileError(f"adapter layer {name!r} is not a module of {type(model).__name__} (first mismatch)")
-        if not LoRALayer.supports(module):
-            raise AdapterFileError(f"adapter layer {name!r} is a {type(module).__name__} in this model; lowrank LoRA "
-                                   "wraps nn.Linear and Conv1D")
-        A, B = ab["A"], ab["B"]
-        m_, n_ = weight_shape(module)
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != (m_, n_):
-            raise AdapterFileError(f"adapter layer {name!r} does not fit: lora_A {tuple(A.shape)}, lora_B "
-                                   f"{tuple(B.shape)}; the model's layer is (d_out, d_in) = {(m_, n_)} (first mismatch)")
-        if dora and tuple(ab["m"].shape) != (m_,):
-            raise AdapterFileError(f"adapter layer {name!r}: lora_magnitude_vector {tuple(ab['m'].shape)}, expected "
-                                   f"{(m_,)}")
-        ranks[name] = A.shape[0]
-        alphas[name] = _peft_alpha(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8))
-    trainable = sorted({k.rsplit(".", 1)[0] for k in extra})
+    return factors, extra
+
+
+def _check_layer(model: nn.Module, modules: dict[str, nn.Module], name: str, ab: dict[str, torch.Tensor],
+                 dora: bool) -> int:
+    """The layer's rank, after checking its tensors are complete and fit the model's layer (first mismatch named)."""
+    want = {"A", "B", "m"} if dora else {"A", "B"}
+    if set(ab) != want:
+        missing = sorted(want - set(ab))[0]
+        raise AdapterFileError(f"layer {name!r}: the adapter lacks {'lora_magnitude_vector' if missing == 'm' else 'lora_' + missing}; "
+                               "the file is partial")
+    module = modules.get(name)
+    if module is None:
+        raise AdapterFileError(f"adapter layer {name!r} is not a module of {type(model).__name__} (first mismatch)")
+    if not LoRALayer.supports(module):
+        raise AdapterFileError(f"adapter layer {name!r} is a {type(module).__name__} in this model; lowrank LoRA "
+                               "wraps nn.Linear and Conv1D")
+    A, B = ab["A"], ab["B"]
+    m_, n_ = weight_shape(module)
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != (m_, n_):
+        raise AdapterFileError(f"adapter layer {name!r} does not fit: lora_A {tuple(A.shape)}, lora_B "
+                               f"{tuple(B.shape)}; the model's layer is (d_out, d_in) = {(m_, n_)} (first mismatch)")
+    if dora and tuple(ab["m"].shape) != (m_,):
+        raise AdapterFileError(f"adapter layer {name!r}: lora_magnitude_vector {tuple(ab['m'].shape)}, expected "
+                               f"{(m_,)}")
+    return A.shape[0]
+
+
+def _check_extra(model: nn.Module, extra: dict[str, torch.Tensor]) -> None:
     for key, t in extra.items():
         try:
             p = model.get_parameter(key)
@@ -130,6 +127,22 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
                                    f"{type(model).__name__} (first mismatch)") from None
         if p.shape != t.shape:
             raise AdapterFileError(f"adapter tensor {key!r}: {tuple(t.shape)}, the model's {tuple(p.shape)}")
+
+
+@torch.no_grad()
+def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Inject lowrank adapters holding the PEFT adapter in ``directory`` into ``model`` (the base model
+    the adapter was trained on, without adapters) and return it; outputs match the PEFT model's."""
+    cfg, tensors = read_peft(directory)
+    if any(True for _ in adapted_layers(model)):
+        raise ValueError(f"{type(model).__name__} already has lowrank adapters; load a PEFT adapter into the plain "
+                         "base model (lowrank.unload(model) first)")
+    dora = bool(cfg.get("use_dora"))
+    factors, extra = _split_tensors(tensors, dora, directory)
+    modules = dict(model.named_modules())
+    ranks = {name: _check_layer(model, modules, name, ab, dora) for name, ab in factors.items()}
+    alphas = {name: _peft_alpha(cfg.get("alpha_pattern") or {}, name, cfg.get("lora_alpha", 8)) for name in factors}
+    _check_extra(model, extra)
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)
     a0 = float(cfg.get("lora_alpha", 8))
     # exactly the named modules: one anchored regex (a name list would also match every dotted suffix, so a
@@ -139,7 +152,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         targets="^(?:" + "|".join(re.escape(n) for n in sorted(factors)) + ")$",
         rank_pattern={exact_key(n): r for n, r in ranks.items() if r != r0},
         alpha_pattern={exact_key(n): a for n, a in alphas.items() if a != a0},
-        dropout=float(cfg.get("lora_dropout") or 0.0), init="kaiming", trainable=trainable,
+        dropout=float(cfg.get("lora_dropout") or 0.0), init="kaiming", trainable=sorted({k.rsplit(".", 1)[0] for k in extra}),
         adapter="dora" if dora else "lora")
     inject(model, config, progress=False)  # atomic; shapes were checked above, so the copies below cannot fail
     for name, layer in adapted_layers(model):
