@@ -16,19 +16,16 @@ become ``modules_to_save``. ``lowrank_export.json`` records the method that prod
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 from torch import nn
 
-from .._version import __version__
 from ..inject import RECORD_ATTR, adapted_layers, find_trainable, unwrap
-from ..io import _atomic_write
-from .format import LOWRANK_NOTE, PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, exact_key, patterns, rank_2r, target_modules  # noqa: F401
+from .format import (LOWRANK_NOTE, PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, exact_key, patterns, rank_2r,  # noqa: F401
+                     target_modules, write_adapter)
 from .native import export_peft_model, is_peft_model
 
 
@@ -66,10 +63,33 @@ def export(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "
     merged = [n for n, layer in layers.items() if getattr(layer, "merged", False)]
     if merged:
         raise ValueError(f"layer {merged[0]!r} is merged; call lowrank.unmerge(model) before exporting")
-    tensors: dict[str, torch.Tensor] = {}
-    ranks, alphas, fan_in_fan_out = {}, {}, set()
+    tensors, ranks, alphas, conv1d = _layer_tensors(layers, cfg)
+    r0, a0, rank_pattern, alpha_pattern = patterns(ranks, alphas)
+    saved_modules = []
+    for name, module in find_trainable(model, cfg.trainable, []):
+        saved_modules.append(name)
+        for pname, p in module.named_parameters():
+            tensors[f"{PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+        "inference_mode": True, "r": r0, "lora_alpha": a0, "lora_dropout": cfg.dropout, "bias": "none",
+        "target_modules": target_modules(model, list(layers)), "use_rslora": cfg.scaling == "rslora",
+        "fan_in_fan_out": conv1d, "init_lora_weights": True,
+        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+        "modules_to_save": saved_modules or None, "use_dora": cfg.adapter == "dora", "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+    return write_adapter(directory, tensors, config, {
+        "init": cfg.init, "init_options": dict(cfg.init_options), "lowrank_config": cfg.to_dict(),
+        "rank_2r_conversion": sorted(n for n, layer in layers.items() if layer.offset)})
+
+
+def _layer_tensors(layers: dict, cfg) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float], bool]:
+    """Each layer's PEFT tensors (rank-2r for offset layers), ranks and alphas, and PEFT's ``fan_in_fan_out``."""
     from transformers.pytorch_utils import Conv1D
 
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas, fan_in_fan_out = {}, {}, set()
     for name, layer in layers.items():
         A, B, r, alpha = _factors(layer, cfg.scaling == "rslora")
         tensors[f"{PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
@@ -81,29 +101,4 @@ def export(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "
     if len(fan_in_fan_out) > 1:
         raise ValueError("PEFT's fan_in_fan_out is one flag per adapter: export nn.Linear and Conv1D targets "
                          "as two adapters (inject them with two configs)")
-    r0, a0, rank_pattern, alpha_pattern = patterns(ranks, alphas)
-    saved_modules = []
-    for name, module in find_trainable(model, cfg.trainable, []):
-        saved_modules.append(name)
-        for pname, p in module.named_parameters():
-            tensors[f"{PREFIX}{name}.{pname}"] = p.detach().contiguous().cpu()
-    config: dict[str, Any] = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
-        "inference_mode": True, "r": r0, "lora_alpha": a0, "lora_dropout": cfg.dropout, "bias": "none",
-        "target_modules": target_modules(model, list(layers)), "use_rslora": cfg.scaling == "rslora",
-        "fan_in_fan_out": fan_in_fan_out.pop(), "init_lora_weights": True,
-        "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
-        "modules_to_save": saved_modules or None, "use_dora": cfg.adapter == "dora", "layers_to_transform": None,
-        "layers_pattern": None,
-    }
-    note = {"exported_by": f"lowrank {__version__}", "init": cfg.init, "init_options": dict(cfg.init_options),
-            "lowrank_config": cfg.to_dict(),
-            "rank_2r_conversion": sorted(n for n, layer in layers.items() if layer.offset),
-            "note": "layers listed in rank_2r_conversion were offset at initialization (W = W0 - s B0 A0) and are "
-                    "exported as the rank-2r LoRA [A; A0], [B, -B0] on the original W0"}
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
-    _atomic_write(out / PEFT_CONFIG, json.dumps(config, indent=2).encode())
-    _atomic_write(out / LOWRANK_NOTE, json.dumps(note, indent=2, default=str).encode())
-    return out
+    return tensors, ranks, alphas, fan_in_fan_out.pop()

@@ -4,11 +4,18 @@ models) and ``native`` (PEFT models that ``lowrank.peft.initialize`` initialized
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import save as st_save
 from torch import nn
+
+from .._version import __version__
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -51,3 +58,22 @@ def target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     if any(o.endswith("." + n) for o in others for n in chosen):
         return "(?:" + "|".join(re.escape(n) for n in sorted(chosen)) + ")"
     return sorted(chosen)
+
+
+CONVERSION_NOTE = ("layers listed in rank_2r_conversion were offset at initialization (W = W0 - s B0 A0) and are "
+                   "exported as the rank-2r LoRA [A; A0], [B, -B0] on the original W0")
+
+
+def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                  note: dict[str, Any]) -> Path:
+    """The three files of an export, each written atomically: the weights, PEFT's config, lowrank's note (who
+    wrote it, from which method, which layers were converted)."""
+    from ..io import _atomic_write
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
+    _atomic_write(out / PEFT_CONFIG, json.dumps(config, indent=2).encode())
+    note = {"exported_by": f"lowrank {__version__}", **note, "note": CONVERSION_NOTE}
+    _atomic_write(out / LOWRANK_NOTE, json.dumps(note, indent=2, default=str).encode())
+    return out

@@ -13,7 +13,6 @@ saves it. ``PeftModel.from_pretrained(original_base, directory)`` then reproduce
 from __future__ import annotations
 
 import copy
-import json
 import os
 import types
 import warnings
@@ -24,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._version import __version__
 
 ATTR = "_lowrank_peft_init"
 
@@ -90,12 +88,11 @@ def _plain(obj: Any) -> Any:
 
 def export_peft_model(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``lowrank_export.json``) that load onto the
-    *original* base model and reproduce ``model`` (a PEFT LoRA model, initialized by lowrank or not)."""
+    *original* base model and reproduce ``model`` (a PEFT LoRA model initialized by lowrank, or by a PEFT init
+    that leaves the base as it is)."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save as st_save
 
-    from ..io import _atomic_write
-    from .format import LOWRANK_NOTE, PEFT_CONFIG, PEFT_WEIGHTS, patterns, rank_2r
+    from .format import patterns, rank_2r, write_adapter
 
     if adapter_name not in model.peft_config:
         raise ValueError(f"the PEFT model has no adapter {adapter_name!r}; it has {sorted(model.peft_config)}")
@@ -131,15 +128,7 @@ def export_peft_model(model: nn.Module, directory: str | os.PathLike, adapter_na
     if hasattr(cfg, "lora_ga_config"):
         cfg.lora_ga_config = None
     cfg.inference_mode = True
-    converted = sorted(record.initial) if record else []
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / PEFT_WEIGHTS, st_save(state, metadata={"format": "pt"}))
-    _atomic_write(out / PEFT_CONFIG, json.dumps(_plain(cfg.to_dict()), indent=2).encode())
-    note = {"exported_by": f"lowrank {__version__}", "from": "a PEFT model", "adapter_name": adapter_name,
-            "init": record.init if record else None, "init_options": record.init_options if record else None,
-            "rank_2r_conversion": converted,
-            "note": "layers listed in rank_2r_conversion were offset at initialization (W = W0 - s B0 A0) and are "
-                    "exported as the rank-2r LoRA [A; A0], [B, -B0] on the original W0"}
-    _atomic_write(out / LOWRANK_NOTE, json.dumps(note, indent=2, default=str).encode())
-    return out
+    return write_adapter(directory, state, _plain(cfg.to_dict()), {
+        "from": "a PEFT model", "adapter_name": adapter_name, "init": record.init if record else None,
+        "init_options": record.init_options if record else None,
+        "rank_2r_conversion": sorted(record.initial) if record else []})
