@@ -109,18 +109,21 @@ class LoRAConfig:
         if not isinstance(self.init_options, Mapping):
             raise ValueError(f"invalid init_options={self.init_options!r}: must be a dict")
         set_("init_options", dict(self.init_options))
-        # Unknown names and options fail here, before any model is touched.
-        from .registry import get_adapter, get_initializer
+        initializer = self._check_methods()  # unknown names and options fail here, before any model is touched
+        set_("_initializer", initializer)
+        set_("_allocates", self.rank_budget is not None or initializer.allocates())
 
+    def _check_methods(self):
+        """The initializer and adapter exist and fit each other (names stored as registered), the options, the
+        rank budget and the rank bounds are valid; returns the initializer instance."""
+        from .registry import ADAPTERS, INITIALIZERS, get_adapter, get_initializer
+
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
         adapter = get_adapter(self.adapter)
         init = get_initializer(self.init)
-        from .registry import ADAPTERS, INITIALIZERS
-
         set_("init", INITIALIZERS.canonical(self.init))  # "LoRA_GA" is stored as "lora_ga"
         set_("adapter", ADAPTERS.canonical(self.adapter))
         if adapter.kind not in init.adapter_kinds:
-            from .registry import ADAPTERS
-
             fits = [n for n in ADAPTERS.list() if ADAPTERS.get(n).kind in init.adapter_kinds]
             raise ValueError(f"initializer {self.init!r} does not support adapter {self.adapter!r} (a {adapter.kind!r} "
                              f"adapter); it initializes {fits}. Choose one of those adapters or another initializer")
@@ -128,8 +131,6 @@ class LoRAConfig:
         if self.rank_budget is not None:
             _check_rank("rank_budget", self.rank_budget)
             if not init.supports_budget:
-                from .registry import INITIALIZERS
-
                 fits = [n for n in INITIALIZERS.list() if INITIALIZERS.get(n).supports_budget]
                 raise ValueError(f"initializer {self.init!r} cannot allocate ranks under rank_budget={self.rank_budget}; "
                                  f"use one that can ({fits}) or drop rank_budget for fixed ranks")
@@ -138,8 +139,7 @@ class LoRAConfig:
             _check_rank("rank_max", self.rank_max)
             if self.rank_max < self.rank_min:
                 raise ValueError(f"invalid rank_max={self.rank_max} < rank_min={self.rank_min}")
-        set_("_initializer", initializer)
-        set_("_allocates", self.rank_budget is not None or initializer.allocates())
+        return initializer
 
     # -- per-layer values ---------------------------------------------------------------------
     def rank_for(self, name: str) -> int:

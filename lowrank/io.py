@@ -276,40 +276,8 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
                                    f"adapted layer {hit!r}; loading it would overwrite or unfreeze that layer's base "
                                    "weight. The file was edited or is corrupted")
     adapter_cls = get_adapter(config.adapter)  # config_from_file checked it is installed
-    expected: set[str] = set()
-    for name, info in layers.items():
-        where = f"{cfg_path}: layer {name!r}"
-        if not isinstance(info, dict):
-            raise AdapterFileError(f"{where}: expected a mapping, got {type(info).__name__}")
-        for key, ok, what in (("rank", lambda v: _is_int(v) and v > 0, "a positive integer"),
-                              ("d_out", lambda v: _is_int(v) and v > 0, "a positive integer"),
-                              ("d_in", lambda v: _is_int(v) and v > 0, "a positive integer"),
-                              ("offset", lambda v: isinstance(v, bool), "true or false"),
-                              ("alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                               and math.isfinite(v) and v > 0, "a positive finite number"),
-                              ("scaling", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                               and math.isfinite(v) and v > 0, "a positive finite number"),
-                              ("dtype", lambda v: isinstance(v, str), "a dtype name")):
-            if key not in info or not ok(info[key]):
-                raise AdapterFileError(f"{where}: {key} must be {what}, got {info.get(key, '<missing>')!r}")
-        if not matches_targets(config.targets, name):
-            raise AdapterFileError(f"{where} is not matched by the config's targets {config.targets!r}")
-        rank = info["rank"] if config.allocates_ranks or origin else config.rank_for(name)  # allocated: below
-        want = (rank, config.alpha_for(name, rank), config.scaling_for(name, rank))
-        got = (info["rank"], info["alpha"], info["scaling"])
-        if origin:  # the method's own rules (ranks, alphas) are not installed: the file's values, self-consistent
-            want = (rank, got[1], got[1] / rank if config.scaling == "standard" else got[1] / math.sqrt(rank))
-        if got[0] != want[0] or not math.isclose(got[1], want[1]) or not math.isclose(got[2], want[2], rel_tol=1e-9):
-            raise AdapterFileError(f"{where}: (rank, alpha, scaling) = {got} but the file's config gives {want}; "
-                                   "the file was edited or is corrupted")
-        for key, shape in adapter_cls.tensor_shapes(info).items():
-            t = tensors.get(f"layers.{name}.{key}")
-            got_shape = None if t is None else tuple(t.shape)
-            if got_shape != shape:
-                raise AdapterFileError(f"{w_path}: tensor {key} of layer {name!r} has shape {got_shape}, config says {shape}")
-            if str(t.dtype).removeprefix("torch.") != info["dtype"]:
-                raise AdapterFileError(f"{w_path}: tensor {key} of layer {name!r} is {t.dtype}, config says {info['dtype']}")
-            expected.add(f"layers.{name}.{key}")
+    expected = {k for name, info in layers.items()
+                for k in _check_layer_info(config, origin, adapter_cls, name, info, tensors, cfg_path, w_path)}
     if config.allocates_ranks:  # ranks chosen by the initializer: within the bounds, summing to the budget
         ranks = {n: info["rank"] for n, info in layers.items()}
         total = config.rank_budget if config.rank_budget is not None else sum(config.rank_for(n) for n in layers)
@@ -329,6 +297,46 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
                                        f"{trainable}; refusing to load it")
         elif key not in expected:
             raise AdapterFileError(f"{w_path}: unexpected tensor {key!r} (not declared by the config's layers)")
+
+
+def _check_layer_info(config: LoRAConfig, origin, adapter_cls, name: str, info: Any, tensors: dict[str, torch.Tensor],
+                      cfg_path: Path, w_path: Path) -> set[str]:
+    """One layer's entry: typed fields, matched by the config, ``(rank, alpha, scaling)`` as the config (or, for a
+    missing initializer, the file itself) gives them, and its tensors' shapes and dtypes; returns their keys."""
+    expected: set[str] = set()
+    where = f"{cfg_path}: layer {name!r}"
+    if not isinstance(info, dict):
+        raise AdapterFileError(f"{where}: expected a mapping, got {type(info).__name__}")
+    for key, ok, what in (("rank", lambda v: _is_int(v) and v > 0, "a positive integer"),
+                          ("d_out", lambda v: _is_int(v) and v > 0, "a positive integer"),
+                          ("d_in", lambda v: _is_int(v) and v > 0, "a positive integer"),
+                          ("offset", lambda v: isinstance(v, bool), "true or false"),
+                          ("alpha", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and math.isfinite(v) and v > 0, "a positive finite number"),
+                          ("scaling", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and math.isfinite(v) and v > 0, "a positive finite number"),
+                          ("dtype", lambda v: isinstance(v, str), "a dtype name")):
+        if key not in info or not ok(info[key]):
+            raise AdapterFileError(f"{where}: {key} must be {what}, got {info.get(key, '<missing>')!r}")
+    if not matches_targets(config.targets, name):
+        raise AdapterFileError(f"{where} is not matched by the config's targets {config.targets!r}")
+    rank = info["rank"] if config.allocates_ranks or origin else config.rank_for(name)  # allocated: below
+    want = (rank, config.alpha_for(name, rank), config.scaling_for(name, rank))
+    got = (info["rank"], info["alpha"], info["scaling"])
+    if origin:  # the method's own rules (ranks, alphas) are not installed: the file's values, self-consistent
+        want = (rank, got[1], got[1] / rank if config.scaling == "standard" else got[1] / math.sqrt(rank))
+    if got[0] != want[0] or not math.isclose(got[1], want[1]) or not math.isclose(got[2], want[2], rel_tol=1e-9):
+        raise AdapterFileError(f"{where}: (rank, alpha, scaling) = {got} but the file's config gives {want}; "
+                               "the file was edited or is corrupted")
+    for key, shape in adapter_cls.tensor_shapes(info).items():
+        t = tensors.get(f"layers.{name}.{key}")
+        got_shape = None if t is None else tuple(t.shape)
+        if got_shape != shape:
+            raise AdapterFileError(f"{w_path}: tensor {key} of layer {name!r} has shape {got_shape}, config says {shape}")
+        if str(t.dtype).removeprefix("torch.") != info["dtype"]:
+            raise AdapterFileError(f"{w_path}: tensor {key} of layer {name!r} is {t.dtype}, config says {info['dtype']}")
+        expected.add(f"layers.{name}.{key}")
+    return expected
 
 
 def _check_fit(model: nn.Module, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
