@@ -17,9 +17,11 @@ from .registry import (
     list_adapters,
     list_initializers,
     list_preconditioners,
+    list_statistics,
     register_adapter,
     register_initializer,
     register_preconditioner,
+    register_statistic,
 )
 from .adapters import Adapter, LoRALayer
 from .init import InitResult, Initializer, LayerContext
@@ -36,7 +38,7 @@ __all__ = [
     "AdapterFileError",
     "register_initializer", "get_initializer", "list_initializers",
     "register_preconditioner", "get_preconditioner", "list_preconditioners",
-    "register_adapter", "get_adapter", "list_adapters",
+    "register_adapter", "get_adapter", "list_adapters", "register_statistic", "list_statistics",
     "inject", "adapted_layers", "default_loss", "merge", "unmerge", "unload",
     "trainable_parameters", "summary", "rank_allocation", "save_adapter", "load_adapter",
 ]

@@ -1,4 +1,5 @@
-"""Name -> class registries for the three extension points (initializer, preconditioner, adapter).
+"""Name -> class registries for the extension points (initializer, preconditioner, adapter, and the statistics a
+data-driven initializer's pass collects).
 
 Modelled on timm's registry: entries are registered where they are defined, listed with
 wildcards, and looked up by name (case-insensitively: ``"LoRA_GA"`` finds ``lora_ga``). Differences: a duplicate
@@ -214,6 +215,10 @@ def _adapter_caps(cls) -> dict[str, Any]:
     return {"kind": getattr(cls, "kind", None)}
 
 
+def _statistic_caps(cls) -> dict[str, Any]:
+    return {"uses_backward": bool(getattr(cls, "uses_backward", False)), "provides": tuple(getattr(cls, "provides", ()))}
+
+
 def import_package(name: str, path) -> None:
     """Import every module of package ``name`` (``path`` its ``__path__``), so that a new plug-in is one new
     file: its ``@register_*`` decorator runs without any list to edit."""
@@ -227,6 +232,7 @@ def import_package(name: str, path) -> None:
 INITIALIZERS = Registry("initializer", _initializer_caps)
 PRECONDITIONERS = Registry("preconditioner", _preconditioner_caps)
 ADAPTERS = Registry("adapter", _adapter_caps)
+STATISTIC_REGISTRY = Registry("statistic", _statistic_caps)
 
 
 def _api(reg: Registry) -> tuple[Callable, Callable, Callable]:
@@ -248,3 +254,4 @@ def _api(reg: Registry) -> tuple[Callable, Callable, Callable]:
 register_initializer, get_initializer, list_initializers = _api(INITIALIZERS)
 register_preconditioner, get_preconditioner, list_preconditioners = _api(PRECONDITIONERS)
 register_adapter, get_adapter, list_adapters = _api(ADAPTERS)
+register_statistic, get_statistic, list_statistics = _api(STATISTIC_REGISTRY)

@@ -13,7 +13,8 @@ from lowrank import registry
 
 @pytest.mark.parametrize("package,reg,base", [("lowrank.init", registry.INITIALIZERS, "Initializer"),
                                               ("lowrank.optim", registry.PRECONDITIONERS, "Preconditioner"),
-                                              ("lowrank.adapters", registry.ADAPTERS, "Adapter")])
+                                              ("lowrank.adapters", registry.ADAPTERS, "Adapter"),
+                                              ("lowrank.init.stats", registry.STATISTIC_REGISTRY, "Statistic")])
 def test_every_plugin_class_of_a_package_is_registered_without_a_list(package, reg, base):
     """Discovery: each module of the package is imported; every concrete plug-in class defined in it is listed."""
     import importlib
@@ -21,7 +22,7 @@ def test_every_plugin_class_of_a_package_is_registered_without_a_list(package, r
     import pkgutil
 
     pkg = importlib.import_module(package)
-    root = getattr(lowrank, base)
+    root = getattr(lowrank, base, None) or getattr(pkg, base)
     defined = {cls for info in pkgutil.iter_modules(pkg.__path__)
                for _, cls in inspect.getmembers(importlib.import_module(f"{package}.{info.name}"), inspect.isclass)
                if issubclass(cls, root) and cls.__module__.startswith(package) and vars(cls).get("registry_name", "?") != "?"

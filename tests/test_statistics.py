@@ -124,7 +124,7 @@ def test_nothing_left_behind_and_offload_agrees():
     snap.assert_unchanged()
     assert torch.equal(torch.get_rng_state(), rng)
     for m in model.modules():
-        assert not [h for h in m._forward_hooks.values() if "collect_statistics" in getattr(h, "__qualname__", "")]
+        assert not [h for h in m._forward_hooks.values() if "_Pass." in getattr(h, "__qualname__", "")]
     for n in a:
         assert b[n]["covariance"].device.type == "cpu"
         torch.testing.assert_close(a[n]["covariance"], b[n]["covariance"], rtol=0, atol=0)
@@ -220,3 +220,66 @@ def test_a_mean_that_dominates_the_spread_warns_for_centred_statistics():
     with pytest.warns(UserWarning, match="mean dominates their spread"):
         input_svd(stats["0"], centred=True)
     input_svd(stats["0"], centred=False)  # the raw second moment is fine
+
+
+def test_a_new_statistic_is_one_registered_class_and_joins_the_same_pass():
+    """A user's statistic (here the mean squared norm of the layer's input rows, padding masked) collected in one
+    pass with the gradient: its value matches a float64 reference and the gradient is bitwise the one it gets
+    alone; an initializer that needs it reads it from its context."""
+    from lowrank.init.stats import Statistic
+
+    @lowrank.register_statistic("test_input_energy")
+    class InputEnergy(Statistic):
+        """Mean squared norm of the input rows."""
+
+        provides = ("input_energy",)
+
+        def __init__(self, modules, device, offload=False):
+            self.energy = {n: torch.zeros((), device=device) for n in modules}
+            self.count = {n: torch.zeros((), device=device) for n in modules}
+            self.sums = [self.energy, self.count]
+
+        def on_input(self, name, inp):
+            self.energy[name] += inp.memo("sq", lambda x: x.square().sum())
+            self.count[name] += inp.rows.shape[0]
+
+        def reached(self, name):
+            return bool(self.count[name] > 0)
+
+        def result(self, name, n_batches):
+            return {"input_energy": self.energy[name] / self.count[name]}
+
+    @lowrank.register_initializer("test_energy_scaled")
+    class EnergyScaled(lowrank.init.DataInitializer):
+        """Gaussian A divided by the root input energy, B = 0."""
+
+        needs = ("test_input_energy",)
+
+        def init_layer(self, ctx):
+            A = torch.randn(ctx.rank, ctx.n, generator=ctx.generator) / ctx.stat("input_energy").sqrt()
+            return lowrank.InitResult(A=A.to(ctx.device), B=ctx.zeros(ctx.m, ctx.rank))
+
+    try:
+        assert lowrank.registry.STATISTIC_REGISTRY.entry("test_input_energy").capabilities["uses_backward"] is False
+        model = tiny_bert()
+        mods = _targets(model, ["query"])
+        data = _padded()
+        both = collect_statistics(model, mods, data, None, ("gradient", "test_input_energy"), progress=False)
+        alone = collect_statistics(model, mods, data, None, ("gradient",), progress=False)
+        ref = _inputs(model, mods, data)
+        for n in mods:
+            x = ref[n]
+            torch.testing.assert_close(both[n]["input_energy"].double(), x.square().sum() / x.shape[0], rtol=1e-5,
+                                       atol=0)
+            assert torch.equal(both[n]["gradient"], alone[n]["gradient"])
+        cfg = lowrank.LoRAConfig(targets=["query"], rank=2, init="test_energy_scaled", init_options={"progress": False})
+        injected = lowrank.inject(tiny_bert(), cfg, data=data, progress=False)
+        layers = dict(lowrank.adapted_layers(injected))
+        assert set(layers) == set(mods)
+        for n, layer in layers.items():
+            gen = torch.Generator().manual_seed(lowrank.init.layer_seed(cfg.seed, n))
+            expected = torch.randn(2, layer.A.shape[1], generator=gen) / (ref[n].square().sum() / ref[n].shape[0]).sqrt()
+            torch.testing.assert_close(layer.A.detach().double(), expected.double(), rtol=1e-4, atol=1e-6)
+    finally:
+        lowrank.registry.INITIALIZERS.unregister("test_energy_scaled")
+        lowrank.registry.STATISTIC_REGISTRY.unregister("test_input_energy")

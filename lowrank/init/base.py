@@ -155,8 +155,10 @@ class Initializer(ABC):
     """True for data-driven methods: :func:`lowrank.inject` must get ``data`` (and maybe ``loss_fn``).
     Set for you when ``needs`` is not empty."""
     needs: ClassVar[tuple[str, ...]] = ()
-    """Statistics the data pass must collect (``lowrank.init.statistics.STATISTICS``): ``"gradient"``,
-    ``"covariance"``, ``"input_svd"``. One pass collects exactly these (forward-only ones without backward)."""
+    """Statistics the data pass must collect (registered names, ``lowrank.list_statistics()``): built in
+    ``"gradient"``, ``"covariance"``, ``"input_svd"``; a new one is a ``lowrank.init.stats.Statistic`` class
+    registered with ``lowrank.register_statistic``. One pass collects exactly these (forward-only ones without
+    backward)."""
     supports_budget: ClassVar[bool] = False
     """True if :meth:`allocate` can choose per-layer ranks under ``LoRAConfig(rank_budget=...)``."""
     registry_name: ClassVar[str] = "?"

@@ -1,8 +1,9 @@
 """One pass over the data that collects exactly the statistics an initializer declares it needs.
 
-An :class:`~lowrank.init.base.Initializer` lists its needs in ``needs`` (a tuple of names from
-:data:`STATISTICS`); :func:`collect_statistics` runs one pass over the data and returns, per
-target layer, what those needs ask for:
+An :class:`~lowrank.init.base.Initializer` lists its needs in ``needs`` (names of registered statistics,
+``lowrank.list_statistics()``; each is a :class:`~lowrank.init.stats.Statistic` class in its own file under
+``lowrank/init/stats/``); :func:`collect_statistics` runs one pass over the data that feeds one instance of each
+and returns, per target layer, what they provide. The built-in ones:
 
 ``"gradient"``
     ``G = (1/N_b) sum_b dL_b/dW``: the true mean over ``N_b`` batches of each batch's gradient of
@@ -45,10 +46,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_helpers
-from ..adapters.base import weight_shape
-
-STATISTICS = ("gradient", "covariance", "input_svd")
-"""What an initializer can declare in ``needs``."""
+from ..registry import STATISTIC_REGISTRY
+from .stats import GradientSink, LayerInput, Statistic
+from .stats.inputs import GRAM_BLOCK, symmetrize_, upper_gram  # noqa: F401  (re-exported)
 
 
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -88,10 +88,12 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 def check_needs(needs: Sequence[str], owner: str) -> tuple[str, ...]:
-    unknown = [n for n in needs if n not in STATISTICS]
+    known = STATISTIC_REGISTRY.list()
+    unknown = [n for n in needs if n not in STATISTIC_REGISTRY]
     if unknown:
-        raise ValueError(f"{owner} declares unknown statistics {unknown}; the statistics pass collects {STATISTICS}")
-    return tuple(needs)
+        raise ValueError(f"{owner} declares unknown statistics {unknown}; the registered statistics are {known} "
+                         "(add one with lowrank.register_statistic)")
+    return tuple(STATISTIC_REGISTRY.canonical(n) for n in needs)
 
 
 def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
@@ -106,10 +108,10 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
         model: the model, unchanged on return (or on error).
         modules: ``{dotted name: nn.Linear or Conv1D}`` inside ``model``.
         data: iterable of batches; dict/tuple/tensor batches are moved to the model's device.
-        loss_fn: ``loss_fn(model, batch)``; with ``"gradient"`` it must return the batch's scalar loss (a mean
-            over its examples) and may call ``backward`` itself (then return a detached loss). ``None``: the
-            model's ``.loss`` for gradients, its plain forward for forward-only statistics.
-        needs: names from :data:`STATISTICS`.
+        loss_fn: ``loss_fn(model, batch)``; with a backward statistic (``"gradient"``) it must return the batch's
+            scalar loss (a mean over its examples) and may call ``backward`` itself (then return a detached loss).
+            ``None``: the model's ``.loss`` for gradients, its plain forward for forward-only statistics.
+        needs: names of registered statistics (``lowrank.list_statistics()``).
         num_batches: batches to use (``None``: all of ``data``); fewer available is an error.
         train_mode: run in ``model.train()`` (dropout on) instead of ``eval()``.
         offload: keep the float32 accumulators on the CPU.
@@ -120,10 +122,9 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
             ``attention_mask`` of the layer input's leading shape (matched by shape alone: a layer whose
             input is ``(batch, tokens, d)`` of another sequence with the same shape would be masked too;
             pass ``False`` for such models, e.g. encoder-decoders with equal lengths).
-        gradient_sink: with ``"gradient"``, hand each gradient piece ``(g, x)`` (``g = dL/dy`` and ``x`` as
-            ``(tokens, d)`` float32 matrices, ``G = sum g^T x``) to the sink instead of forming ``G``
-            (``lowrank.init.sketch``); the result then has no ``"gradient"`` entry, the sink's
-            accumulators are summed (and all-reduced) in its place.
+        gradient_sink: with ``"gradient"``, a :class:`~lowrank.init.stats.GradientSink` that receives each
+            gradient piece ``(g, x)`` instead of the dense ``G`` (``lowrank.init.sketch``); the result then has
+            no ``"gradient"`` entry, the sink's accumulators are summed (and all-reduced) in its place.
         losses: if a list, each batch's loss is appended to it (to check later passes see the same data).
     """
     needs = check_needs(needs, "collect_statistics")
@@ -131,145 +132,110 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
         raise ValueError("collect_statistics needs at least one statistic")
     if not modules:
         raise ValueError("no layers to collect statistics for")
-    want_grad = "gradient" in needs
-    want_inputs = "covariance" in needs or "input_svd" in needs
-    if loss_fn is None:
-
-        loss_fn = default_loss if want_grad else default_forward
     device = next(iter(modules.values())).weight.device
-    acc_device = torch.device("cpu") if offload else device
-    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=acc_device)  # noqa: E731
-    grad = {n: zeros(weight_shape(m)) for n, m in modules.items()} if want_grad and gradient_sink is None else {}
-    grad_kinds = [grad] if grad else list(gradient_sink.accumulators) if gradient_sink is not None and want_grad else []
-    gram = {n: zeros(weight_shape(m)[1], weight_shape(m)[1]) for n, m in modules.items()} if want_inputs else {}
-    xsum = {n: zeros(weight_shape(m)[1]) for n, m in modules.items()} if want_inputs else {}
-    rows = torch.zeros(len(modules), dtype=torch.int64)
-    index = {n: i for i, n in enumerate(modules)}
-    calls = dict.fromkeys(modules, 0)
-    state: dict[str, Any] = {"mask": None, "seen": {}}
-
-    def add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        if offload:
-            acc.add_((a @ b).cpu())
-        else:  # in place: no (m, n) temporary
-            acc.addmm_(a, b)
-
-    def grad_hook(name: str, x: torch.Tensor):
-        # What the backward needs of the input: x itself for G, or (a sink's choice) a thin product of it,
-        # so that the layer input is not held until the backward reaches the layer.
-        held = gradient_sink.hold(name, x.reshape(-1, x.shape[-1])) if gradient_sink is not None else x
-
-        def hook(g: torch.Tensor) -> None:
-            g2 = g.reshape(-1, g.shape[-1]).float()
-            if gradient_sink is not None:
-                gradient_sink.accumulate(name, g2, held)
-            else:
-                add(grad[name], g2.T, held.reshape(-1, held.shape[-1]).float())
-            calls[name] += 1
-        return hook
-
-    def forward_hook(name: str):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            x = args[0].detach()
-            if want_inputs:
-                # Consecutive layers fed the same tensor (query, key, value) share one product. Only the last
-                # input is kept (holding it, its identity cannot pass to another tensor meanwhile): an input is
-                # freed as soon as the next layer's arrives.
-                hit = state["seen"].get("last")
-                if hit is None or hit[0] is not args[0] or hit[4] != args[0]._version:  # changed in place: redo
-                    mask = state["mask"]
-                    rows_x = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
-                    rows_x = rows_x.float()
-                    state["seen"].clear()
-                    hit = state["seen"]["last"] = (args[0], upper_gram(rows_x), rows_x.sum(0), rows_x.shape[0],
-                                                   args[0]._version)
-                _, g, sx, nrows, _ = hit
-                gram[name].add_(g.to(acc_device))
-                xsum[name].add_(sx.to(acc_device))
-                rows[index[name]] += nrows
-                calls[name] += not want_grad
-            if not want_grad or not torch.is_grad_enabled():
-                return None  # no_grad inside loss_fn: the layer is reported as unreached
-            replaced = None
-            if not out.requires_grad:  # tap: y joins the graph without giving any weight a gradient
-                replaced = out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
-            out.register_hook(grad_hook(name, x))
-            return replaced
-        return hook
-
-    accumulators = [t for kind in (*grad_kinds, gram, xsum) for t in kind.values()]
-    combine = distributed and dist_helpers.active()
-    n_done = 0
-    error: BaseException | None = None
+    run = _Pass(modules, _statistics(needs, modules, torch.device("cpu") if offload else device, offload,
+                                     gradient_sink))
+    if loss_fn is None:
+        loss_fn = default_loss if run.backward else default_forward
+    n_done, error = 0, None
     try:
-        n_done = _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators, want_grad, mask_padding,
-                             num_batches, train_mode, progress, device, losses)
+        n_done = _local_pass(model, run, data, loss_fn, mask_padding, num_batches, train_mode, progress, device,
+                             losses)
         if num_batches is not None and n_done < num_batches:
             raise ValueError(f"data gave only {n_done} batches but num_batches={num_batches}; pass more data or lower "
                              f"init_options['num_batches']")
     except Exception as exc:  # noqa: BLE001  (re-raised below, on every rank if distributed)
         error = exc
-    if combine:
-        # an error on one rank is an error on all, not a hang
-        dist_helpers.agree(error, what="gradient estimation" if want_grad else "the input statistics pass")
-        n_total = dist_helpers.combine_sums([*accumulators, rows], n_done)
-        reached = {n for n in modules if (not want_grad or any(k[n].any() for k in grad_kinds))
-                   and (not want_inputs or rows[index[n]] > 0)}
+    combine = distributed and dist_helpers.active()
+    if combine:  # an error on one rank is an error on all, not a hang
+        dist_helpers.agree(error, what="gradient estimation" if run.backward else "the input statistics pass")
+        n_total = dist_helpers.combine_sums(run.totals(), n_done)
+    elif error is not None:
+        raise error
     else:
-        if error is not None:
-            raise error
         n_total = n_done
-        reached = {n for n in modules if calls[n] and (not want_grad or any(k[n].any() for k in grad_kinds))
-                   and (not want_inputs or rows[index[n]] > 0)}
     if n_total == 0:
         raise ValueError("data gave no batches; pass data=<iterable of batches> (e.g. a DataLoader) to lowrank.inject")
-    unreached = [n for n in modules if n not in reached]
-    if unreached:
-        what = "their gradient is zero or missing" if want_grad else "they never receive an input"
-        raise ValueError(f"the data does not reach {len(unreached)} target layer(s), {what}: "
-                         f"{unreached[:5]}{' ...' if len(unreached) > 5 else ''}; remove them from targets or fix "
-                         "loss_fn / the data")
-    out: dict[str, dict[str, torch.Tensor]] = {n: {} for n in modules}
-    for n in modules:
-        if grad:
-            out[n]["gradient"] = grad[n].div_(n_total)
-        for kind in grad_kinds if not grad else ():
-            kind[n].div_(n_total)  # the sink's sums become means, as G is
-        if want_inputs:
-            N = int(rows[index[n]])
-            out[n]["covariance"] = symmetrize_(gram[n]).div_(N)
-            out[n]["input_mean"] = xsum[n].div_(N)
-            out[n]["rows"] = torch.tensor(N)
-    return out
+    run.check_reached(local=not combine)
+    return {n: {k: v for s in run.stats for k, v in s.result(n, n_total).items()} for n in modules}
 
 
-GRAM_BLOCK = 512
-"""Inputs wider than this get their Gram matrix in blocks, upper triangle only (about half the work)."""
+def _statistics(needs: Sequence[str], modules: Mapping[str, nn.Module], device: torch.device, offload: bool,
+                gradient_sink: GradientSink | None) -> list[Statistic]:
+    """One instance per distinct registered class among ``needs`` (``"covariance"`` and ``"input_svd"`` share
+    theirs); the sink, if any, in place of ``"gradient"``."""
+    classes = list(dict.fromkeys(STATISTIC_REGISTRY.get(n) for n in needs if not (n == "gradient" and gradient_sink)))
+    return [cls(modules, device, offload) for cls in classes] + ([gradient_sink] if gradient_sink and
+                                                                  "gradient" in needs else [])
 
 
-def upper_gram(x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
-    """``x^T x`` (``(n, n)``) for ``x (N, n)``; for ``n > block`` only its upper block triangle is filled
-    (the rest zero; :func:`symmetrize_` completes it), so a wide input costs about half a full product."""
-    n = x.shape[1]
-    if n <= block:
-        return x.T @ x
-    out = torch.zeros(n, n, dtype=x.dtype, device=x.device)
-    edges = list(range(0, n, block)) + [n]
-    for i in range(len(edges) - 1):
-        a = x[:, edges[i]:edges[i + 1]]
-        out[edges[i]:edges[i + 1], edges[i]:] = a.T @ x[:, edges[i]:]
-    return out
+class _Pass:
+    """The hooks of one statistics pass, feeding ``stats``, and what they saw (layers reached, the last input)."""
 
+    def __init__(self, modules: Mapping[str, nn.Module], stats: list[Statistic]):
+        self.modules, self.stats = modules, stats
+        self.backward = [s for s in stats if s.uses_backward]
+        self.inputs = [s for s in stats if type(s).on_input is not Statistic.on_input]
+        self.calls = dict.fromkeys(modules, 0)
+        self.mask: torch.Tensor | None = None
+        self.last: tuple | None = None  # (input tensor, its version, LayerInput)
 
-def symmetrize_(gram: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
-    """Complete in place a sum of :func:`upper_gram` results: mirror the upper block triangle."""
-    n = gram.shape[0]
-    if n <= block:
-        return gram
-    edges = list(range(0, n, block)) + [n]
-    for i in range(1, len(edges) - 1):
-        gram[edges[i]:, edges[i - 1]:edges[i]] = gram[edges[i - 1]:edges[i], edges[i]:].T
-    return gram
+    def sums(self) -> list[torch.Tensor]:
+        return [t for s in self.stats for kind in s.sums for t in kind.values()]
+
+    def totals(self) -> list[torch.Tensor]:
+        return self.sums() + [s.counts for s in self.stats if s.counts is not None]
+
+    def reset(self) -> None:
+        self.mask, self.last = None, None
+
+    def layer_input(self, inp: torch.Tensor) -> LayerInput:
+        # Consecutive layers fed the same tensor (query, key, value) share one LayerInput. Only the last input is
+        # kept (holding it, its identity cannot pass to another tensor meanwhile): an input is freed as soon as the
+        # next layer's arrives; one changed in place is taken anew.
+        if self.last is None or self.last[0] is not inp or self.last[1] != inp._version:
+            x, mask = inp.detach(), self.mask
+            rows = x[mask] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+            self.last = (inp, inp._version, LayerInput(rows.float()))
+        return self.last[2]
+
+    def forward_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            if self.inputs:
+                inp = self.layer_input(args[0])
+                for s in self.inputs:
+                    s.on_input(name, inp)
+                self.calls[name] += not self.backward
+            if not self.backward or not torch.is_grad_enabled():
+                return None  # no_grad inside loss_fn: the layer is reported as unreached
+            replaced = None
+            if not out.requires_grad:  # tap: y joins the graph without giving any weight a gradient
+                replaced = out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            x = args[0].detach()
+            out.register_hook(self.grad_hook(name, [s.hold(name, x.reshape(-1, x.shape[-1])) for s in self.backward]))
+            return replaced
+        return hook
+
+    def grad_hook(self, name: str, held: list[torch.Tensor]):
+        def hook(g: torch.Tensor) -> None:
+            g2 = g.reshape(-1, g.shape[-1]).float()
+            for s, x in zip(self.backward, held):
+                s.on_gradient(name, g2, x)
+            self.calls[name] += 1
+        return hook
+
+    def nonfinite(self, name: str) -> bool:
+        return any(not torch.isfinite(kind[name]).all() for s in self.stats for kind in s.sums)
+
+    def check_reached(self, local: bool) -> None:
+        """Every layer was reached (``local``: by this process's hooks too, not only in the all-reduced sums)."""
+        unreached = [n for n in self.modules if (local and not self.calls[n]) or not all(s.reached(n)
+                                                                                          for s in self.stats)]
+        if unreached:
+            what = "their gradient is zero or missing" if self.backward else "they never receive an input"
+            raise ValueError(f"the data does not reach {len(unreached)} target layer(s), {what}: "
+                             f"{unreached[:5]}{' ...' if len(unreached) > 5 else ''}; remove them from targets or fix "
+                             "loss_fn / the data")
 
 
 def input_svd(stats: Mapping[str, torch.Tensor], *, centred: bool = False, k: int | None = None,
@@ -309,26 +275,6 @@ def data_options_check(num_batches: Any) -> None:
         raise ValueError(f"invalid num_batches={num_batches!r}: must be a positive int or None (all data)")
 
 
-class GradientSink:
-    """Receives the gradient pieces of a statistics pass instead of a dense ``G`` accumulator.
-
-    ``accumulators`` is a list of ``{layer name: tensor}`` dicts (one per kind of accumulator, every
-    layer in each): the pass checks them for non-finite values, all-reduces them under
-    torch.distributed and divides them by the number of batches, as it does ``G``."""
-
-    accumulators: list[dict[str, torch.Tensor]]
-
-    def hold(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Called in the forward with layer ``name``'s input ``x (T, d_in)`` (the model's dtype): what to keep of
-        it until the backward reaches the layer, then passed to :meth:`accumulate` as ``x``. Default: ``x``."""
-        return x
-
-    def accumulate(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
-        """Add the piece ``g^T x`` of layer ``name``'s gradient (``g (T, d_out)`` float32; ``x`` what
-        :meth:`hold` kept of the input ``(T, d_in)``, in the model's dtype)."""
-        raise NotImplementedError
-
-
 def _check_not_empty(batch: Any, index: int) -> None:
     """A batch whose tensors hold no example (a ragged last shard, a filter that emptied it) is named, not fed to
     the model (where it fails deep inside a reshape). Batches of different sizes are fine: ``G`` is the mean of
@@ -339,9 +285,10 @@ def _check_not_empty(batch: Any, index: int) -> None:
                          "DataLoader(drop_last=True) or a filter) before passing data")
 
 
-def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators, want_grad, mask_padding,
-                num_batches, train_mode, progress, device, losses=None) -> int:
-    """This process's batches: returns how many were used; every contribution lands in the accumulators."""
+def _local_pass(model, run: _Pass, data, loss_fn, mask_padding, num_batches, train_mode, progress, device,
+                losses=None) -> int:
+    """This process's batches: returns how many were used; every contribution lands in ``run``'s statistics."""
+    want_grad = bool(run.backward)
     params = list(model.parameters())
     saved = [(p, p.requires_grad, p.grad) for p in params]
     modes = [(m, m.training) for m in model.modules()]
@@ -350,11 +297,11 @@ def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators
     with ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=cuda))
         stack.enter_context(torch.enable_grad() if want_grad else torch.no_grad())
-        handles = [m.register_forward_hook(forward_hook(n)) for n, m in modules.items()]
+        handles = [m.register_forward_hook(run.forward_hook(n)) for n, m in run.modules.items()]
         stack.callback(lambda: [h.remove() for h in handles])
         stack.callback(lambda: [m.train(t) for m, t in modes])
         stack.callback(lambda: [(p.requires_grad_(f), setattr(p, "grad", g)) for p, f, g in saved])
-        stack.callback(lambda: state.update(mask=None, seen={}))
+        stack.callback(run.reset)
         for p in params:
             p.requires_grad_(False)
         model.train(train_mode)
@@ -367,7 +314,7 @@ def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators
             batch = _to_device(batch, device)
             _check_not_empty(batch, n_done)
             mask = batch.get("attention_mask") if mask_padding and isinstance(batch, Mapping) else None
-            state["mask"] = mask.bool() if isinstance(mask, torch.Tensor) else None
+            run.mask = mask.bool() if isinstance(mask, torch.Tensor) else None
             loss = loss_fn(model, batch)
             if want_grad:
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -381,10 +328,11 @@ def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators
                 if loss.requires_grad:
                     loss.backward()
             del loss  # drop the graph now: its nodes hold this batch's hooks, and they hold the layer inputs
-            state["seen"].clear()  # and the last input's products
+            run.last = None  # and the last input's products
             # One reduction per accumulator and a single sync: a non-finite entry makes its sum non-finite.
-            if accumulators and not torch.isfinite(torch.stack([a.sum() for a in accumulators])).all():
-                bad = [n for n in modules if _nonfinite(accumulators, n, modules)]
+            sums = run.sums()
+            if sums and not torch.isfinite(torch.stack([a.sum() for a in sums])).all():
+                bad = [n for n in run.modules if run.nonfinite(n)]
                 if bad:  # (a sum can also overflow on finite entries: that is not an error)
                     kind = "gradient" if want_grad else "input statistics"
                     raise FloatingPointError(f"non-finite {kind} on batch {n_done} for layer {bad[0]!r}"
@@ -392,10 +340,3 @@ def _local_pass(model, modules, data, loss_fn, forward_hook, state, accumulators
             n_done += 1
             bar.update()
     return n_done
-
-
-def _nonfinite(accumulators: list[torch.Tensor], name: str, modules: Mapping[str, nn.Module]) -> bool:
-    """Whether any accumulator of layer ``name`` holds a non-finite value (accumulators are per-kind
-    lists in ``modules`` order, so layer ``i`` owns every ``len(modules)``-th one from ``i``)."""
-    i, L = list(modules).index(name), len(modules)
-    return any(not torch.isfinite(a).all() for a in accumulators[i::L])
