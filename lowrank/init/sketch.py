@@ -118,74 +118,94 @@ def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data
     if passes > 1 and iter(data) is data:
         raise ValueError(f"passes={passes} go over the data {passes} times, but data is a one-shot iterator "
                          f"({type(data).__name__}); pass re-iterable data (a list or a DataLoader) or passes=1")
-    shapes = {n: weight_shape(m) for n, m in modules.items()}
-    width = {}
-    for n, (m_, n_) in shapes.items():
-        w = (sketch_size or {}).get(n) or default_sketch_size(k[n], m_, n_)
-        if w < k[n]:
-            raise ValueError(f"sketch_size={w} is smaller than the {k[n]} singular triplets layer {n!r} needs; use "
-                             f"sketch_size >= {k[n]} (default 4x that)")
-        width[n] = min(w, m_, n_)
-    device = next(iter(modules.values())).weight.device
-    seeds = {n: layer_seed(seed, f"sketch:{n}") for n in modules}
+    run = _SketchRun(model, modules, data, loss_fn, k, sketch_size, seed,
+                     dict(num_batches=num_batches, train_mode=train_mode, progress=progress, distributed=distributed,
+                          mask_padding=False))
+    if passes == 1:
+        return _single_pass(run)
+    kept, side = _subspace_iteration(run, passes, krylov)
+    return {n: _factor_kept(run, n, kept.pop(n), side) for n in list(modules)}
 
-    def test_matrices(n: str, psi: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+class _SketchRun:
+    """What every pass of one sketched estimate shares: the layers, their sketch widths and seeded test matrices,
+    and the first pass's batch losses (every later pass must see the same data)."""
+
+    def __init__(self, model, modules, data, loss_fn, k, sketch_size, seed, options):
+        self.model, self.modules, self.data, self.loss_fn, self.k, self.options = model, modules, data, loss_fn, k, \
+            options
+        self.shapes = {n: weight_shape(m) for n, m in modules.items()}
+        self.width = {}
+        for n, (m_, n_) in self.shapes.items():
+            w = (sketch_size or {}).get(n) or default_sketch_size(k[n], m_, n_)
+            if w < k[n]:
+                raise ValueError(f"sketch_size={w} is smaller than the {k[n]} singular triplets layer {n!r} needs; "
+                                 f"use sketch_size >= {k[n]} (default 4x that)")
+            self.width[n] = min(w, m_, n_)
+        self.device = next(iter(modules.values())).weight.device
+        self.seeds = {n: layer_seed(seed, f"sketch:{n}") for n in modules}
+        self.first: list[float] = []
+
+    def test_matrices(self, n: str, psi: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``Omega (d_in, k)`` (unit-scaled columns) and, for one pass, ``Psi (2k + 1, d_out)``: the same bits
         on every call, so ``Omega`` is regenerated at the end rather than kept through the passes."""
-        gen = torch.Generator().manual_seed(seeds[n])
-        omega = torch.randn(shapes[n][1], width[n], generator=gen).to(device) / math.sqrt(shapes[n][1])
-        return omega, torch.randn(2 * width[n] + 1, shapes[n][0], generator=gen).to(device) if psi else None
+        gen = torch.Generator().manual_seed(self.seeds[n])
+        d_out, d_in = self.shapes[n]
+        omega = torch.randn(d_in, self.width[n], generator=gen).to(self.device) / math.sqrt(d_in)
+        return omega, torch.randn(2 * self.width[n] + 1, d_out, generator=gen).to(self.device) if psi else None
 
-    first: list[float] = []
-    run = dict(num_batches=num_batches, train_mode=train_mode, progress=progress, distributed=distributed,
-               mask_padding=False)
-
-    def one_pass(sink: _Sketches, index: int) -> None:
+    def one_pass(self, sink: _Sketches, index: int) -> None:
         seen: list[float] = []
-        collect_statistics(model, modules, data, loss_fn, ("gradient",), gradient_sink=sink,
-                           losses=first if index == 0 else seen, **run)
+        collect_statistics(self.model, self.modules, self.data, self.loss_fn, ("gradient",), gradient_sink=sink,
+                           losses=self.first if index == 0 else seen, **self.options)
         if index > 0:
             error = None
             try:
-                _check_same_data(first, seen, index)
+                _check_same_data(self.first, seen, index)
             except ValueError as exc:
                 error = exc
-            if distributed and dist_helpers.active():
+            if self.options["distributed"] and dist_helpers.active():
                 dist_helpers.agree(error, what="the sketch's same-data check")  # raised on every rank, no hang
             elif error is not None:
                 raise error
 
-    if passes == 1:
-        pairs = {n: test_matrices(n, psi=True) for n in modules}
-        sink = _Sketches(shapes, device, right={n: o for n, (o, _) in pairs.items()},
-                         corange={n: p for n, (_, p) in pairs.items()})
-        one_pass(sink, 0)
-        out = {}
-        for n in modules:
-            Q = _orth(sink.Y[n])  # (m, k)
-            X = torch.linalg.lstsq(pairs[n][1].double() @ Q, sink.W[n].double()).solution  # (k, n)
-            Ub, S, Vh = torch.linalg.svd(X, full_matrices=False)
-            out[n] = _top(Q @ Ub, S, Vh.T, k[n])
-        return out
-    # Several passes: pass 1 applies G to Omega; then each pass applies G^T (or G) to an orthonormal basis
-    # of what the previous pass returned (subspace iteration). The bases of one side span a Krylov space
-    # (P_1, P_2 = orth(G^T G P_1), ...), and G times each of them is known: with ``krylov`` the final
-    # factorization uses all of them, otherwise the last block alone. What is kept is lean: an image is kept
-    # as its QR factors, whose Q is the next pass's basis anyway (plus a k x k R), and Omega is regenerated
-    # from its seed. The peak is (d_out + d_in) k floats per layer (the current basis and its sketch), plus
-    # d_out k at 3 passes with ``krylov``; a right-side pass keeps x @ basis, not the layer input x.
-    kept: dict[str, list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]] = {n: [] for n in modules}
-    basis = {n: test_matrices(n)[0] for n in modules}
+
+def _single_pass(run: _SketchRun) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Tropp et al.'s Alg. 7: ``Y = G Omega`` and ``W = Psi G`` in one pass, ``G ~ Q (Psi Q)^+ W``."""
+    pairs = {n: run.test_matrices(n, psi=True) for n in run.modules}
+    sink = _Sketches(run.shapes, run.device, right={n: o for n, (o, _) in pairs.items()},
+                     corange={n: p for n, (_, p) in pairs.items()})
+    run.one_pass(sink, 0)
+    out = {}
+    for n in run.modules:
+        Q = _orth(sink.Y[n])  # (m, k)
+        X = torch.linalg.lstsq(pairs[n][1].double() @ Q, sink.W[n].double()).solution  # (k, n)
+        Ub, S, Vh = torch.linalg.svd(X, full_matrices=False)
+        out[n] = _top(Q @ Ub, S, Vh.T, run.k[n])
+    return out
+
+
+def _subspace_iteration(run: _SketchRun, passes: int, krylov: bool) -> tuple[dict[str, list], str]:
+    """Pass 1 applies G to Omega; then each pass applies G^T (or G) to an orthonormal basis of what the previous
+    pass returned (subspace iteration). The bases of one side span a Krylov space (P_1, P_2 = orth(G^T G P_1),
+    ...), and G times each of them is known: with ``krylov`` the final factorization uses all of them, otherwise
+    the last block alone. What is kept is lean: an image is kept as its QR factors, whose Q is the next pass's
+    basis anyway (plus a k x k R), and Omega is regenerated from its seed. The peak is (d_out + d_in) k floats
+    per layer (the current basis and its sketch), plus d_out k at 3 passes with ``krylov``; a right-side pass
+    keeps x @ basis, not the layer input x. Returns the kept ``(basis or None, Q, R)`` blocks per layer and the
+    side the last pass's basis was on."""
+    kept: dict[str, list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]] = {n: [] for n in run.modules}
+    basis = {n: run.test_matrices(n)[0] for n in run.modules}
     side = "right"
     for p in range(passes):
-        sink = _Sketches(shapes, device, right=basis if side == "right" else None,
+        sink = _Sketches(run.shapes, run.device, right=basis if side == "right" else None,
                          left=basis if side == "left" else None)
-        one_pass(sink, p)
+        run.one_pass(sink, p)
         images = sink.Y if side == "right" else sink.Z
         # Only the side the last pass applies G (or G^T) to is factorized at the end: keep just its blocks.
         keep = p == passes - 1 or (krylov and (passes - 1 - p) % 2 == 0)
         nxt = {}
-        for n in modules:
+        for n in run.modules:
             Qn, Rn = torch.linalg.qr(images[n].double())  # image = Qn Rn; Qn is the next basis
             nxt[n] = Qn.float()
             if keep:  # Omega too, with krylov (as None: regenerated): G Omega is known, more directions are cheap
@@ -193,21 +213,21 @@ def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data
             images[n] = None  # free the accumulator as soon as it is factored
         del sink, images
         basis, side = nxt, "left" if side == "right" else "right"
-    del basis
-    out = {}
-    for n in modules:
-        blocks = [B if B is not None else test_matrices(n)[0] for B, _, _ in kept[n]]
-        images = [Qn.double() @ Rn for _, Qn, Rn in kept[n]]
-        kept[n] = []
-        if side == "left":  # the last pass applied G to row bases P: G ~ G R R^T, R = orth([P_1 ...])
-            R, GR = _span(blocks, images)
-            Ub, S, Wh = torch.linalg.svd(GR, full_matrices=False)  # G R = Ub S Wh
-            out[n] = _top(Ub, S, R @ Wh.T, k[n])
-        else:  # the last pass applied G^T to column bases Q: G ~ C C^T G = C (G^T C)^T, C = orth([Q_1 ...])
-            C, GtC = _span(blocks, images)
-            Vb, S, Uh = torch.linalg.svd(GtC, full_matrices=False)  # G^T C = Vb S Uh
-            out[n] = _top(C @ Uh.T, S, Vb, k[n])
-    return out
+    return kept, side
+
+
+def _factor_kept(run: _SketchRun, n: str, kept: list, side: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer ``n``'s top triplets from the kept blocks and their images."""
+    blocks = [B if B is not None else run.test_matrices(n)[0] for B, _, _ in kept]
+    images = [Qn.double() @ Rn for _, Qn, Rn in kept]
+    if side == "left":  # the last pass applied G to row bases P: G ~ G R R^T, R = orth([P_1 ...])
+        R, GR = _span(blocks, images)
+        Ub, S, Wh = torch.linalg.svd(GR, full_matrices=False)  # G R = Ub S Wh
+        return _top(Ub, S, R @ Wh.T, run.k[n])
+    # the last pass applied G^T to column bases Q: G ~ C C^T G = C (G^T C)^T, C = orth([Q_1 ...])
+    C, GtC = _span(blocks, images)
+    Vb, S, Uh = torch.linalg.svd(GtC, full_matrices=False)  # G^T C = Vb S Uh
+    return _top(C @ Uh.T, S, Vb, run.k[n])
 
 
 def _span(blocks: list[torch.Tensor], images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -135,8 +135,7 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
     device = next(iter(modules.values())).weight.device
     run = _Pass(modules, _statistics(needs, modules, torch.device("cpu") if offload else device, offload,
                                      gradient_sink))
-    if loss_fn is None:
-        loss_fn = default_loss if run.backward else default_forward
+    loss_fn = loss_fn if loss_fn is not None else default_loss if run.backward else default_forward
     n_done, error = 0, None
     try:
         n_done = _local_pass(model, run, data, loss_fn, mask_padding, num_batches, train_mode, progress, device,
@@ -149,11 +148,9 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
     combine = distributed and dist_helpers.active()
     if combine:  # an error on one rank is an error on all, not a hang
         dist_helpers.agree(error, what="gradient estimation" if run.backward else "the input statistics pass")
-        n_total = dist_helpers.combine_sums(run.totals(), n_done)
     elif error is not None:
         raise error
-    else:
-        n_total = n_done
+    n_total = dist_helpers.combine_sums(run.totals(), n_done) if combine else n_done
     if n_total == 0:
         raise ValueError("data gave no batches; pass data=<iterable of batches> (e.g. a DataLoader) to lowrank.inject")
     run.check_reached(local=not combine)
