@@ -110,7 +110,7 @@ def test_state_round_trips_and_a_state_for_another_model_is_refused():
     lowrank.inject(other, lowrank.LoRAConfig(rank=2, alpha=3, targets=["0", "2"], init="gaussian",
                                              init_options={"b_std": 0.3}))
     opt2 = PreconditionedOptimizer(other, base="sgd", preconditioner="lora_rite", lr=0.05)
-    before = {k: v.clone() for k, v in opt2.layer_state["0"].items()}
+    before = {k: v.clone() for k, v in opt2.state_dict()["layers"]["0"].items()}
     with pytest.raises(ValueError, match="nothing was loaded"):
         opt2.load_state_dict(st)
-    assert all(torch.equal(v, before[k]) for k, v in opt2.layer_state["0"].items())
+    assert all(torch.equal(v, before[k]) for k, v in opt2.state_dict()["layers"]["0"].items())

@@ -293,3 +293,23 @@ def test_converges_on_low_rank_matrix_sensing(name, base, lr):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 1e-2 * losses[0], (name, base, losses[0], losses[-1])
+
+
+def test_a_refused_step_leaves_the_preconditioner_state_as_it_was():
+    """A non-finite gradient is refused before anything is written: the parameters and the preconditioner's own
+    state (LoRA-RITE's moments and step count), not only the step counter."""
+    model = adapted_bert()
+    opt = PreconditionedOptimizer(model, base="sgd", preconditioner="lora_rite", lr=1e-2)
+    train(model, opt, batches("bert", 2))
+    opt.zero_grad()
+    model(**batches("bert", 1, seed=9)[0]).loss.backward()
+    name, layer = list(lowrank.adapted_layers(model))[-1]
+    layer.B.grad[0, 0] = float("nan")
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(FloatingPointError, match=rf"in layer '{name}'.*no parameter was updated"):
+        opt.step()
+    after = opt.state_dict()
+    assert after["layers"].keys() == before["layers"].keys()
+    for n, st in before["layers"].items():
+        assert st.keys() == after["layers"][n].keys() and st
+        assert all(torch.equal(v, after["layers"][n][k]) for k, v in st.items()), n

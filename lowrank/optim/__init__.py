@@ -5,6 +5,7 @@ is imported, so a new method is one new file. See ``PreconditionedOptimizer`` an
 """
 
 from .base import Preconditioner
+from .state import Update
 from ..registry import import_package
 
 import_package(__name__, __path__)
@@ -12,5 +13,5 @@ from .chain import Chain, chain  # noqa: E402
 from .lora_pro import lora_pro_directions  # noqa: E402
 from .optimizer import BASES, PreconditionedOptimizer, build_optimizer  # noqa: E402
 
-__all__ = ["Preconditioner", "Chain", "chain", "PreconditionedOptimizer", "build_optimizer", "BASES",
+__all__ = ["Preconditioner", "Update", "Chain", "chain", "PreconditionedOptimizer", "build_optimizer", "BASES",
            "lora_pro_directions"]

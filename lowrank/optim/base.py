@@ -21,6 +21,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 
 from .._options import build_options
+from .state import Update
 
 
 class LayerGrads(NamedTuple):
@@ -31,7 +32,9 @@ class LayerGrads(NamedTuple):
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
-    state: dict[str, torch.Tensor]
+    state: Any
+    """The layer's state from ``init_state`` or the last ``Update``: read-only (a NamedTuple, or a mapping view
+    that refuses writes)."""
 
 
 class Preconditioner(ABC):
@@ -64,16 +67,23 @@ class Preconditioner(ABC):
         """Learning-rate multipliers ``(for A, for B)`` applied through the base optimizer's param groups."""
         return 1.0, 1.0
 
-    def init_state(self, A: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-layer state (tensors only, so it round-trips through ``state_dict``)."""
+    def init_state(self, A: torch.Tensor, B: torch.Tensor) -> Any:
+        """Per-layer state: tensors, in a NamedTuple (typed) or a mapping (``lowrank.optim.state``), so it
+        round-trips through ``state_dict``. Default: none (``{}``)."""
         return {}
+
+    def note_base(self, base: type[torch.optim.Optimizer]) -> None:
+        """Called once by ``PreconditionedOptimizer`` with the base optimizer's class (e.g. to warn where a method's
+        guarantee needs plain SGD). Default: nothing."""
 
     @abstractmethod
     def update(self, grad_A: torch.Tensor | None, grad_B: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-               scaling: float, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Return the transformed ``(grad_A (r, n) or None if A is frozen, grad_B (m, r))``."""
+               scaling: float, state: Any) -> tuple[torch.Tensor | None, torch.Tensor] | Update:
+        """The transformed ``(grad_A (r, n) or None if A is frozen, grad_B (m, r))``; a stateful method returns
+        ``Update(grad_A, grad_B, next_state)`` and leaves ``state`` as it is (the optimizer keeps the next state
+        only once the step is accepted)."""
 
-    def update_many(self, layers: list[LayerGrads]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+    def update_many(self, layers: list[LayerGrads]) -> list[tuple[torch.Tensor | None, torch.Tensor] | Update]:
         """``update`` for every adapted layer at once; override to batch the small ``r x r`` algebra
         across layers (see ``lowrank.optim.linalg.grouped``)."""
         return [self.update(*layer) for layer in layers]
@@ -90,5 +100,5 @@ class BatchedPreconditioner(Preconditioner):
         return self.update_many([LayerGrads(grad_A, grad_B, A, B, scaling, state)])[0]
 
     @abstractmethod
-    def update_many(self, layers: list[LayerGrads]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-        """The transformed ``(grad_A, grad_B)`` of every layer, in order."""
+    def update_many(self, layers: list[LayerGrads]) -> list[tuple[torch.Tensor | None, torch.Tensor] | Update]:
+        """The transformed ``(grad_A, grad_B)`` (or ``Update``) of every layer, in order."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import BatchedPreconditioner, LayerGrads, Preconditioner
+from .state import Update, split
 
 
 class Chain(BatchedPreconditioner):
@@ -36,19 +37,26 @@ class Chain(BatchedPreconditioner):
         return a, b
 
     def init_state(self, A, B):
-        return {f"{i}.{k}": v for i, p in enumerate(self.parts) for k, v in p.init_state(A, B).items()}
+        """Each part's own state under its position: ``{"0": ..., "1": ...}`` (saved as ``"0.<key>"``)."""
+        return {str(i): p.init_state(A, B) for i, p in enumerate(self.parts)}
+
+    def note_base(self, base):
+        for p in self.parts:
+            p.note_base(base)
 
     def update_many(self, layers):
         out = [(layer.grad_A, layer.grad_B) for layer in layers]
+        states = [{} for _ in layers]
         for i, p in enumerate(self.parts):
-            prefix = f"{i}."
-            subs = [{k[len(prefix):]: v for k, v in layer.state.items() if k.startswith(prefix)} for layer in layers]
-            items = [LayerGrads(gA if p.trains_A and self.trains_A else None, gB, layer.A, layer.B, layer.scaling, sub)
-                     for (gA, gB), layer, sub in zip(out, layers, subs)]
-            out = p.update_many(items)
-            for layer, sub in zip(layers, subs):
-                layer.state.update({prefix + k: v for k, v in sub.items()})
-        return out
+            key = str(i)
+            items = [LayerGrads(gA if p.trains_A and self.trains_A else None, gB, layer.A, layer.B, layer.scaling,
+                                layer.state[key]) for (gA, gB), layer in zip(out, layers)]
+            out = []
+            for layer, st, res in zip(layers, states, p.update_many(items)):
+                gA, gB, nxt = split(res)
+                st[key] = layer.state[key] if nxt is None else nxt
+                out.append((gA, gB))
+        return [Update(gA, gB, st) for (gA, gB), st in zip(out, states)]
 
     def __repr__(self) -> str:
         return f"chain({', '.join(map(repr, self.parts))})"

@@ -65,7 +65,7 @@ class LoRAPro(BatchedPreconditioner):
         return [(gA, gB) for gA, gB, _ in _directions(layers, self.options.delta)]
 
     def note_base(self, base: type) -> None:
-        """Called by the optimizer wrapper: say plainly what LoRA-Pro means under an adaptive base."""
+        """Say plainly what LoRA-Pro means under an adaptive base."""
         if not issubclass(base, torch.optim.SGD):
             warnings.warn(f"lora_pro with {base.__name__}: the SGD-exact LoRA-Pro directions are fed to "
                           f"{base.__name__}'s per-coordinate moments; the paper's Adam variant (full-size moments of "

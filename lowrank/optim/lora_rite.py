@@ -34,11 +34,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..registry import register_preconditioner
 from .base import BatchedPreconditioner
+from .state import Update
+
+
+class RiteState(NamedTuple):
+    """One layer's LoRA-RITE state. The A side works in the basis of B's columns, the B side in that of A's rows."""
+
+    step: torch.Tensor
+    """Steps taken (a 0-dim tensor)."""
+    v_A: torch.Tensor
+    """``(r, r)`` second moment of the A side."""
+    v_B: torch.Tensor
+    m_A: torch.Tensor
+    """``(n, r)`` first moment of the A side."""
+    m_B: torch.Tensor
+    """``(m, r)``."""
+    basis_A: torch.Tensor
+    """``Q_B`` of the last step, ``(m, r)``: what the A side's moments are expressed in."""
+    basis_B: torch.Tensor
+    """``Q_A`` of the last step, ``(n, r)``."""
+    rho_A: torch.Tensor
+    """Escaped second-moment mass (0-dim; stays 0 unless ``escape``)."""
+    rho_B: torch.Tensor
 
 
 def _sym(X: torch.Tensor) -> torch.Tensor:
@@ -78,13 +101,12 @@ class LoRARITE(BatchedPreconditioner):
                 if getattr(self, name) < 0:
                     raise ValueError(f"invalid {name}={getattr(self, name)!r}: must be >= 0")
 
-    def init_state(self, A: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
+    def init_state(self, A: torch.Tensor, B: torch.Tensor) -> RiteState:
         (r, n), m = A.shape, B.shape[0]
         dt = torch.promote_types(A.dtype, torch.float32)
         z = lambda *shape: torch.zeros(*shape, dtype=dt, device=A.device)  # noqa: E731
-        # the A side works in the basis of B's columns (m, r), the B side in that of A's rows (n, r)
-        return {"step": z(()), "v_A": z(r, r), "v_B": z(r, r), "m_A": z(n, r), "m_B": z(m, r),
-                "basis_A": z(m, r), "basis_B": z(n, r), "rho_A": z(()), "rho_B": z(())}
+        return RiteState(step=z(()), v_A=z(r, r), v_B=z(r, r), m_A=z(n, r), m_B=z(m, r), basis_A=z(m, r),
+                         basis_B=z(n, r), rho_A=z(()), rho_B=z(()))
 
     def update_many(self, layers):
         o = self.options
@@ -107,22 +129,27 @@ class LoRARITE(BatchedPreconditioner):
                         for QA, QB, iRA, iRB, gA, gB in prep]
         out = []
         for layer, (QA, QB, iRA, iRB, gA, gB) in zip(layers, prep):
-            st = layer.state
-            st["step"] = st["step"] + 1
-            t = int(st["step"].item())
+            st = layer.state._replace(step=layer.state.step + 1)
+            t = int(st.step.item())
             # the A side lives in the basis of B's column space; the B side in the basis of A's row space
-            uA = None if gA is None else self._side(st, "A", gA, QB, t)  # (n, r)
-            uB = self._side(st, "B", gB, QA, t)  # (m, r)
-            out.append((None if uA is None else iRB @ uA.T, uB @ iRA.T))
+            uA = None
+            if gA is not None:
+                uA, new = self._side(st, "A", gA, QB, t)  # (n, r)
+                st = st._replace(**new)
+            uB, new = self._side(st, "B", gB, QA, t)  # (m, r)
+            out.append(Update(None if uA is None else iRB @ uA.T, uB @ iRA.T, st._replace(**new)))
         return out
 
-    def _side(self, st: dict[str, torch.Tensor], side: str, g: torch.Tensor, Q: torch.Tensor, t: int) -> torch.Tensor:
+    def _side(self, st: RiteState, side: str, g: torch.Tensor, Q: torch.Tensor,
+              t: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The side's first moment (its direction before ``R^-1``) and its next state entries."""
         o = self.options
         b1, b2 = _decay(o.b1, t), _decay(o.b2, t)
-        P = Q.T @ st[f"basis_{side}"]  # (r, r); 0 at t = 1
-        V_old = st[f"v_{side}"]
+        old = st._asdict()
+        P = Q.T @ old[f"basis_{side}"]  # (r, r); 0 at t = 1
+        V_old = old[f"v_{side}"]
         V_tilde = _sym(P @ V_old @ P.T)
-        rho = st[f"rho_{side}"]
+        rho = old[f"rho_{side}"]
         if o.escape:
             drop = (torch.linalg.eigvalsh(V_old) - torch.linalg.eigvalsh(V_tilde)).clamp_min(0).max()
             escaped = torch.minimum(drop, (V_old.trace() - V_tilde.trace()).clamp_min(0))
@@ -131,6 +158,5 @@ class LoRARITE(BatchedPreconditioner):
         lam, W = torch.linalg.eigh(V)
         inv_root = _sym((W / ((lam + rho).clamp_min(0).sqrt() + o.eps)) @ W.T)
         S = torch.nan_to_num(g @ inv_root)
-        M = b1 * (st[f"m_{side}"] @ P.T) + (1 - b1) * S
-        st[f"v_{side}"], st[f"m_{side}"], st[f"basis_{side}"], st[f"rho_{side}"] = V, M, Q, rho
-        return M
+        M = b1 * (old[f"m_{side}"] @ P.T) + (1 - b1) * S
+        return M, {f"v_{side}": V, f"m_{side}": M, f"basis_{side}": Q, f"rho_{side}": rho}

@@ -25,6 +25,7 @@ from ..inject import adapted_layers
 from ..registry import get_preconditioner, list_preconditioners
 from .base import LayerGrads, Preconditioner
 from .chain import Chain
+from .state import flatten, read_only, split, unflatten
 
 BASES: dict[str, type[torch.optim.Optimizer]] = {
     "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
@@ -111,9 +112,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         # the (A, B) pairs the preconditioner transforms, as the adapters declare them (Adapter.factors)
         layers = [(name, FactorPair(*layer.factors(), layer.scaling)) for name, layer in all_layers
                   if layer.factors() is not None]
-        for p in (precond.parts if isinstance(precond, Chain) else [precond]):
-            if hasattr(p, "note_base"):
-                p.note_base(base_cls)
+        precond.note_base(base_cls)
         mult_A, mult_B = precond.lr_multipliers()
         ab = {id(p) for _, layer in layers for p in (layer.A, layer.B)}
         extra = {id(p) for _, layer in all_layers for p in layer.adapter_parameters().values() if id(p) not in ab}
@@ -159,12 +158,13 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             A.requires_grad_(True)
         self._frozen_A = []
 
-    def _directions(self) -> list[tuple[str, Any, Any, Any, Any]]:
-        """``(name, grad_A, grad_B, new grad_A, new grad_B)`` per layer that has gradients (compute dtype)."""
+    def _directions(self) -> tuple[list[tuple[str, Any, Any, Any, Any]], dict[str, Any]]:
+        """``(name, grad_A, grad_B, new grad_A, new grad_B)`` per layer that has gradients (compute dtype), and the
+        layers' next preconditioner states (kept by :meth:`step` only once the step is accepted)."""
         trains_A = self.preconditioner.trains_A
         if not self.preconditioner.transforms_gradients:  # nothing to compute: only the finite check sees them
-            return [(name, gA, gB, gA, gB) for name, layer in self.layers
-                    for gA, gB in [(layer.A.grad if trains_A else None, layer.B.grad)] if gA is not None or gB is not None]
+            return [(name, gA, gB, gA, gB) for name, layer in self.layers for gA, gB in
+                    [(layer.A.grad if trains_A else None, layer.B.grad)] if gA is not None or gB is not None], {}
         names, items = [], []
         for name, layer in self.layers:
             A, B = layer.A, layer.B
@@ -177,9 +177,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
             cB = torch.zeros_like(B, dtype=dt) if gB is None else gB.to(dt)
             names.append(name)
             items.append(LayerGrads(cA, cB, A.detach().to(dt), B.detach().to(dt), layer.scaling,
-                                    self.layer_state[name]))
-        new = self.preconditioner.update_many(items)
-        return [(n, it.grad_A, it.grad_B, nA, nB) for n, it, (nA, nB) in zip(names, items, new)]
+                                    read_only(self.layer_state[name])))
+        new = [split(out) for out in self.preconditioner.update_many(items)]
+        return ([(n, it.grad_A, it.grad_B, nA, nB) for n, it, (nA, nB, _) in zip(names, items, new)],
+                {n: st for n, (_, _, st) in zip(names, new) if st is not None})
 
     def _check_finite(self, dirs) -> None:
         # One fused norm per step over every gradient the step will use, adapters and the rest (a head):
@@ -209,9 +210,10 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        dirs = self._directions()
+        dirs, states = self._directions()
         if self.check_finite:
             self._check_finite(dirs)
+        self.layer_state.update(states)  # the step is accepted: the preconditioner's next state is kept
         by_name = dict(self.layers)
         for name, cA, cB, nA, nB in dirs:
             layer = by_name[name]
@@ -229,7 +231,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "base": self.base.state_dict(), "steps": self.steps,
                 "preconditioner": repr(self.preconditioner),
-                "layers": {name: dict(st) for name, st in self.layer_state.items()}}
+                "layers": {name: flatten(st) for name, st in self.layer_state.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or state_dict.get("version") != STATE_VERSION:
@@ -244,7 +246,7 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         self._check_state_shapes(state_dict)
         self.base.load_state_dict(state_dict["base"])
         self.param_groups, self.state = self.base.param_groups, self.base.state
-        self.layer_state = {name: {k: v.clone() for k, v in st.items()} for name, st in state_dict["layers"].items()}
+        self.layer_state = {name: unflatten(self.layer_state[name], st) for name, st in state_dict["layers"].items()}
         self.steps = int(state_dict["steps"])
 
     def _check_state_shapes(self, state_dict: dict[str, Any]) -> None:
@@ -266,11 +268,17 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                                      f"shape {tuple(v.shape)}, the parameter {tuple(p.shape)}: it was saved for a "
                                      "model with other ranks or layers; nothing was loaded")
         for name, st in state_dict["layers"].items():
+            flat = flatten(self.layer_state[name])
+            if set(st) != set(flat):
+                raise ValueError(f"state_dict preconditioner state of layer {name!r} has keys {sorted(st)}, this "
+                                 f"optimizer's {sorted(flat)}: it was saved for another preconditioner; nothing was "
+                                 "loaded")
             for k, v in st.items():
-                mine = self.layer_state[name].get(k)
-                if isinstance(v, torch.Tensor) and isinstance(mine, torch.Tensor) and v.shape != mine.shape:
+                mine = flat[k]
+                if not isinstance(v, torch.Tensor) or v.shape != mine.shape:
                     raise ValueError(f"state_dict preconditioner state {k!r} of layer {name!r} has shape "
-                                     f"{tuple(v.shape)}, this optimizer's {tuple(mine.shape)}; nothing was loaded")
+                                     f"{tuple(getattr(v, 'shape', ()))} ({type(v).__name__}), this optimizer's "
+                                     f"{tuple(mine.shape)}; nothing was loaded")
 
     def __repr__(self) -> str:
         return f"PreconditionedOptimizer({type(self.base).__name__}, {self.preconditioner!r}, {len(self.layers)} layers)"
