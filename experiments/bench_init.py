@@ -57,6 +57,7 @@ import time
 import torch
 
 import lowrank
+from lowrank.init.stats import GradientSink
 from experiments.data.batches import classification_batches
 from experiments.data.wordnet import supersense_splits
 
@@ -402,7 +403,7 @@ def _llama(spec: str):
     return model, batches
 
 
-class _NullSink:
+class _NullSink(GradientSink):
     """A gradient sink that keeps nothing of the layer inputs and only a scalar per layer (the pass checks
     that every layer was reached): the memory of the statistics pass itself, the floor under any estimator."""
 
@@ -456,22 +457,21 @@ def _large_worker(arm, spec, rank, queue):
             est.__exit__(None, None, None)
             peft.get_peft_model(model, cfg)
         else:
-            from lowrank.init.driver import LayerSpec, run_initializer
-            from lowrank.inject import _check_untied, commit, find_targets
+            from lowrank.init.driver import run_initializer
+            from lowrank.plan import check_untied, commit, plan
 
             cfg = lowrank.LoRAConfig(rank=rank, alpha=16, scaling="rslora", targets=LLAMA_TARGETS, init="lora_ga",
                                      init_options={"progress": False, **opts[arm]})
-            targets = find_targets(model, cfg)  # inject's steps, timed one by one
-            init = cfg.make_initializer()
-            init.ranks = {t.name: t.rank for t in targets}
-            stats = init.collect(model, {t.name: t.module for t in targets}, batches, None)
+            p = plan(model, cfg, rollback="recompute" if "in place" in arm else "exact")  # inject's stops, timed
+            init = p.initializer
+            init.ranks = {s.name: s.rank for s in p.layers}
+            stats = init.collect(model, {s.name: s.module for s in p.layers}, batches, None)
             est.__exit__(None, None, None)
             t1 = time.perf_counter()
-            results = run_initializer(init, [LayerSpec(t.name, t.module, t.rank, t.alpha, t.scaling) for t in targets],
-                                      stats=stats)
+            results = run_initializer(init, p.layers, stats=stats)
             t2 = time.perf_counter()
-            _check_untied(model, targets, results, cfg.init)
-            commit(model, cfg, targets, results, [], rollback="recompute" if "in place" in arm else "exact")
+            check_untied(model, p.layers, cfg.init, results)
+            commit(p, results)
             profile = {"estimate": t1 - t0, "factorize": t2 - t1, "rest": time.perf_counter() - t2}
         if torch.cuda.is_available():
             torch.cuda.synchronize()

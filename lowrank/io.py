@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from torch import nn
 from ._version import __version__
 from .adapters.base import weight_shape
 from .config import LoRAConfig, matches_targets
-from .inject import RECORD_ATTR, _check_untied, adapted_layers, commit, find_targets, find_trainable, unwrap
+from .plan import RECORD_ATTR, adapted_layers, check_untied, commit, find_trainable, plan, unwrap
 from .registry import get_adapter
 
 CONFIG_NAME = "lowrank_config.json"
@@ -411,15 +412,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     f"the model's has alpha {layer.alpha:g} (scaling {layer.scaling:.6g}); load into the original "
                     "model (the file's config is then used), or inject with the file's alpha and scaling")
     else:
-        targets = find_targets(model, config, {n: info["rank"] for n, info in meta["layers"].items()})
-        _check_fit(model, meta, tensors, {t.name: t.module for t in targets})
-        for t in targets:  # the file's values (checked against the method's rules when it is installed)
-            t.alpha, t.scaling = float(meta["layers"][t.name]["alpha"]), float(meta["layers"][t.name]["scaling"])
-        trainable = find_trainable(model, config.trainable, targets)
+        p = plan(model, config, ranks={n: info["rank"] for n, info in meta["layers"].items()}, initializer=False)
+        _check_fit(model, meta, tensors, {s.name: s.module for s in p.layers})
+        # the file's alphas and scales (checked against the method's rules when it is installed)
+        p = p.with_layers([replace(s, alpha=float(meta["layers"][s.name]["alpha"]),
+                                   scaling=float(meta["layers"][s.name]["scaling"])) for s in p.layers])
         adapter_cls = get_adapter(config.adapter)
-        results = [adapter_cls.init_result(_layer_tensors(tensors, t.name)) for t in targets]
-        _check_untied(model, targets, results, config.init)
-        commit(model, config, targets, results, trainable)
+        results = [adapter_cls.init_result(_layer_tensors(tensors, s.name)) for s in p.layers]
+        check_untied(model, p.layers, config.init, results)
+        commit(p, results)
         getattr(model, RECORD_ATTR).origin = origin
         layers = dict(adapted_layers(model))
     for name, layer in layers.items():

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .adapters.base import Adapter, set_weight
-from .inject import RECORD_ATTR, _set_module, adapted_layers, shared_weight_users
+from .plan import RECORD_ATTR, adapted_layers, shared_weight_users
+from .weights import set_module
 
 
 def _layers(model: nn.Module) -> list[tuple[str, Adapter]]:
@@ -72,7 +73,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
                 layer.unmerge()
             if layer.offset:
                 set_weight(layer.base_layer, layer.original_weight())
-        _set_module(model, name, layer.base_layer)
+        set_module(model, name, layer.base_layer)
     record = getattr(model, RECORD_ATTR, None)
     if record is not None:
         for pname, p in model.named_parameters():

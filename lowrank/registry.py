@@ -144,7 +144,7 @@ class Registry:
                  "|---|---|" + "---|" * len(cols) + "---|"]
         for name in self.list():
             e = self._entries[name]
-            cells = [_cell(e.capabilities.get(key)) for key, _ in cols]
+            cells = [_cell(e.capabilities.get(key), key) for key, _ in cols]
             lines.append(f"| `{name}` | {e.description.replace('|', chr(92) + '|')} | " + " | ".join(cells)
                          + (" | " if cells else "") + f"{_options(getattr(e.obj, 'Options', None))} |")
         return "\n".join(lines)
@@ -158,11 +158,14 @@ class Registry:
         return f"Registry({self.kind!r}, {sorted(self._entries)})"
 
 
-TABLE_COLUMNS = {"initializer": (("uses_data", "data"), ("adapter_kinds", "adapters"), ("allocates_ranks", "ranks")),
+TABLE_COLUMNS = {"initializer": (("uses_data", "data"), ("adapter_kinds", "adapters"), ("allocates_ranks", "ranks"),
+                                 ("offset", "offset")),
                  "preconditioner": (("stateful", "state"),), "adapter": (("kind", "kind"),)}
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, key: str = "") -> str:
+    if key == "offset" and value is None:
+        return "varies"  # declared per instance (options) or per layer
     if isinstance(value, bool):
         return "yes" if value else ""
     if isinstance(value, tuple):
@@ -201,6 +204,7 @@ def _initializer_caps(cls) -> dict[str, Any]:
     return {"uses_data": bool(getattr(cls, "uses_data", False)), "adapter_kinds": tuple(getattr(cls, "adapter_kinds", ())),
             "allocates_ranks": bool(getattr(cls, "supports_budget", False)),
             "preserves_output": bool(getattr(cls, "preserves_output", True)), "needs": tuple(getattr(cls, "needs", ())),
+            "offset": getattr(cls, "offset", None),
             "options": tuple(f.name for f in dataclasses.fields(options)) if dataclasses.is_dataclass(options) else ()}
 
 

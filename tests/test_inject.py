@@ -259,37 +259,37 @@ def test_offsets_are_computed_in_row_blocks_equal_to_the_fused_product(monkeypat
     """``offset_value`` works block by block (no ``(m, n)`` temporary in place): each block is the fused
     ``addmm`` of its rows, so the result equals one ``addmm`` over the whole weight to within one rounding of
     the weight's dtype, and the in-place write gives the same bits as the copy."""
-    from lowrank.init import driver
+    from lowrank import weights
 
-    monkeypatch.setattr(driver, "OFFSET_BLOCK", 7 * 16)  # 7 rows of 16 per block: 24 rows -> 4 blocks
+    monkeypatch.setattr(weights, "OFFSET_BLOCK", 7 * 16)  # 7 rows of 16 per block: 24 rows -> 4 blocks
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(16, 24).to(dtype)
     A, B = torch.randn(3, 16, generator=g), torch.randn(24, 3, generator=g)
     w0 = layer.weight.detach().clone()
     full = torch.addmm(w0.float(), B, A, alpha=-0.5).to(dtype)
-    new = driver.offset_value(layer, w0, A, B, 0.5)
+    new = weights.offset_value(layer, w0, A, B, 0.5)
     assert new.dtype == dtype and new.shape == (24, 16)
     tol = 0 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(new.float(), full.float(), rtol=tol, atol=1e-6 if dtype == torch.float32 else 1e-2)
     ptr = layer.weight.data_ptr()
-    with driver.offsets_in_place():
-        assert driver.offset_weight(layer, layer.weight.detach(), A, B, 0.5) is None
+    with weights.offsets_in_place():
+        assert weights.offset_weight(layer, layer.weight.detach(), A, B, 0.5) is None
     assert layer.weight.data_ptr() == ptr and torch.equal(layer.weight.detach(), new)
 
 
 def test_an_offset_not_finite_in_its_last_block_is_caught_before_any_block_is_written(monkeypatch):
-    from lowrank.init import driver
+    from lowrank import weights
 
-    monkeypatch.setattr(driver, "OFFSET_BLOCK", 4 * 8)  # 4 rows per block
+    monkeypatch.setattr(weights, "OFFSET_BLOCK", 4 * 8)  # 4 rows per block
     layer = torch.nn.Linear(8, 12)
     before = layer.weight.detach().clone()
     A, B = torch.ones(2, 8), torch.zeros(12, 2)
     B[-1] = float("inf")  # only the last block's rows are not finite
-    with driver.offsets_in_place(), pytest.raises(FloatingPointError, match="not finite.*model was not changed"):
-        driver.offset_weight(layer, layer.weight.detach(), A, B, 1.0)
+    with weights.offsets_in_place(), pytest.raises(FloatingPointError, match="not finite.*model was not changed"):
+        weights.offset_weight(layer, layer.weight.detach(), A, B, 1.0)
     assert torch.equal(layer.weight.detach(), before)
     with pytest.raises(FloatingPointError, match="not finite"):
-        driver.offset_weight(layer, layer.weight.detach(), A, B, 1.0)
+        weights.offset_weight(layer, layer.weight.detach(), A, B, 1.0)
     assert torch.equal(layer.weight.detach(), before)
 
 

@@ -65,8 +65,7 @@ def check_arms(cfg, task) -> None:
     initializer accepts each layer) and the task gives what each arm needs (evaluation batches, init
     batches for data-driven inits), checked on one built model before any training; a ``ValueError``
     names the arm, the rank and the layer."""
-    from lowrank.init.driver import LayerSpec, context
-    from lowrank.inject import find_targets
+    from lowrank.plan import plan
 
     built = task.build(cfg.search.seeds[0], cfg.sweep.batch_size)
     for arm in cfg.arms:
@@ -76,9 +75,7 @@ def check_arms(cfg, task) -> None:
         for rank in cfg.ranks_of(arm):
             lc = lora_config(arm.identity(), rank, cfg.sweep.alpha, 0, built)
             try:
-                init = lc.make_initializer()
-                for t in find_targets(built.model, lc):
-                    init.check_layer(context(LayerSpec(t.name, t.module, t.rank, t.alpha, t.scaling), 0))
+                plan(built.model, lc)  # inject's data-free checks, the initializer's per-layer ones included
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"{cfg.path} arm {arm.name!r} at rank {rank}: {exc}") from None
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
+from ..weights import offset_weight
 from .base import Adapter, set_weight, weight_shape
 
 
@@ -128,8 +129,6 @@ class LoRALayer(Adapter):
     @torch.no_grad()
     def rebuild_offset(self, w0: torch.Tensor) -> torch.Tensor:
         """Set ``W = w0 - s B0 A0`` from an original weight ``w0 (d_out, d_in)``; returns the old data."""
-        from ..init.driver import offset_weight
-
         return offset_weight(self.base_layer, w0, self.A0, self.B0, self.scaling)
 
     @torch.no_grad()

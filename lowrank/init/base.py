@@ -149,6 +149,10 @@ class Initializer(ABC):
     class Options:
         """No options."""
 
+    offset: ClassVar[bool | None] = None
+    """Whether ``init_layer`` returns ``offset=True`` (the base becomes ``W0 - s B A``) for every layer: declared,
+    ``inject`` refuses tied weights before the data pass, and a result that disagrees is an error; ``None``
+    (the default): it depends on the layer or the options, and is checked from the results."""
     preserves_output: ClassVar[bool] = True
     """False for methods whose init is itself a step (LoRA-One): output changes at step 0."""
     uses_data: ClassVar[bool] = False

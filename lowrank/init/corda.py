@@ -68,6 +68,8 @@ def damped_inverse(C: torch.Tensor, *, damping: float, tol: float, max_doublings
 class CorDA(DataInitializer):
     """CorDA (arXiv 2406.05223): adapter from the covariance-oriented SVD of W0 C (IPM top-r, KPM bottom-r)."""
 
+    offset = True
+
     needs = ("covariance",)
 
     @dataclass(frozen=True)

@@ -8,14 +8,13 @@ runs ``init_layer`` per layer, checks each result (shapes, finite values). Under
 each layer's ``init_layer`` (its SVD) runs on one rank, chosen to balance the work, and the factors
 are broadcast from it, so they are bitwise identical on every rank and the SVD time falls with the
 number of ranks.
-It changes no weight: committing the results (adapter layers, offsets, rollback) is the caller's
-job, with :func:`offset_weight` as the one formula for ``W = W0 - s B A``.
+It changes no weight: committing the results (adapter layers, offsets, rollback) is
+:func:`lowrank.plan.commit`'s job, with :func:`lowrank.weights.offset_weight` as the one formula for
+``W = W0 - s B A``.
 """
 
 from __future__ import annotations
 
-import contextvars
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -24,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_helpers
-from ..adapters.base import set_weight, weight_shape, weight_view
+from ..adapters.base import weight_shape
 from .base import InitResult, Initializer, LayerContext
 from .budget import RankBudget
 
@@ -45,11 +44,16 @@ def context(spec: LayerSpec, seed: int, stats: Mapping[str, Any] | None = None) 
                         stats=stats)
 
 
-def check_result(res: InitResult, spec: LayerSpec, init_name: str) -> None:
+def check_result(res: InitResult, spec: LayerSpec, init_name: str, offset: bool | None = None) -> None:
+    """Shapes, finite values, and (``offset`` not ``None``) the offset the initializer declared."""
     m, n = weight_shape(spec.module)
     if not isinstance(res, InitResult):
         raise TypeError(f"initializer {init_name!r} returned {type(res).__name__} for layer {spec.name!r}; "
                         "init_layer must return a lowrank.InitResult")
+    if offset is not None and bool(res.offset) != offset:
+        raise ValueError(f"initializer {init_name!r} declares offset={offset} but returned offset={res.offset} for "
+                         f"layer {spec.name!r}; make Initializer.offset match what init_layer returns (or set it to "
+                         "None if it depends on the layer)")
     for key, want in (("A", (spec.rank, n)), ("B", (m, spec.rank))):
         got = getattr(res, key)
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != want:
@@ -95,16 +99,22 @@ class Allocation:
         return RankBudget(self.total, lo, hi)
 
 
-def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], *, seed: int = 0,
-                    model: nn.Module | None = None, data: Iterable | None = None, loss_fn: Callable | None = None,
-                    stats: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = False,
-                    allocation: Allocation | None = None) -> list[InitResult]:
-    """``InitResult`` per layer, checked; see the module docstring. ``stats`` (``{layer: {key: value}}``)
-    replaces the data pass, e.g. to evaluate an initializer on a known gradient.
+def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], **kwargs: Any) -> list[InitResult]:
+    """``InitResult`` per layer, checked (:func:`initialize_layers` without the final layer records)."""
+    return initialize_layers(initializer, layers, **kwargs)[1]
+
+
+def initialize_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, seed: int = 0,
+                      model: nn.Module | None = None, data: Iterable | None = None, loss_fn: Callable | None = None,
+                      stats: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = False,
+                      allocation: Allocation | None = None) -> tuple[list[LayerSpec], list[InitResult]]:
+    """The layer records (at their final ranks and scales) and an ``InitResult`` per layer, checked; see the
+    module docstring. ``stats`` (``{layer: {key: value}}``) replaces the data pass, e.g. to evaluate an
+    initializer on a known gradient.
 
     With ``allocation``, the initializer chooses each layer's rank from the statistics
     (``Initializer.allocate``) under the budget; the ranks are checked (bounds, exact sum) and the
-    layers initialized at them (a result's rank is ``res.A.shape[0]``)."""
+    layers initialized at them, with the alpha and scale ``allocation`` gives for each rank."""
     name = initializer.registry_name
     for spec in layers:
         initializer.check_layer(context(spec, seed))
@@ -140,14 +150,14 @@ def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], *, se
         for spec in layers:
             initializer.check_layer(context(spec, seed))
     if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
-        return _split_across_ranks(initializer, layers, seed, collected, progress)
+        return list(layers), _split_across_ranks(initializer, layers, seed, collected, progress)
     results = []
     for spec in tqdm(layers, desc=f"lowrank init {name}", disable=not progress, leave=False):
         with torch.no_grad():
             res = initializer.init_layer(context(spec, seed, collected.pop(spec.name, None)))  # pop: free G per layer
-        check_result(res, spec, name)
+        check_result(res, spec, name, initializer.offset)
         results.append(compact(res))
-    return results
+    return list(layers), results
 
 
 def owners(layers: Sequence[LayerSpec], world: int) -> list[int]:
@@ -180,7 +190,7 @@ def _split_across_ranks(initializer: Initializer, layers: Sequence[LayerSpec], s
                 continue
             with torch.no_grad():
                 res = initializer.init_layer(context(spec, seed, stats))
-            check_result(res, spec, name)
+            check_result(res, spec, name, initializer.offset)
             mine[i] = compact(res)
     except Exception as exc:  # noqa: BLE001  (raised below on this rank, and as an error on every other)
         error = exc
@@ -208,70 +218,3 @@ def _split_across_ranks(initializer: Initializer, layers: Sequence[LayerSpec], s
         dist_helpers.broadcast_([res.A, res.B, *res.extras.values()], src=owner[i])
         results.append(res)
     return results
-
-
-_IN_PLACE = contextvars.ContextVar("lowrank_offsets_in_place", default=False)
-
-
-@contextmanager
-def offsets_in_place():
-    """Within this block :func:`offset_weight` overwrites the weight's storage instead of replacing it, and
-    returns ``None``: no copy of the old weight is kept (``inject(..., rollback="recompute")``)."""
-    token = _IN_PLACE.set(True)
-    try:
-        yield
-    finally:
-        _IN_PLACE.reset(token)
-
-
-OFFSET_BLOCK = 1 << 22
-"""Elements per row block of :func:`offset_value` (16 MiB of float32): the transient memory of an offset."""
-
-
-def _offset_blocks(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float):
-    """``(rows, w0[rows] - s B[rows] A)`` block by block: float32 (float64 for float64 weights), one fused
-    product per block (no ``(m, n)`` temporaries), cast to the weight's dtype."""
-    dt = torch.promote_types(module.weight.dtype, torch.float32)
-    A = A.to(dt)
-    step = max(1, OFFSET_BLOCK // max(1, w0.shape[1]))
-    for i in range(0, w0.shape[0], step):
-        rows = slice(i, i + step)
-        yield rows, torch.addmm(w0[rows].to(dt), B[rows].to(dt), A, alpha=-scaling).to(module.weight.dtype)
-
-
-def offset_value(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``w0 - s B A`` as :func:`offset_weight` writes it: float32 (float64 for float64 weights), one fused product
-    per block of rows (:data:`OFFSET_BLOCK`), then cast to the weight's dtype; ``(d_out, d_in)``."""
-    out = torch.empty(w0.shape, dtype=module.weight.dtype, device=w0.device)
-    for rows, block in _offset_blocks(module, w0, A, B, scaling):
-        out[rows] = block
-    return out
-
-
-def offset_is_finite(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> bool:
-    """Whether :func:`offset_value` is finite, block by block: no ``(m, n)`` tensor is formed."""
-    return all(bool(torch.isfinite(block).all()) for _, block in _offset_blocks(module, w0, A, B, scaling))
-
-
-@torch.no_grad()
-def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                  scaling: float) -> torch.Tensor | None:
-    """Set ``module``'s weight to ``w0 - s B A`` (:func:`offset_value`); return the previous data for rollback.
-    A result that is not finite is an error and the weight is left as it was. Under :func:`offsets_in_place`
-    the storage is overwritten block by block once every block is known to be finite (no ``(m, n)``
-    temporary) and ``None`` is returned."""
-    if _IN_PLACE.get():
-        if not offset_is_finite(module, w0, A, B, scaling):
-            raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large "
-                                     f"for the weight's dtype {module.weight.dtype}); the model was not changed. Use "
-                                     "smaller factors")
-        w = weight_view(module)
-        for rows, block in _offset_blocks(module, w0, A, B, scaling):  # w0 may be w: each block is read first
-            w[rows] = block
-        return None
-    old = set_weight(module, offset_value(module, w0, A, B, scaling))
-    if not torch.isfinite(module.weight).all():
-        module.weight.data = old
-        raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large for the "
-                                 f"weight's dtype {old.dtype}); the model was not changed. Use smaller factors")
-    return old

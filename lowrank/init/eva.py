@@ -47,6 +47,8 @@ def sign_fixed(V: torch.Tensor) -> torch.Tensor:
 class EVA(DataInitializer):
     """EVA (arXiv 2410.07170): A from the top right-singular vectors of the layer inputs, B = 0."""
 
+    offset = False
+
     needs = ("input_svd",)
     supports_budget = True
 

@@ -52,6 +52,8 @@ def importance(weight: torch.Tensor, gradient: torch.Tensor) -> float:
 class GoRA(GradientInitializer):
     """GoRA (arXiv 2502.12171): ranks by gradient importance, B the least-squares fit of -G through random A."""
 
+    offset = False
+
     preserves_output = False
     supports_budget = True
 

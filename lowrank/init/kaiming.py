@@ -16,6 +16,8 @@ from .base import InitResult, Initializer, LayerContext
 class Kaiming(Initializer):
     """Vanilla LoRA: kaiming-uniform A, zero B (the default)."""
 
+    offset = False
+
     def init_layer(self, ctx: LayerContext) -> InitResult:
         bound = 1.0 / math.sqrt(ctx.n)  # gain sqrt(2 / (1 + 5)) * sqrt(3 / fan_in)
         A = (2.0 * ctx.rand(ctx.rank, ctx.n) - 1.0) * bound  # (r, n)

@@ -54,6 +54,8 @@ def split_indices(direction: str, r: int, generator: torch.Generator | None = No
 class LoRAGA(GradientInitializer):
     """LoRA-GA (arXiv 2407.05000): A, B from the SVD of the full-weight gradient, stable scale, offset base."""
 
+    offset = True
+
     @dataclass(frozen=True)
     class Options(GradientOptions):
         direction: str = "ArB2r"

@@ -22,6 +22,8 @@ from .gradient import GradientInitializer, GradientOptions
 class LoRAOne(GradientInitializer):
     """LoRA-One (arXiv 2502.01235): s B A = -(s / (gamma sigma_1)) G_r, base unchanged."""
 
+    offset = False
+
     preserves_output = False
     sketchable = True
 

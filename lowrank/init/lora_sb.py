@@ -35,6 +35,8 @@ from .svd import top_svd
 class LoRASB(GradientInitializer):
     """LoRA-SB (arXiv 2411.19557): frozen B = U_r, A = V_r^T of dW = -eta sign(G); trained R = S_r / s."""
 
+    offset = False
+
     adapter_kinds = ("latent",)
     preserves_output = False
 

@@ -25,6 +25,8 @@ from .svd import top_svd
 class LoRAXS(Initializer):
     """LoRA-XS (arXiv 2405.17604): frozen B = U_r, A = S_r V_r^T from W0; trained R starts at 0."""
 
+    offset = False
+
     adapter_kinds = ("latent",)
 
     @dataclass(frozen=True)

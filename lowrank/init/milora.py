@@ -21,6 +21,8 @@ from .svd import bottom_svd
 class MiLoRA(Initializer):
     """MiLoRA (arXiv 2406.09044): adapt the minor (smallest) r singular components of W0."""
 
+    offset = True
+
     def init_layer(self, ctx: LayerContext) -> InitResult:
         A, B = balanced_factors(*bottom_svd(ctx.weight, ctx.rank), ctx.scaling)
         return InitResult(A=A, B=B, offset=True)

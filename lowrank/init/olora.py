@@ -18,6 +18,8 @@ from .base import InitResult, Initializer, LayerContext
 class OLoRA(Initializer):
     """OLoRA (arXiv 2406.01775): B = Q_r, A = R_r from W0 = QR, offset base."""
 
+    offset = True
+
     def init_layer(self, ctx: LayerContext) -> InitResult:
         Q, R = torch.linalg.qr(ctx.weight)  # (m, k), (k, n), k = min(m, n)
         return InitResult(A=R[: ctx.rank], B=Q[:, : ctx.rank], offset=True)

@@ -47,6 +47,8 @@ def balanced_factors(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scaling:
 class PiSSA(Initializer):
     """PiSSA (arXiv 2404.02948): adapt the top-r singular part of W0, freeze the residual."""
 
+    offset = True
+
     Options = SVDOptions
 
     def init_layer(self, ctx: LayerContext) -> InitResult:

@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..inject import adapted_layers
+from ..plan import adapted_layers
 from ..registry import get_preconditioner, list_preconditioners
 from .base import LayerGrads, Preconditioner
 from .chain import Chain

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..inject import RECORD_ATTR, adapted_layers, find_trainable, unwrap
+from ..plan import RECORD_ATTR, adapted_layers, find_trainable, unwrap
 from .format import (LOWRANK_NOTE, PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, exact_key, patterns, rank_2r,  # noqa: F401
                      target_modules, write_adapter)
 from .native import export_peft_model, is_peft_model

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from ..adapters.base import weight_view
-from ..init.driver import LayerSpec, offset_weight, run_initializer
+from ..init.driver import LayerSpec, run_initializer
+from ..weights import Journal, offset_weight
 from ..registry import get_initializer
 from . import native
 
@@ -53,29 +54,26 @@ def _lora_layers(peft_model: nn.Module, adapter: str) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def _commit(layers: Mapping[str, nn.Module], adapter: str, results: Mapping[str, Any]) -> dict[str, tuple]:
-    """Write the factors (and offsets); return ``{name: (A0, B0)}`` of the offset layers, as stored."""
-    saved, initial = [], {}
+def _commit(peft_model: nn.Module, layers: Mapping[str, nn.Module], adapter: str,
+            results: Mapping[str, Any]) -> dict[str, tuple]:
+    """Write the factors (and offsets); return ``{name: (A0, B0)}`` of the offset layers, as stored. On failure
+    everything written is put back (``lowrank.weights.Journal``, as ``lowrank.plan.commit`` does)."""
+    journal, initial = Journal(peft_model), {}
     try:
         for name, module in layers.items():
             res, base = results[name], module.get_base_layer()
             la, lb = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-            saved.append((la, la.data.clone(), lb, lb.data.clone(), base, None))
-            la.data.copy_(res.A.to(la.dtype))
-            lb.data.copy_(res.B.to(lb.dtype))
+            journal.copy_into(la, res.A.to(la.dtype))
+            journal.copy_into(lb, res.B.to(lb.dtype))
             if res.offset:  # from the factors as cast, the same formula as lowrank's own layers
                 try:
-                    old = offset_weight(base, weight_view(base), la, lb, module.scaling[adapter])
+                    journal.replaced_weight(base, offset_weight(base, weight_view(base), la, lb,
+                                                                module.scaling[adapter]))
                 except FloatingPointError as exc:
                     raise FloatingPointError(f"layer {name!r}: {exc}") from None
-                saved[-1] = saved[-1][:5] + (old,)
                 initial[name] = (la.detach().clone(), lb.detach().clone())
     except BaseException:
-        for la, a, lb, b, base, old in reversed(saved):
-            la.data.copy_(a)
-            lb.data.copy_(b)
-            if old is not None:
-                base.weight.data = old
+        journal.rollback()
         raise
     return initial
 
@@ -104,6 +102,6 @@ def initialize(peft_model: nn.Module, init: str = "lora_ga", data: Iterable | No
     specs = [LayerSpec(n, m.get_base_layer(), m.r[adapter_name], float(m.lora_alpha[adapter_name]),
                        float(m.scaling[adapter_name])) for n, m in layers.items()]
     results = run_initializer(initializer, specs, seed=seed, model=peft_model, data=data, loss_fn=loss_fn)
-    initial = _commit(layers, adapter_name, dict(zip(layers, results)))
+    initial = _commit(peft_model, layers, adapter_name, dict(zip(layers, results)))
     native.remember(peft_model, adapter_name, native.PeftInitRecord(init, dict(init_options or {}), initial))
     return peft_model

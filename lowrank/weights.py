@@ -1,0 +1,136 @@
+"""The base weights: the one formula for an offset base ``W = W0 - s B A`` and the journal that puts back
+everything a commit changed when it fails.
+
+Offsets are computed in float32 (float64 for float64 weights), one fused product per block of rows (no
+``(m, n)`` temporary), and cast to the weight's dtype; a result that is not finite is an error before anything
+is written. :class:`Journal` records each change a commit makes (modules swapped in, weights replaced or
+overwritten in place, tensors overwritten, ``requires_grad`` flags) and :meth:`Journal.rollback` undoes them in
+reverse order: ``lowrank.inject`` / ``load_adapter`` (through ``lowrank.plan.commit``) and
+``lowrank.peft.initialize`` share it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .adapters.base import set_weight, weight_view
+
+
+_IN_PLACE = contextvars.ContextVar("lowrank_offsets_in_place", default=False)
+
+
+@contextmanager
+def offsets_in_place():
+    """Within this block :func:`offset_weight` overwrites the weight's storage instead of replacing it, and
+    returns ``None``: no copy of the old weight is kept (``inject(..., rollback="recompute")``)."""
+    token = _IN_PLACE.set(True)
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
+
+
+OFFSET_BLOCK = 1 << 22
+"""Elements per row block of :func:`offset_value` (16 MiB of float32): the transient memory of an offset."""
+
+
+def _offset_blocks(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float):
+    """``(rows, w0[rows] - s B[rows] A)`` block by block: float32 (float64 for float64 weights), one fused
+    product per block (no ``(m, n)`` temporaries), cast to the weight's dtype."""
+    dt = torch.promote_types(module.weight.dtype, torch.float32)
+    A = A.to(dt)
+    step = max(1, OFFSET_BLOCK // max(1, w0.shape[1]))
+    for i in range(0, w0.shape[0], step):
+        rows = slice(i, i + step)
+        yield rows, torch.addmm(w0[rows].to(dt), B[rows].to(dt), A, alpha=-scaling).to(module.weight.dtype)
+
+
+def offset_value(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``w0 - s B A`` as :func:`offset_weight` writes it: float32 (float64 for float64 weights), one fused product
+    per block of rows (:data:`OFFSET_BLOCK`), then cast to the weight's dtype; ``(d_out, d_in)``."""
+    out = torch.empty(w0.shape, dtype=module.weight.dtype, device=w0.device)
+    for rows, block in _offset_blocks(module, w0, A, B, scaling):
+        out[rows] = block
+    return out
+
+
+def offset_is_finite(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> bool:
+    """Whether :func:`offset_value` is finite, block by block: no ``(m, n)`` tensor is formed."""
+    return all(bool(torch.isfinite(block).all()) for _, block in _offset_blocks(module, w0, A, B, scaling))
+
+
+@torch.no_grad()
+def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                  scaling: float) -> torch.Tensor | None:
+    """Set ``module``'s weight to ``w0 - s B A`` (:func:`offset_value`); return the previous data for rollback.
+    A result that is not finite is an error and the weight is left as it was. Under :func:`offsets_in_place`
+    the storage is overwritten block by block once every block is known to be finite (no ``(m, n)``
+    temporary) and ``None`` is returned."""
+    if _IN_PLACE.get():
+        if not offset_is_finite(module, w0, A, B, scaling):
+            raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large "
+                                     f"for the weight's dtype {module.weight.dtype}); the model was not changed. Use "
+                                     "smaller factors")
+        w = weight_view(module)
+        for rows, block in _offset_blocks(module, w0, A, B, scaling):  # w0 may be w: each block is read first
+            w[rows] = block
+        return None
+    old = set_weight(module, offset_value(module, w0, A, B, scaling))
+    if not torch.isfinite(module.weight).all():
+        module.weight.data = old
+        raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large for the "
+                                 f"weight's dtype {old.dtype}); the model was not changed. Use smaller factors")
+    return old
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at dotted ``name`` in ``model``; return the module it replaces."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, module)
+    return old
+
+
+class Journal:
+    """The changes of one commit, to undo on failure (:meth:`rollback`, newest first). Starts by noting every
+    parameter's ``requires_grad`` flag."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.undo: list[Callable[[], None]] = []
+
+    def swap(self, name: str, module: nn.Module) -> None:
+        """Put ``module`` at ``name``, noting the one it replaces."""
+        old = set_module(self.model, name, module)
+        self.undo.append(lambda: set_module(self.model, name, old))
+
+    def replaced_weight(self, module: nn.Module, old: torch.Tensor | None) -> None:
+        """``module``'s weight data was replaced; ``old`` is the previous data (``None``: nothing to note)."""
+        if old is not None:
+            self.undo.append(lambda: setattr(module.weight, "data", old))
+
+    def overwritten(self, restore: Callable[[], None]) -> None:
+        """A weight was overwritten in place (no copy kept); ``restore`` recomputes it (e.g. ``W + s B0 A0``)."""
+        self.undo.append(restore)
+
+    @torch.no_grad()
+    def copy_into(self, tensor: torch.Tensor, value: torch.Tensor) -> None:
+        """``tensor.copy_(value)``, keeping a copy of what it held."""
+        kept = tensor.detach().clone()
+        tensor.copy_(value)
+        self.undo.append(lambda: tensor.data.copy_(kept))
+
+    @torch.no_grad()
+    def rollback(self) -> None:
+        for undo in reversed(self.undo):
+            undo()
+        self.undo = []
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
