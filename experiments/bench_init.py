@@ -464,8 +464,8 @@ def _large_worker(arm, spec, rank, queue):
                                      init_options={"progress": False, **opts[arm]})
             p = plan(model, cfg, rollback="recompute" if "in place" in arm else "exact")  # inject's stops, timed
             init = p.initializer
-            init.ranks = {s.name: s.rank for s in p.layers}
-            stats = init.collect(model, {s.name: s.module for s in p.layers}, batches, None)
+            stats = init.collect(model, {s.name: s.module for s in p.layers}, batches, None,
+                                 ranks={s.name: s.rank for s in p.layers})
             est.__exit__(None, None, None)
             t1 = time.perf_counter()
             results = run_initializer(init, p.layers, stats=stats)

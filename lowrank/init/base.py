@@ -207,13 +207,15 @@ class Initializer(ABC):
         """Raise ``ValueError`` (naming the layer, the value and the fix) if ``ctx`` cannot be initialized."""
 
     def collect(self, model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable | None,
-                loss_fn: Callable | None) -> dict[str, dict[str, Any]]:
+                loss_fn: Callable | None, *, ranks: Mapping[str, int]) -> dict[str, dict[str, Any]]:
         """Data-driven methods: return per-layer statistics (``{name: {"gradient": G}}``) from ``data``.
 
         Runs on the model before any change. Must leave the model as it found it. ``loss_fn`` is
         the user's, or ``None`` (then the model's ``.loss``, or its plain forward for forward-only
-        statistics). Declaring ``needs`` (and deriving from ``lowrank.init.gradient.DataInitializer``)
-        is the usual way; override this only for a statistic the pass does not collect.
+        statistics); ``ranks`` the layers' configured ranks (e.g. to size a sketch). Declaring ``needs``
+        (and deriving from ``lowrank.init.gradient.DataInitializer``) is the usual way, with a registered
+        ``lowrank.init.stats.Statistic`` for a statistic the pass does not collect yet; override this only
+        for a pass of your own.
         """
         return {}
 

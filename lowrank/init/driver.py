@@ -132,8 +132,8 @@ def initialize_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, 
         if getattr(initializer.options, "distributed", False) and dist_helpers.active():
             dist_helpers.check_same([(s.name, tuple(weight_shape(s.module)), s.rank) for s in layers] + [name],
                                     f"data-parallel {name!r} init")
-        initializer.ranks = {s.name: s.rank for s in layers}  # the config's ranks, for collect (sketch widths)
-        collected = initializer.collect(model, {s.name: s.module for s in layers}, data, loss_fn)
+        collected = initializer.collect(model, {s.name: s.module for s in layers}, data, loss_fn,
+                                        ranks={s.name: s.rank for s in layers})
     if budget is not None:
         ranks = budget.check(initializer.allocate([context(s, seed, collected.get(s.name)) for s in layers], budget),
                              name)

@@ -63,7 +63,7 @@ class DataInitializer(Initializer):
     Options = DataOptions
     needs: ClassVar[tuple[str, ...]] = ()
 
-    def collect(self, model, modules, data, loss_fn):
+    def collect(self, model, modules, data, loss_fn, *, ranks):
         o = self.options
         return collect_statistics(model, modules, data, loss_fn, self.needs, num_batches=o.num_batches,
                                   train_mode=o.train_mode, offload=o.offload, progress=o.progress,
@@ -132,11 +132,10 @@ class GradientInitializer(DataInitializer):
                              f"triplets {self.registry_name!r} needs at rank {ctx.rank} (layer {ctx.name!r}); use "
                              f"sketch_size >= {self.triplets(ctx.rank)} or the default")
 
-    def collect(self, model, modules, data, loss_fn):
+    def collect(self, model, modules, data, loss_fn, *, ranks):
         o = self.options
         if o.estimator == "dense":
-            return super().collect(model, modules, data, loss_fn)
-        ranks = getattr(self, "ranks", None) or {}
+            return super().collect(model, modules, data, loss_fn, ranks=ranks)
         svd = sketch_gradient_svd(model, modules, data, loss_fn, k={n: self.triplets(ranks[n]) for n in modules},
                                   sketch_size=dict.fromkeys(modules, o.sketch_size) if o.sketch_size else None,
                                   passes=o.passes or DEFAULT_PASSES, krylov=o.krylov, seed=o.sketch_seed,
