@@ -140,17 +140,24 @@ def run_arms(worker, arms, extra_args, repeats):
     return results
 
 
+def time_memory_table(title: str, results: dict, peer: str, memory: str = "extra peak RSS (MiB)") -> None:
+    """Print the median time and extra memory of each arm of ``run_arms`` results (``(seconds, bytes)`` per
+    repeat) and each arm's ratio to ``peer``, measured side by side in the same run."""
+    med = {k: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
+    print(f"\n## {title}")
+    print(f"| | time (s) | {memory} |\n|---|---|---|")
+    for k, (s, m) in med.items():
+        print(f"| {k} | {s:.2f} | {m / 2**20:.0f} |")
+    for k in (k for k in med if k != peer):
+        print(f"| ratio {k}/{peer} | {med[k][0] / med[peer][0]:.3f} | {med[k][1] / med[peer][1]:.3f} |")
+
+
 def bench_lora_ga_init(args):
     arms = ["lowrank", "lowrank randomized", "peft"]
     results = run_arms(_init_worker, arms, (args.rank, args.alpha, args.batches, args.batch_size), args.repeats)
-    med = {k: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
-    print("\n## 1. LoRA-GA init phase (gradient estimate + SVD + adapters), "
-          f"{args.batches} batches x {args.batch_size}, r={args.rank}, {args.repeats} repeats")
-    print("| | time (s) | extra peak RSS (MiB) |\n|---|---|---|")
-    for k, (s, m) in med.items():
-        print(f"| {k} | {s:.2f} | {m / 2**20:.0f} |")
-    for k in arms[:-1]:
-        print(f"| ratio {k}/peft | {med[k][0] / med['peft'][0]:.3f} | {med[k][1] / med['peft'][1]:.3f} |")
+    time_memory_table("1. LoRA-GA init phase (gradient estimate + SVD + adapters), "
+                      f"{args.batches} batches x {args.batch_size}, r={args.rank}, {args.repeats} repeats", results,
+                      "peft")
 
 
 def _pairs_peft(model):
@@ -293,13 +300,8 @@ def bench_eva(args, n, batches):
 
     arms = ["lowrank eva", "peft eva"]
     results = run_arms(_eva_worker, arms, (args.rank, args.alpha, args.batches, args.batch_size), args.repeats)
-    med = {k: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v)) for k, v in results.items()}
-    print(f"\n## 4. EVA init phase (statistics + SVD + adapters), {args.batches} batches x {args.batch_size}, "
-          f"r={args.rank}, rho=2, {args.repeats} repeats")
-    print("| | time (s) | extra peak RSS (MiB) |\n|---|---|---|")
-    for k, (s, m) in med.items():
-        print(f"| {k} | {s:.2f} | {m / 2**20:.0f} |")
-    print(f"| ratio lowrank/peft | {med[arms[0]][0] / med[arms[1]][0]:.3f} | {med[arms[0]][1] / med[arms[1]][1]:.3f} |")
+    time_memory_table(f"4. EVA init phase (statistics + SVD + adapters), {args.batches} batches x {args.batch_size}, "
+                      f"r={args.rank}, rho=2, {args.repeats} repeats", results, "peft eva")
     one = _one_batch(batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

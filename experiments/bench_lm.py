@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 import lowrank
 
 from .ablation.memory import PeakMemory
-from .bench_init import peft_lora_ga, run_arms
+from .bench_init import peft_lora_ga, run_arms, time_memory_table
 
 PRESET = Path(__file__).parent / "configs" / "lm-ablation.toml"
 
@@ -75,14 +74,9 @@ def _init_worker(arm, rank, alpha, n_batches, batch_size, queue):
 def bench_init(args) -> None:
     arms = ["lowrank", "peft"]
     res = run_arms(_init_worker, arms, (args.rank, args.alpha, args.batches, args.batch_size), args.repeats)
-    med = {k: (statistics.median(s for s, _ in v), statistics.median(m for _, m in v)) for k, v in res.items()}
-    print(f"\n## 1. LoRA-GA init on SmolLM2-135M (210 layers), {args.batches} batches x {args.batch_size}, "
-          f"r={args.rank}, {args.repeats} repeats (fresh processes)")
-    print("| | time (s) | extra peak memory (MiB) |\n|---|---|---|")
-    for k, (s, m) in med.items():
-        print(f"| {k} | {s:.2f} | {m / 2**20:.0f} |")
-    print(f"| ratio lowrank/peft | {med['lowrank'][0] / med['peft'][0]:.3f} | "
-          f"{med['lowrank'][1] / med['peft'][1]:.3f} |")
+    time_memory_table(f"1. LoRA-GA init on SmolLM2-135M (210 layers), {args.batches} batches x {args.batch_size}, "
+                      f"r={args.rank}, {args.repeats} repeats (fresh processes)", res, "peft",
+                      memory="extra peak memory (MiB)")
 
 
 def bench_eval(args) -> None:
