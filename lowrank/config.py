@@ -111,7 +111,10 @@ class LoRAConfig:
         set_("init_options", dict(self.init_options))
         initializer = self._check_methods()  # unknown names and options fail here, before any model is touched
         set_("_initializer", initializer)
-        set_("_allocates", self.rank_budget is not None or initializer.allocates())
+        from .registry import INITIALIZERS
+
+        can = INITIALIZERS.entry(self.init).capabilities["allocates_ranks"]  # derives from init.RankAllocation
+        set_("_allocates", self.rank_budget is not None or (can and initializer.allocates()))
 
     def _check_methods(self):
         """The initializer and adapter exist and fit each other (names stored as registered), the options, the
@@ -130,8 +133,8 @@ class LoRAConfig:
         initializer = init(**self.init_options)
         if self.rank_budget is not None:
             _check_rank("rank_budget", self.rank_budget)
-            if not init.supports_budget:
-                fits = [n for n in INITIALIZERS.list() if INITIALIZERS.get(n).supports_budget]
+            if not INITIALIZERS.entry(self.init).capabilities["allocates_ranks"]:
+                fits = INITIALIZERS.list(allocates_ranks=True)
                 raise ValueError(f"initializer {self.init!r} cannot allocate ranks under rank_budget={self.rank_budget}; "
                                  f"use one that can ({fits}) or drop rank_budget for fixed ranks")
         _check_rank("rank_min", self.rank_min)
@@ -147,7 +150,7 @@ class LoRAConfig:
 
     def alpha_for(self, name: str, rank: int | None = None) -> float:
         """The layer's alpha; at an allocated ``rank`` other than the config's, as the initializer adjusts
-        it (``Initializer.scale_alpha``; EVA keeps ``alpha / r`` fixed)."""
+        it (``RankAllocation.scale_alpha``; EVA keeps ``alpha / r`` fixed)."""
         alpha = float(lookup_pattern(self.alpha_pattern, name, self.alpha))
         if rank is not None and rank != self.rank_for(name):
             alpha = float(self._initializer.scale_alpha(alpha, self.rank_for(name), rank))  # type: ignore[attr-defined]

@@ -198,11 +198,11 @@ def _has(caps: Mapping[str, Any], key: str, value: Any) -> bool:
 
 
 def _initializer_caps(cls) -> dict[str, Any]:
-    """``allocates_ranks``: it can choose per-layer ranks (under ``rank_budget``, or by its own options, e.g.
-    EVA with ``rho > 1``)."""
+    """``allocates_ranks``: it can choose per-layer ranks (it derives from ``lowrank.init.RankAllocation``: under
+    ``rank_budget``, or by its own options, e.g. EVA with ``rho > 1``)."""
     options = getattr(cls, "Options", None)
     return {"uses_data": bool(getattr(cls, "uses_data", False)), "adapter_kinds": tuple(getattr(cls, "adapter_kinds", ())),
-            "allocates_ranks": bool(getattr(cls, "supports_budget", False)),
+            "allocates_ranks": callable(getattr(cls, "allocate", None)),  # init.RankAllocation's one required hook
             "preserves_output": bool(getattr(cls, "preserves_output", True)), "needs": tuple(getattr(cls, "needs", ())),
             "offset": getattr(cls, "offset", None),
             "options": tuple(f.name for f in dataclasses.fields(options)) if dataclasses.is_dataclass(options) else ()}

@@ -155,3 +155,40 @@ def test_non_finite_scores_are_refused():
     budget = RankBudget(3, {"a": 1, "b": 1}, {"a": 2, "b": 2})
     with pytest.raises(ValueError, match="scores of layer 'a' are not finite"):
         allocate_greedy({"a": torch.tensor([float("nan"), 0.1]), "b": torch.tensor([0.5, 0.2])}, budget)
+
+
+def test_rank_allocation_is_a_protocol_of_its_own():
+    """A user's allocating initializer derives from ``RankAllocation`` (one hook to write) and gets its ranks under
+    a budget; the old flag alone is refused with the fix; a plain initializer has no allocation hooks."""
+
+    @lowrank.register_initializer("test_first_gets_more")
+    class FirstGetsMore(lowrank.Initializer, lowrank.init.RankAllocation):
+        """Kaiming-like; the first layer gets every rank above the minimum."""
+
+        def allocate(self, contexts, budget):
+            names = [c.name for c in contexts]
+            ranks = {n: budget.lo[n] for n in names}
+            ranks[names[0]] += budget.total - sum(ranks.values())
+            return ranks
+
+        def init_layer(self, ctx):
+            return lowrank.InitResult(A=ctx.randn(ctx.rank, ctx.n), B=ctx.zeros(ctx.m, ctx.rank))
+
+    try:
+        assert lowrank.list_initializers(allocates_ranks=True) == sorted(["eva", "gora", "test_first_gets_more"])
+        model = lowrank.inject(tiny_bert(), LoRAConfig(rank=2, targets=["query"], init="test_first_gets_more",
+                                                       rank_budget=6), progress=False)
+        ranks = list(lowrank.rank_allocation(model).values())
+        assert sum(ranks) == 6 and ranks[0] == 6 - (len(ranks) - 1) and set(ranks[1:]) == {1}
+    finally:
+        lowrank.registry.INITIALIZERS.unregister("test_first_gets_more")
+    with pytest.raises(TypeError, match="supports_budget = True.*derive from lowrank.init.RankAllocation"):
+        class OldStyle(lowrank.Initializer):
+            supports_budget = True
+
+            def init_layer(self, ctx):
+                raise AssertionError
+    assert not hasattr(lowrank.get_initializer("pissa"), "allocate")
+    with pytest.raises(ValueError, match=r"cannot allocate ranks under rank_budget=6; use one that can \(\['eva', "
+                                         r"'gora'\]\)"):
+        LoRAConfig(rank=2, targets=["query"], init="pissa", rank_budget=6)

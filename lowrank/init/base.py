@@ -163,14 +163,15 @@ class Initializer(ABC):
     ``"gradient"``, ``"covariance"``, ``"input_svd"``; a new one is a ``lowrank.init.stats.Statistic`` class
     registered with ``lowrank.register_statistic``. One pass collects exactly these (forward-only ones without
     backward)."""
-    supports_budget: ClassVar[bool] = False
-    """True if :meth:`allocate` can choose per-layer ranks under ``LoRAConfig(rank_budget=...)``."""
     registry_name: ClassVar[str] = "?"
     adapter_kinds: ClassVar[tuple[str, ...]] = ("factors",)
     """Adapter kinds it can initialize (``Adapter.kind``): a pairing outside them is a config error."""
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
+        if vars(cls).get("supports_budget") and not issubclass(cls, RankAllocation):
+            raise TypeError(f"initializer {cls.__name__} sets supports_budget = True; rank allocation is now a protocol "
+                            "of its own: derive from lowrank.init.RankAllocation (and implement allocate) instead")
         if cls.needs:
             from .statistics import check_needs
 
@@ -179,29 +180,6 @@ class Initializer(ABC):
 
     def __init__(self, **options: Any):
         self.options = build_options(self.Options, options, "initializer", self.registry_name)
-
-    def allocates(self) -> bool:
-        """Whether this initializer (with these options) chooses per-layer ranks even without a
-        ``rank_budget`` (then the budget is the config's ranks summed over the targets), e.g. EVA with ``rho > 1``."""
-        return False
-
-    def max_rank(self, ctx: LayerContext) -> int:
-        """The largest rank an allocation may give the layer (``ctx.rank`` is the config's rank for it)."""
-        return min(ctx.m, ctx.n)
-
-    def min_rank(self, ctx: LayerContext) -> int:
-        """The smallest rank an allocation may give the layer (with ``LoRAConfig.rank_min``, the larger wins)."""
-        return 1
-
-    def scale_alpha(self, alpha: float, rank: int, allocated: int) -> float:
-        """The alpha of a layer allocated rank ``allocated`` instead of the config's ``rank`` (default: unchanged)."""
-        return alpha
-
-    def allocate(self, contexts: Sequence[LayerContext], budget: "RankBudget") -> dict[str, int]:
-        """Per-layer ranks summing to ``budget.total`` within each layer's bounds, from the collected
-        statistics (``contexts[i].stat(...)``; ``contexts[i].rank`` is the config's rank). Methods that
-        set ``supports_budget`` override this (helpers: ``lowrank.init.budget``)."""
-        raise NotImplementedError(f"initializer {self.registry_name!r} cannot allocate ranks under a budget")
 
     def check_layer(self, ctx: LayerContext) -> None:
         """Raise ``ValueError`` (naming the layer, the value and the fix) if ``ctx`` cannot be initialized."""
@@ -225,3 +203,33 @@ class Initializer(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})"
+
+
+class RankAllocation:
+    """The protocol of initializers that choose per-layer ranks (under ``LoRAConfig(rank_budget=...)``, or by their
+    own options, e.g. EVA with ``rho > 1``): derive from it beside :class:`Initializer` and implement
+    :meth:`allocate`; the bounds and the alpha rule have defaults."""
+
+    def allocates(self) -> bool:
+        """Whether this initializer (with these options) chooses per-layer ranks even without a
+        ``rank_budget`` (then the budget is the config's ranks summed over the targets), e.g. EVA with ``rho > 1``."""
+        return False
+
+    def max_rank(self, ctx: LayerContext) -> int:
+        """The largest rank an allocation may give the layer (``ctx.rank`` is the config's rank for it)."""
+        return min(ctx.m, ctx.n)
+
+    def min_rank(self, ctx: LayerContext) -> int:
+        """The smallest rank an allocation may give the layer (with ``LoRAConfig.rank_min``, the larger wins)."""
+        return 1
+
+    def scale_alpha(self, alpha: float, rank: int, allocated: int) -> float:
+        """The alpha of a layer allocated rank ``allocated`` instead of the config's ``rank`` (default: unchanged)."""
+        return alpha
+
+    def allocate(self, contexts: Sequence[LayerContext], budget: "RankBudget") -> dict[str, int]:
+        """Per-layer ranks summing to ``budget.total`` within each layer's bounds, from the collected
+        statistics (``contexts[i].stat(...)``; ``contexts[i].rank`` is the config's rank); helpers in
+        ``lowrank.init.budget``."""
+        raise NotImplementedError(f"{type(self).__name__} derives from RankAllocation but does not implement "
+                                  "allocate")

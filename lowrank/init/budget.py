@@ -1,8 +1,8 @@
 """Rank budgets: per-layer ranks chosen by the initializer under a total, before layers are built.
 
 ``LoRAConfig(rank_budget=N, rank_min=..., rank_max=...)`` gives an initializer that supports it
-(``Initializer.supports_budget``: EVA, GoRA) the total rank ``N`` summed over the target layers;
-after the statistics pass its :meth:`~lowrank.init.base.Initializer.allocate` returns the ranks, the
+(those deriving from ``RankAllocation``: EVA, GoRA) the total rank ``N`` summed over the target layers;
+after the statistics pass its :meth:`~lowrank.init.base.RankAllocation.allocate` returns the ranks, the
 driver checks them (integers within each layer's bounds, summing to ``N`` exactly) and the layers
 are built with them. The two allocation rules the methods use live here:
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist_helpers
 from ..adapters.base import weight_shape
-from .base import InitResult, Initializer, LayerContext
+from .base import InitResult, Initializer, LayerContext, RankAllocation
 from .budget import RankBudget
 
 
@@ -92,7 +92,7 @@ class Allocation:
     scaling: Callable[[str, int], float] | None = None
     """``scaling(layer name, rank)``: the layer's scale ``s`` at an allocated rank (the config's rule)."""
 
-    def budget(self, initializer: Initializer, layers: Sequence[LayerSpec], seed: int) -> RankBudget:
+    def budget(self, initializer: RankAllocation, layers: Sequence[LayerSpec], seed: int) -> RankBudget:
         ctxs = {s.name: context(s, seed) for s in layers}
         lo = {n: max(self.rank_min, initializer.min_rank(c)) for n, c in ctxs.items()}
         hi = {n: min(initializer.max_rank(c), self.rank_max or initializer.max_rank(c)) for n, c in ctxs.items()}
@@ -120,7 +120,7 @@ def initialize_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, 
         initializer.check_layer(context(spec, seed))
     budget = None
     if allocation is not None:
-        if not initializer.supports_budget:
+        if not isinstance(initializer, RankAllocation):
             raise ValueError(f"initializer {name!r} cannot allocate ranks under a budget; drop rank_budget or use one "
                              "that can (EVA, GoRA)")
         budget = allocation.budget(initializer, layers, seed)  # bad budgets fail before the data pass

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import register_initializer
-from .base import InitResult, LayerContext
+from .base import InitResult, LayerContext, RankAllocation
 from .budget import RankBudget, allocate_greedy
 from .gradient import DataInitializer, DataOptions
 
@@ -44,13 +44,12 @@ def sign_fixed(V: torch.Tensor) -> torch.Tensor:
 
 
 @register_initializer("eva")
-class EVA(DataInitializer):
+class EVA(DataInitializer, RankAllocation):
     """EVA (arXiv 2410.07170): A from the top right-singular vectors of the layer inputs, B = 0."""
 
     offset = False
 
     needs = ("input_svd",)
-    supports_budget = True
 
     @dataclass(frozen=True)
     class Options(DataOptions):

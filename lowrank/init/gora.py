@@ -38,7 +38,7 @@ import torch
 
 from ..adapters.base import weight_view
 from ..registry import register_initializer
-from .base import InitResult, LayerContext
+from .base import InitResult, LayerContext, RankAllocation
 from .budget import RankBudget, allocate_proportional
 from .gradient import GradientInitializer, GradientOptions
 
@@ -49,13 +49,12 @@ def importance(weight: torch.Tensor, gradient: torch.Tensor) -> float:
 
 
 @register_initializer("gora")
-class GoRA(GradientInitializer):
+class GoRA(GradientInitializer, RankAllocation):
     """GoRA (arXiv 2502.12171): ranks by gradient importance, B the least-squares fit of -G through random A."""
 
     offset = False
 
     preserves_output = False
-    supports_budget = True
 
     @dataclass(frozen=True)
     class Options(GradientOptions):

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..adapters.base import weight_view
+from ..init.base import RankAllocation
 from ..init.driver import LayerSpec, run_initializer
 from ..weights import Journal, offset_weight
 from ..registry import get_initializer
@@ -95,7 +96,7 @@ def initialize(peft_model: nn.Module, init: str = "lora_ga", data: Iterable | No
     if "factors" not in initializer.adapter_kinds:
         raise ValueError(f"initializer {init!r} initializes {list(initializer.adapter_kinds)} adapters, not PEFT's "
                          "LoRA factors")
-    if initializer.allocates():
+    if isinstance(initializer, RankAllocation) and initializer.allocates():
         raise ValueError(f"initializer {init!r} with these options allocates per-layer ranks, but a PEFT model's LoRA "
                          "layers are already built with theirs; pass options that keep the ranks (eva: rho=1, gora: "
                          "allocate_ranks=False), or allocate with lowrank.inject and lowrank.peft.export")
