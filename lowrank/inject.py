@@ -2,7 +2,7 @@
 
 One route, four stops, each downward and each passed once: :func:`lowrank.plan.plan` (targets, ranks,
 scales, every data-free check, the one initializer instance) -> the initializer's data pass
-(``Initializer.collect``, the statistics pass) -> ``init_layer`` per layer (``lowrank.init.driver``, which also
+(``DataInitializer.collect``, the statistics pass) -> ``init_layer`` per layer (``lowrank.init.driver``, which also
 allocates ranks under a budget and splits the work across torch.distributed ranks) -> :func:`lowrank.plan.commit`
 (the only writer of the model). Atomic: everything that can fail runs before the commit, and the commit puts
 back what it replaced if anything still goes wrong. On failure the model has the same modules, the same weight

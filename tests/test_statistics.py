@@ -283,3 +283,15 @@ def test_a_new_statistic_is_one_registered_class_and_joins_the_same_pass():
     finally:
         lowrank.registry.INITIALIZERS.unregister("test_energy_scaled")
         lowrank.registry.STATISTIC_REGISTRY.unregister("test_input_energy")
+
+
+def test_data_needs_belong_to_the_data_protocol():
+    """Declaring ``needs`` on a plain ``Initializer`` (no data pass to collect them) is refused with the fix."""
+    with pytest.raises(TypeError, match="declares data needs but has no collect.*derive from lowrank.init.DataInitializer"):
+        class Plain(lowrank.Initializer):
+            needs = ("gradient",)
+
+            def init_layer(self, ctx):
+                raise AssertionError
+    assert not hasattr(lowrank.get_initializer("pissa"), "collect")
+    assert lowrank.get_initializer("lora_ga").uses_data and not hasattr(lowrank.Initializer, "needs")

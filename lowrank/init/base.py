@@ -29,7 +29,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -103,7 +103,7 @@ class LayerContext:
         return torch.zeros(*shape, device=self.device)
 
     def stat(self, key: str) -> Any:
-        """A statistic collected by the initializer's :meth:`Initializer.collect` for this layer."""
+        """A statistic collected by the initializer's :meth:`DataInitializer.collect` for this layer."""
         if key not in self._stats:
             raise KeyError(f"layer {self.name!r} has no statistic {key!r}; the initializer's collect() must "
                            f"provide it (available: {sorted(self._stats)})")
@@ -156,13 +156,8 @@ class Initializer(ABC):
     preserves_output: ClassVar[bool] = True
     """False for methods whose init is itself a step (LoRA-One): output changes at step 0."""
     uses_data: ClassVar[bool] = False
-    """True for data-driven methods: :func:`lowrank.inject` must get ``data`` (and maybe ``loss_fn``).
-    Set for you when ``needs`` is not empty."""
-    needs: ClassVar[tuple[str, ...]] = ()
-    """Statistics the data pass must collect (registered names, ``lowrank.list_statistics()``): built in
-    ``"gradient"``, ``"covariance"``, ``"input_svd"``; a new one is a ``lowrank.init.stats.Statistic`` class
-    registered with ``lowrank.register_statistic``. One pass collects exactly these (forward-only ones without
-    backward)."""
+    """True for data-driven methods: :func:`lowrank.inject` must get ``data`` (and maybe ``loss_fn``). The data
+    protocol is ``lowrank.init.DataInitializer`` (declared ``needs``, its ``collect``), which sets this."""
     registry_name: ClassVar[str] = "?"
     adapter_kinds: ClassVar[tuple[str, ...]] = ("factors",)
     """Adapter kinds it can initialize (``Adapter.kind``): a pairing outside them is a config error."""
@@ -172,30 +167,16 @@ class Initializer(ABC):
         if vars(cls).get("supports_budget") and not issubclass(cls, RankAllocation):
             raise TypeError(f"initializer {cls.__name__} sets supports_budget = True; rank allocation is now a protocol "
                             "of its own: derive from lowrank.init.RankAllocation (and implement allocate) instead")
-        if cls.needs:
-            from .statistics import check_needs
-
-            check_needs(cls.needs, f"initializer {cls.__name__}")
-            cls.uses_data = True
+        if (vars(cls).get("needs") or cls.uses_data) and not callable(getattr(cls, "collect", None)):
+            raise TypeError(f"initializer {cls.__name__} declares data needs but has no collect(); data-driven "
+                            "initializers derive from lowrank.init.DataInitializer (declare needs = (...)), or "
+                            "implement collect(model, modules, data, loss_fn, *, ranks) for a pass of their own")
 
     def __init__(self, **options: Any):
         self.options = build_options(self.Options, options, "initializer", self.registry_name)
 
     def check_layer(self, ctx: LayerContext) -> None:
         """Raise ``ValueError`` (naming the layer, the value and the fix) if ``ctx`` cannot be initialized."""
-
-    def collect(self, model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable | None,
-                loss_fn: Callable | None, *, ranks: Mapping[str, int]) -> dict[str, dict[str, Any]]:
-        """Data-driven methods: return per-layer statistics (``{name: {"gradient": G}}``) from ``data``.
-
-        Runs on the model before any change. Must leave the model as it found it. ``loss_fn`` is
-        the user's, or ``None`` (then the model's ``.loss``, or its plain forward for forward-only
-        statistics); ``ranks`` the layers' configured ranks (e.g. to size a sketch). Declaring ``needs``
-        (and deriving from ``lowrank.init.gradient.DataInitializer``) is the usual way, with a registered
-        ``lowrank.init.stats.Statistic`` for a statistic the pass does not collect yet; override this only
-        for a pass of your own.
-        """
-        return {}
 
     @abstractmethod
     def init_layer(self, ctx: LayerContext) -> InitResult:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import Initializer
 from .sketch import DEFAULT_PASSES, ESTIMATORS, sketch_gradient_svd
-from .statistics import collect_statistics, data_options_check
+from .statistics import check_needs, collect_statistics, data_options_check
 
 
 def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
@@ -58,12 +58,28 @@ class DataOptions:
 
 
 class DataInitializer(Initializer):
-    """Base of initializers that declare statistics in ``needs``; the pass runs with :class:`DataOptions`."""
+    """The data protocol: initializers that declare the statistics they need in ``needs``; one pass collects them
+    (:func:`~lowrank.init.statistics.collect_statistics`, run with :class:`DataOptions`) before ``init_layer``."""
 
     Options = DataOptions
     needs: ClassVar[tuple[str, ...]] = ()
+    """Statistics the data pass must collect (registered names, ``lowrank.list_statistics()``): built in
+    ``"gradient"``, ``"covariance"``, ``"input_svd"``; a new one is a ``lowrank.init.stats.Statistic`` class
+    registered with ``lowrank.register_statistic``. One pass collects exactly these (forward-only ones without
+    backward)."""
 
-    def collect(self, model, modules, data, loss_fn, *, ranks):
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        if cls.needs:
+            check_needs(cls.needs, f"initializer {cls.__name__}")
+            cls.uses_data = True
+
+    def collect(self, model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable | None,
+                loss_fn: Callable | None, *, ranks: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+        """Per-layer statistics (``{name: {"gradient": G, ...}}``) from ``data``, leaving the model as it found it.
+        ``loss_fn`` is the user's, or ``None`` (then the model's ``.loss``, or its plain forward for forward-only
+        statistics); ``ranks`` the layers' configured ranks (e.g. to size a sketch). Override only for a pass of
+        your own; a new statistic is a registered ``lowrank.init.stats.Statistic`` instead."""
         o = self.options
         return collect_statistics(model, modules, data, loss_fn, self.needs, num_batches=o.num_batches,
                                   train_mode=o.train_mode, offload=o.offload, progress=o.progress,
