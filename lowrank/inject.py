@@ -1,12 +1,12 @@
 """``inject``: wrap matching layers of a model with adapters, freeze the base, initialize.
 
 One route, four stops, each downward and each passed once: :func:`lowrank.plan.plan` (targets, ranks,
-scales, every data-free check, the one initializer instance) -> the initializer's data pass
-(``DataInitializer.collect``, the statistics pass) -> ``init_layer`` per layer (``lowrank.init.driver``, which also
-allocates ranks under a budget and splits the work across torch.distributed ranks) -> :func:`lowrank.plan.commit`
-(the only writer of the model). Atomic: everything that can fail runs before the commit, and the commit puts
-back what it replaced if anything still goes wrong. On failure the model has the same modules, the same weight
-tensors and the same ``requires_grad`` flags as before.
+scales, every data-free check, the one initializer instance) -> ``collect_layers`` (the initializer's data
+pass, ``DataInitializer.collect``) -> ``init_layers`` (``init_layer`` per layer, after the initializer allocated
+ranks under a budget; split across torch.distributed ranks; ``lowrank.init.driver``) ->
+:func:`lowrank.plan.commit` (the only writer of the model). Atomic: everything that can fail runs before the
+commit, and the commit puts back what it replaced if anything still goes wrong. On failure the model has the
+same modules, the same weight tensors and the same ``requires_grad`` flags as before.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import LoRAConfig
-from .init.driver import initialize_layers
+from .init.driver import collect_layers, init_layers
 from .init.statistics import default_loss  # noqa: F401  (public here too: lowrank.default_loss)
 from .plan import (  # noqa: F401  (public here too)
     RECORD_ATTR, ROLLBACKS, InjectionRecord, Plan, adapted_layers, check_untied, commit, find_targets,
@@ -46,9 +46,9 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
     p = plan(model, config, rollback=rollback)
     if not p.initializer.uses_data and data is not None:
         warnings.warn(f"initializer {config.init!r} does not use data; the data passed to inject is ignored", stacklevel=2)
-    layers, results = initialize_layers(p.initializer, p.layers, seed=config.seed, model=model, data=data,
-                                        loss_fn=loss_fn, progress=progress,
-                                        allocation=config.allocation([s.name for s in p.layers]))
+    stats = collect_layers(p.initializer, p.layers, model=model, data=data, loss_fn=loss_fn)
+    layers, results = init_layers(p.initializer, p.layers, stats, seed=config.seed, progress=progress,
+                                  allocation=p.allocation, budget=p.budget)
     p = p.with_layers(layers)  # the ranks (and scales) an initializer allocated under a budget
     if p.initializer.offset is None:  # undeclared: known from the results only
         check_untied(model, p.layers, config.init, results)

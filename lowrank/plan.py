@@ -1,11 +1,12 @@
 """The first and last stops of ``lowrank.inject``: :func:`plan` (every check that needs no data) and
 :func:`commit` (the only writer of the model).
 
-``inject(model, cfg, data)`` is ``plan`` -> the initializer's data pass and ``init_layer`` per layer
-(``lowrank.init.driver``) -> ``commit``. :func:`plan` resolves the targets into one frozen record per layer
+``inject(model, cfg, data)`` is ``plan`` -> ``collect_layers`` (the initializer's data pass) -> ``init_layers``
+(``init_layer`` per layer; ``lowrank.init.driver``) -> ``commit``. :func:`plan` resolves the targets into one frozen record per layer
 (``LayerSpec``: module, rank, alpha, scale ``s``), the modules trained in full, and the one initializer instance
 of the call, and refuses everything it can before the (possibly long) data pass: wrapped models, meta or sharded
-weights, ranks that do not fit, one module under two names, a trainable parent of a target, and, for an
+weights, ranks that do not fit, one module under two names, a trainable parent of a target, each layer's
+``check_layer``, a rank budget's bounds, and, for an
 initializer that declares it offsets the base (``Initializer.offset``), tied weights. :func:`commit` swaps the
 adapter layers in, writes offsets, freezes the base, and on any failure puts everything back
 (``lowrank.weights.Journal``). ``load_adapter`` goes through the same pair.
@@ -23,7 +24,8 @@ from torch import nn
 from .adapters.base import SUPPORTED_TYPES, Adapter, weight_shape, weight_view
 from .config import LoRAConfig, matches_targets
 from .init.base import InitResult, Initializer
-from .init.driver import LayerSpec, context
+from .init.budget import RankBudget
+from .init.driver import Allocation, LayerSpec, check_layers
 from .registry import get_adapter
 from .weights import Journal, offset_is_finite, offsets_in_place
 
@@ -189,6 +191,10 @@ class Plan:
     initializer: Initializer | None = field(default=None, compare=False)
     """The call's one initializer instance (``None`` when the factors come from a file)."""
     rollback: str = "exact"
+    allocation: Allocation | None = field(default=None, compare=False)
+    """Per-layer ranks chosen by the initializer (``rank_budget``, or EVA's ``rho``), with the config's alpha and
+    scale rules for them; ``budget`` its checked bounds."""
+    budget: RankBudget | None = field(default=None, compare=False)
 
     def with_layers(self, layers: Sequence[LayerSpec]) -> "Plan":
         """The same plan at other per-layer values (ranks an initializer allocated, a file's alphas)."""
@@ -217,13 +223,14 @@ def plan(model: nn.Module, config: LoRAConfig, *, rollback: str = "exact", ranks
                          f"before injecting again")
     layers = find_targets(model, config, ranks)
     trainable = find_trainable(model, config.trainable, layers)
-    init = config.make_initializer() if initializer else None
-    if init is not None:
-        for spec in layers:
-            init.check_layer(context(spec, config.seed))
-        if init.offset:  # declared: refuse tied weights now, not after the data pass
-            check_untied(model, layers, config.init)
-    return Plan(model, config, tuple(layers), tuple(trainable), init, rollback)
+    if not initializer:
+        return Plan(model, config, tuple(layers), tuple(trainable), None, rollback)
+    init = config.make_initializer()
+    allocation = config.allocation([s.name for s in layers])
+    budget = check_layers(init, layers, config.seed, allocation)
+    if init.offset:  # declared: refuse tied weights now, not after the data pass
+        check_untied(model, layers, config.init)
+    return Plan(model, config, tuple(layers), tuple(trainable), init, rollback, allocation, budget)
 
 
 def check_offsets(layers: Sequence[LayerSpec], results: Sequence[InitResult], init_name: str) -> None:

@@ -100,40 +100,51 @@ class Allocation:
 
 
 def run_initializer(initializer: Initializer, layers: Sequence[LayerSpec], **kwargs: Any) -> list[InitResult]:
-    """``InitResult`` per layer, checked (:func:`initialize_layers` without the final layer records)."""
+    """``InitResult`` per layer, checked (:func:`initialize_layers` without the final layer records): the one
+    call for paths that are not ``inject`` (``peft.initialize``, ``theory``)."""
     return initialize_layers(initializer, layers, **kwargs)[1]
 
 
-def initialize_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, seed: int = 0,
-                      model: nn.Module | None = None, data: Iterable | None = None, loss_fn: Callable | None = None,
-                      stats: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = False,
-                      allocation: Allocation | None = None) -> tuple[list[LayerSpec], list[InitResult]]:
-    """The layer records (at their final ranks and scales) and an ``InitResult`` per layer, checked; see the
-    module docstring. ``stats`` (``{layer: {key: value}}``) replaces the data pass, e.g. to evaluate an
-    initializer on a known gradient.
-
-    With ``allocation``, the initializer chooses each layer's rank from the statistics
-    (``Initializer.allocate``) under the budget; the ranks are checked (bounds, exact sum) and the
-    layers initialized at them, with the alpha and scale ``allocation`` gives for each rank."""
-    name = initializer.registry_name
+def check_layers(initializer: Initializer, layers: Sequence[LayerSpec], seed: int,
+                 allocation: Allocation | None = None) -> RankBudget | None:
+    """Everything about the layers that can be checked before the data pass: each layer
+    (``Initializer.check_layer``) and, with ``allocation``, the budget's per-layer bounds; returns the budget."""
     for spec in layers:
         initializer.check_layer(context(spec, seed))
-    budget = None
-    if allocation is not None:
-        if not isinstance(initializer, RankAllocation):
-            raise ValueError(f"initializer {name!r} cannot allocate ranks under a budget; drop rank_budget or use one "
-                             "that can (EVA, GoRA)")
-        budget = allocation.budget(initializer, layers, seed)  # bad budgets fail before the data pass
-    collected: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (stats or {}).items()}
-    if initializer.uses_data and stats is None:
-        if data is None:
-            raise ValueError(f"initializer {name!r} is data-driven: pass data=<iterable of batches> (and "
-                             "loss_fn=lambda model, batch: <scalar loss> if model(**batch).loss is not your loss)")
-        if getattr(initializer.options, "distributed", False) and dist_helpers.active():
-            dist_helpers.check_same([(s.name, tuple(weight_shape(s.module)), s.rank) for s in layers] + [name],
-                                    f"data-parallel {name!r} init")
-        collected = initializer.collect(model, {s.name: s.module for s in layers}, data, loss_fn,
-                                        ranks={s.name: s.rank for s in layers})
+    if allocation is None:
+        return None
+    if not isinstance(initializer, RankAllocation):
+        raise ValueError(f"initializer {initializer.registry_name!r} cannot allocate ranks under a budget; drop "
+                         "rank_budget or use one that can (EVA, GoRA)")
+    return allocation.budget(initializer, layers, seed)
+
+
+def collect_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, model: nn.Module | None,
+                   data: Iterable | None, loss_fn: Callable | None) -> dict[str, dict[str, Any]]:
+    """The data pass of a data-driven initializer (``DataInitializer.collect``), ``{}`` for the others; under
+    torch.distributed the ranks first check they hold the same layers."""
+    name = initializer.registry_name
+    if not initializer.uses_data:
+        return {}
+    if data is None:
+        raise ValueError(f"initializer {name!r} is data-driven: pass data=<iterable of batches> (and "
+                         "loss_fn=lambda model, batch: <scalar loss> if model(**batch).loss is not your loss)")
+    if getattr(initializer.options, "distributed", False) and dist_helpers.active():
+        dist_helpers.check_same([(s.name, tuple(weight_shape(s.module)), s.rank) for s in layers] + [name],
+                                f"data-parallel {name!r} init")
+    return initializer.collect(model, {s.name: s.module for s in layers}, data, loss_fn,
+                               ranks={s.name: s.rank for s in layers})
+
+
+def init_layers(initializer: Initializer, layers: Sequence[LayerSpec], stats: Mapping[str, Mapping[str, Any]], *,
+                seed: int = 0, progress: bool = False, allocation: Allocation | None = None,
+                budget: RankBudget | None = None) -> tuple[list[LayerSpec], list[InitResult]]:
+    """``init_layer`` per layer from the collected ``stats``: the layer records (at their final ranks and scales)
+    and the checked results. With ``budget`` (from :func:`check_layers`), the initializer first chooses each
+    layer's rank (``RankAllocation.allocate``); the ranks are checked (bounds, exact sum) and the layers
+    initialized at them, with the alpha and scale ``allocation`` gives for each rank."""
+    name = initializer.registry_name
+    collected: dict[str, dict[str, Any]] = {k: dict(v) for k, v in stats.items()}
     if budget is not None:
         ranks = budget.check(initializer.allocate([context(s, seed, collected.get(s.name)) for s in layers], budget),
                              name)
@@ -144,9 +155,9 @@ def initialize_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, 
             dist.broadcast_object_list(box, src=0)
             ranks = box[0]
         layers = [LayerSpec(s.name, s.module, ranks[s.name],
-                            allocation.alpha(s.name, ranks[s.name]) if allocation.alpha else s.alpha,
-                            allocation.scaling(s.name, ranks[s.name]) if allocation.scaling else s.scaling)
-                  for s in layers]
+                            allocation.alpha(s.name, ranks[s.name]) if allocation and allocation.alpha else s.alpha,
+                            allocation.scaling(s.name, ranks[s.name]) if allocation and allocation.scaling
+                            else s.scaling) for s in layers]
         for spec in layers:
             initializer.check_layer(context(spec, seed))
     if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
@@ -158,6 +169,19 @@ def initialize_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, 
         check_result(res, spec, name, initializer.offset)
         results.append(compact(res))
     return list(layers), results
+
+
+def initialize_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, seed: int = 0,
+                      model: nn.Module | None = None, data: Iterable | None = None, loss_fn: Callable | None = None,
+                      stats: Mapping[str, Mapping[str, Any]] | None = None, progress: bool = False,
+                      allocation: Allocation | None = None) -> tuple[list[LayerSpec], list[InitResult]]:
+    """:func:`check_layers`, :func:`collect_layers` (unless ``stats``, ``{layer: {key: value}}``, replaces the data
+    pass, e.g. to evaluate an initializer on a known gradient) and :func:`init_layers`, in order."""
+    budget = check_layers(initializer, layers, seed, allocation)  # bad budgets fail before the data pass
+    if stats is None:
+        stats = collect_layers(initializer, layers, model=model, data=data, loss_fn=loss_fn)
+    return init_layers(initializer, layers, stats, seed=seed, progress=progress, allocation=allocation,
+                       budget=budget)
 
 
 def owners(layers: Sequence[LayerSpec], world: int) -> list[int]:
