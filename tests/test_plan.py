@@ -33,7 +33,10 @@ def test_tied_weights_are_refused_before_the_data_pass_for_a_declared_offset_ini
 def test_every_data_free_error_comes_before_the_data_pass():
     cases = [({"targets": ["nothing_like_this"]}, "matched no module"),
              ({"targets": ["query"], "rank": 100}, "rank 100 exceeds"),
-             ({"targets": ["query"], "trainable": ["bert.encoder"]}, "contains the LoRA target")]
+             ({"targets": ["query"], "trainable": ["bert.encoder"]}, "contains the LoRA target"),
+             ({"targets": ["query"], "init": "eva", "rank_budget": 1}, "smaller than 2 target layers"),
+             ({"targets": ["query"], "init_options": {"progress": False, "estimator": "sketch", "sketch_size": 2}},
+              "sketch_size=2 is smaller than the 4 singular triplets")]
     for cfg, match in cases:
         model = tiny_bert()
         with pytest.raises(ValueError, match=match):
