@@ -9,7 +9,7 @@ from torch import nn
 
 from .adapters.base import Adapter, set_weight
 from .plan import RECORD_ATTR, adapted_layers, shared_weight_users
-from .weights import set_module
+from .weights import original_weight, set_module
 
 
 def _layers(model: nn.Module) -> list[tuple[str, Adapter]]:
@@ -72,7 +72,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             if layer.merged:
                 layer.unmerge()
             if layer.offset:
-                set_weight(layer.base_layer, layer.original_weight())
+                set_weight(layer.base_layer, original_weight(layer))
         set_module(model, name, layer.base_layer)
     record = getattr(model, RECORD_ATTR, None)
     if record is not None:

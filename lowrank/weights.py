@@ -1,5 +1,6 @@
-"""The base weights: the one formula for an offset base ``W = W0 - s B A`` and the journal that puts back
-everything a commit changed when it fails.
+"""The base weights: the one formula for an offset base ``W = W0 - s B A``, an adapted layer's offset record
+(:func:`apply_offset`, :func:`rebuild_offset`, :func:`original_weight`) and the journal that puts back everything
+a commit changed when it fails.
 
 Offsets are computed in float32 (float64 for float64 weights), one fused product per block of rows (no
 ``(m, n)`` temporary), and cast to the weight's dtype; a result that is not finite is an error before anything
@@ -86,6 +87,36 @@ def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch
         raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large for the "
                                  f"weight's dtype {old.dtype}); the model was not changed. Use smaller factors")
     return old
+
+
+@torch.no_grad()
+def apply_offset(layer: nn.Module) -> torch.Tensor | None:
+    """Record ``layer``'s current factors as its initial ``A0``, ``B0`` and set ``W = W0 - s B0 A0``.
+
+    The product is formed in float32 (float64 for float64 weights) from the factors *as stored* (their dtype),
+    so :func:`lowrank.load_adapter` recomputes the same offset bit for bit. Returns the previous weight data, for
+    rollback (``None`` under :func:`offsets_in_place`)."""
+    pair = layer.factors()
+    if pair is None:
+        raise ValueError(f"the {layer.registry_name!r} adapter trains no (A, B) pair, so its base cannot be offset "
+                         "(W = W0 - s B0 A0); use an initializer that does not offset it")
+    layer.A0, layer.B0 = pair[0].detach().clone(), pair[1].detach().clone()
+    return rebuild_offset(layer, layer.base_weight())
+
+
+@torch.no_grad()
+def rebuild_offset(layer: nn.Module, w0: torch.Tensor) -> torch.Tensor | None:
+    """Set ``layer``'s base to ``w0 - s B0 A0`` from an original weight ``w0 (d_out, d_in)``; returns the old data."""
+    return offset_weight(layer.base_layer, w0, layer.A0, layer.B0, layer.scaling)
+
+
+@torch.no_grad()
+def original_weight(layer: nn.Module) -> torch.Tensor:
+    """``W0`` of an adapted layer: ``W + s B0 A0`` when its base was offset, else ``W``, ``(d_out, d_in)`` in the
+    layer's compute dtype (float32/64; exact up to one rounding of the base dtype)."""
+    dt = layer.compute_dtype
+    w = layer.base_weight().to(dt)
+    return w + layer.scaling * (layer.B0.to(dt) @ layer.A0.to(dt)) if layer.offset else w
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -8,6 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lowrank import LoRALayer
+from lowrank.weights import apply_offset, original_weight
 
 
 def _layer(base, rank=3, alpha=6.0, scaling=2.0):
@@ -61,11 +62,11 @@ def test_offset_preserves_output_and_restores_w0():
     layer = _layer(base)
     x = torch.randn(3, 7)
     y0 = nn.functional.linear(x, w0, base.bias)
-    old = layer.apply_offset()
+    old = apply_offset(layer)
     assert old is not base.weight.data and layer.offset
     torch.testing.assert_close(base.weight, w0 - 2.0 * layer.B @ layer.A)
     torch.testing.assert_close(layer(x), y0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.original_weight(), w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(original_weight(layer), w0, rtol=0, atol=1e-6)
 
 
 def test_dropout_only_on_adapter_path_and_dtype_kept():

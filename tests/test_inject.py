@@ -148,15 +148,15 @@ def test_failure_during_commit_rolls_back(monkeypatch):
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # a non-default flag to preserve
     snap = Snapshot(model)
     calls = []
-    original = lowrank.LoRALayer.apply_offset
+    original = lowrank.adapters.lora.apply_offset
 
-    def flaky(self):
+    def flaky(layer):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("simulated out of memory")
-        return original(self)
+        return original(layer)
 
-    monkeypatch.setattr(lowrank.LoRALayer, "apply_offset", flaky)
+    monkeypatch.setattr(lowrank.adapters.lora, "apply_offset", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
         lowrank.inject(model, LoRAConfig(rank=2, targets=["query", "value"], init="test_offset_init"))
     snap.assert_unchanged()
@@ -238,15 +238,15 @@ def test_rollback_recompute_restores_within_rounding_after_an_interrupt(monkeypa
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     names = [n for n, _ in model.named_modules()]
     calls = []
-    original = lowrank.LoRALayer.apply_offset
+    original = lowrank.adapters.lora.apply_offset
 
-    def flaky(self):
+    def flaky(layer):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(self)
+        return original(layer)
 
-    monkeypatch.setattr(lowrank.LoRALayer, "apply_offset", flaky)
+    monkeypatch.setattr(lowrank.adapters.lora, "apply_offset", flaky)
     with pytest.raises(KeyboardInterrupt):
         lowrank.inject(model, LoRAConfig(rank=2, targets=["query", "value"], init="pissa"), rollback="recompute")
     assert [n for n, _ in model.named_modules()] == names

@@ -9,6 +9,7 @@ whatever the base module's storage layout.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -53,18 +54,23 @@ def set_weight(module: nn.Module, w_mn: torch.Tensor) -> torch.Tensor:
 class Adapter(nn.Module, ABC):
     """A trainable update around a frozen base layer: ``y = base(x) + update(x)``.
 
-    The protocol below is everything the framework uses; a new adapter implements it in its own
-    file and registers itself (``@lowrank.register_adapter("name")``), and inject, merge/unmerge/
-    unload, save/load, the optimizer, theory and ``lowrank.peft`` work with it unchanged.
+    The abstract members below are everything a new adapter writes (in its own file, registered with
+    ``@lowrank.register_adapter("name")``); inject, merge/unmerge/unload, save/load, the optimizer, theory
+    and ``lowrank.peft`` then work with it unchanged:
 
-    - ``__init__(base_layer, rank, alpha, scaling, dropout)``; attributes ``base_layer``, ``rank``,
-      ``alpha``, ``scaling``, ``d_out``, ``d_in``, ``merged``.
-    - ``initialize(result)``: take an initializer's :class:`lowrank.InitResult` (factors, offset,
-      extras) and return the base weight data it replaced (for rollback) or ``None``.
-    - ``adapter_parameters()``: the trainable parameters; ``factors()``: the ``(A, B)`` pair a
-      preconditioner acts on, or ``None`` when the adapter does not train such a pair.
-    - ``tensors()``, ``tensor_shapes(info)``, ``load_tensors(...)``: what a saved adapter holds.
-    - ``delta_weight()``, ``merge()``, ``unmerge()``, ``offset``, ``original_weight()``.
+    - ``__init__(base_layer, rank, alpha, scaling, dropout=0.0, options=None)`` calling
+      ``super().__init__(options)``; attributes ``base_layer``, ``rank``, ``alpha``, ``scaling``, ``d_out``,
+      ``d_in``; ``Options``, a frozen dataclass of the adapter's own options (``LoRAConfig.adapter_options``).
+    - ``forward(x)``; ``delta_weight(dtype=None)``, the update as ``(d_out, d_in)``.
+    - ``adapter_parameters()``: the trainable parameters; ``factors()``: the ``(A, B)`` pair a preconditioner
+      acts on, or ``None`` when the adapter does not train such a pair.
+    - tensor I/O: ``initialize(result)`` (set from an initializer's :class:`lowrank.InitResult`), ``tensors()``,
+      ``tensor_shapes(info)``, ``init_result(tensors)``, ``load_tensors(tensors)``.
+
+    The base weight's offset ``W = W0 - s B0 A0`` (its record ``A0``, ``B0``, the original weight, its rebuild)
+    is :mod:`lowrank.weights`' business, not the adapter's; :meth:`merge` / :meth:`unmerge` add and subtract
+    :meth:`delta_weight` (an adapter whose merged weight is not ``W + delta``, such as DoRA, overrides
+    :meth:`merged_weight` / :meth:`unmerged_weight`).
     """
 
     base_layer: nn.Module
@@ -80,6 +86,20 @@ class Adapter(nn.Module, ABC):
     ``"latent"`` (frozen ``A``, ``B`` and a trainable ``r x r`` core: LoRA-XS). Initializers and
     preconditioners list the kinds they support (``adapter_kinds``)."""
 
+    @dataclass(frozen=True)
+    class Options:
+        """The adapter's options (``LoRAConfig.adapter_options``, checked like ``init_options``); none by default.
+        An adapter with options declares its own frozen dataclass here and reads ``self.options``."""
+
+    def __init__(self, options: Any = None):
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+        # The initial factors when the base was offset (W = W0 - s B0 A0; set by lowrank.weights.apply_offset),
+        # None while W == W0.
+        self.register_buffer("A0", None, persistent=False)
+        self.register_buffer("B0", None, persistent=False)
+        self.merged = False
+
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
         """Whether this adapter can wrap ``module``."""
@@ -89,14 +109,25 @@ class Adapter(nn.Module, ABC):
         """The frozen base weight as ``(d_out, d_in)`` (a view; whatever the storage layout)."""
         return weight_view(self.base_layer)
 
-    @abstractmethod
-    def initialize(self, result: Any) -> torch.Tensor | None:
-        """Set the adapter from an initializer's result; offset the base if it asks; return the replaced
-        base weight data (``None`` if the base was not changed)."""
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float32, or float64 for float64 weights: the precision of offsets and merges."""
+        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+
+    @property
+    def offset(self) -> bool:
+        """Whether the base weight was offset at initialization (``W = W0 - s B0 A0``)."""
+        return self.A0 is not None
 
     @abstractmethod
-    def delta_weight(self) -> torch.Tensor:
-        """The update this adapter adds to the base weight, as ``(d_out, d_in)``."""
+    def initialize(self, result: Any) -> torch.Tensor | None:
+        """Set the adapter from an initializer's result (with ``result.offset`` the base is offset through
+        :func:`lowrank.weights.apply_offset`); return the replaced base weight data (``None``: unchanged)."""
+
+    @abstractmethod
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The update this adapter adds to the base weight, ``(d_out, d_in)``, computed in ``dtype`` (default:
+        the adapter's own)."""
 
     @abstractmethod
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
@@ -125,19 +156,29 @@ class Adapter(nn.Module, ABC):
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved trained state (shapes already checked) into the adapter."""
 
-    @property
-    @abstractmethod
-    def offset(self) -> bool:
-        """Whether the base weight was changed at initialization (``original_weight`` undoes it)."""
+    def merged_weight(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight after :meth:`merge` from the one before, ``w + delta_weight()`` (in ``dtype``)."""
+        return w + self.delta_weight(dtype)
 
-    @abstractmethod
-    def original_weight(self) -> torch.Tensor:
-        """The pretrained weight before initialization, ``(d_out, d_in)`` in the compute dtype."""
+    def unmerged_weight(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The inverse of :meth:`merged_weight`, ``w - delta_weight()``."""
+        return w - self.delta_weight(dtype)
 
-    @abstractmethod
+    @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight (forward then skips the adapter path)."""
+        """Fold the update into the base weight (:meth:`merged_weight` in :attr:`compute_dtype`; forward then skips
+        the adapter path)."""
+        if self.merged:
+            raise RuntimeError("layer is already merged; call unmerge() first")
+        dt = self.compute_dtype
+        set_weight(self.base_layer, self.merged_weight(self.base_weight().to(dt), dt))
+        self.merged = True
 
-    @abstractmethod
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge`."""
+        if not self.merged:
+            raise RuntimeError("layer is not merged")
+        dt = self.compute_dtype
+        set_weight(self.base_layer, self.unmerged_weight(self.base_weight().to(dt), dt))
+        self.merged = False

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
-from .base import set_weight
 from .lora import LoRALayer
 
 
@@ -31,8 +30,9 @@ from .lora import LoRALayer
 class DoRALayer(LoRALayer):
     """DoRA (arXiv 2402.09353): magnitude ``m`` times the direction ``(W + s B A) / ||W + s B A||_row``."""
 
-    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0):
-        super().__init__(base_layer, rank, alpha, scaling, dropout)
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0,
+                 options: Any = None):
+        super().__init__(base_layer, rank, alpha, scaling, dropout, options)
         w = base_layer.weight
         self.m = nn.Parameter(torch.ones(self.d_out, dtype=w.dtype, device=w.device))  # (d_out,)
         self.register_buffer("merge_norm", None, persistent=False)  # the norm used by merge(), for unmerge()
@@ -60,9 +60,10 @@ class DoRALayer(LoRALayer):
         return y + ((scale - 1) * base + scale * lora).to(y.dtype)
 
     # -- weights --------------------------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """``W' - W`` as ``(d_out, d_in)`` (differentiable in ``A``, ``B``, ``m``; the norm is a constant)."""
-        dt = self.compute_dtype
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``W' - W`` as ``(d_out, d_in)`` in ``dtype`` (default float32/64) (differentiable in ``A``, ``B``,
+        ``m``; the norm is a constant)."""
+        dt = dtype or self.compute_dtype
         w = self.base_weight().to(dt)
         direction = w + self.scaling * (self.B.to(dt) @ self.A.to(dt))
         return (self.m.to(dt) / self.weight_norm(dt))[:, None] * direction - w
@@ -89,24 +90,15 @@ class DoRALayer(LoRALayer):
         super().load_tensors(tensors)
         self.m.copy_(tensors["m"])
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            raise RuntimeError("layer is already merged; call unmerge() first")
-        dt = self.compute_dtype
-        self.merge_norm = self.weight_norm(dt)
-        w = self.base_weight().to(dt) + self._product(self.B, self.A)
-        set_weight(self.base_layer, (self.m.to(dt) / self.merge_norm)[:, None] * w)
-        self.merged = True
+    def merged_weight(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``m * (W + s B A) / ||W + s B A||_row``; the norm is kept for :meth:`unmerged_weight`."""
+        self.merge_norm = self.weight_norm(dtype)
+        return (self.m.to(dtype) / self.merge_norm)[:, None] * (w + super().delta_weight(dtype))
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise RuntimeError("layer is not merged")
-        dt = self.compute_dtype
-        w = self.base_weight().to(dt) / (self.m.to(dt) / self.merge_norm)[:, None]
-        set_weight(self.base_layer, w - self._product(self.B, self.A))
-        self.merge_norm, self.merged = None, False
+    def unmerged_weight(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        w = w / (self.m.to(dtype) / self.merge_norm)[:, None] - super().delta_weight(dtype)
+        self.merge_norm = None
+        return w
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", dora=True"

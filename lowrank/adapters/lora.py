@@ -4,8 +4,8 @@
 
 with ``s = alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA). Wraps ``nn.Linear`` and Hugging Face
 ``Conv1D`` alike. When an initializer starts from ``B0 A0 != 0`` the framework offsets the base,
-``W = W0 - s B0 A0``, and records ``A0``, ``B0`` here so the original ``W0`` can be restored and
-a saved adapter can rebuild the fine-tuned model from the original base.
+``W = W0 - s B0 A0`` (:func:`lowrank.weights.apply_offset`), recording ``A0``, ``B0`` on the layer so the
+original ``W0`` can be restored and a saved adapter can rebuild the fine-tuned model from the original base.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
-from ..weights import offset_weight
-from .base import Adapter, set_weight, weight_shape
+from ..weights import apply_offset, original_weight, rebuild_offset
+from .base import Adapter, weight_shape
 
 
 @register_adapter("lora")
 class LoRALayer(Adapter):
     """Low-rank update ``s * B @ A`` around a frozen ``nn.Linear`` / ``Conv1D``."""
 
-    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0):
-        super().__init__()
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0,
+                 options: Any = None):
+        super().__init__(options)  # the options, and the offset record A0, B0 (None: W == W0) and merged = False
         if not self.supports(base_layer):
             raise TypeError(f"LoRALayer cannot wrap {type(base_layer).__name__}")
         self.base_layer = base_layer
@@ -36,10 +37,6 @@ class LoRALayer(Adapter):
         self.A = nn.Parameter(torch.zeros(self.rank, self.d_in, dtype=w.dtype, device=w.device))  # (r, n)
         self.B = nn.Parameter(torch.zeros(self.d_out, self.rank, dtype=w.dtype, device=w.device))  # (m, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Initial factors when the base was offset (W = W0 - s B0 A0); None when W == W0.
-        self.register_buffer("A0", None, persistent=False)
-        self.register_buffer("B0", None, persistent=False)
-        self.merged = False
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,9 +47,10 @@ class LoRALayer(Adapter):
         return y + (F.linear(F.linear(h, self.A), self.B) * self.scaling).to(y.dtype)  # (..., r) -> (..., m)
 
     # -- weights --------------------------------------------------------------------------------
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B @ A`` as ``(d_out, d_in)``."""
-        return self.scaling * (self.B @ self.A)
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``s * B @ A`` as ``(d_out, d_in)``, in ``dtype`` (default the factors')."""
+        dt = dtype or self.A.dtype
+        return self.scaling * (self.B.to(dt) @ self.A.to(dt))
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"A": self.A, "B": self.B}
@@ -60,26 +58,12 @@ class LoRALayer(Adapter):
     def factors(self) -> tuple[nn.Parameter, nn.Parameter] | None:
         return self.A, self.B
 
-    @property
-    def offset(self) -> bool:
-        """Whether the base weight was offset at initialization (``W = W0 - s B0 A0``)."""
-        return self.A0 is not None
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        """float32, or float64 for float64 weights: the precision of offsets and merges."""
-        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
-
-    def _product(self, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        dt = self.compute_dtype
-        return self.scaling * (B.to(dt) @ A.to(dt))
-
     # -- initialization and saved state -----------------------------------------------------------
     @torch.no_grad()
     def initialize(self, result) -> torch.Tensor | None:
         """``A``, ``B`` from ``result``; with ``result.offset`` also ``W = W0 - s B A`` (returns the old data)."""
         self.set_factors(result.A, result.B)
-        return self.apply_offset() if result.offset else None
+        return apply_offset(self) if result.offset else None
 
     @torch.no_grad()
     def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:
@@ -110,46 +94,10 @@ class LoRALayer(Adapter):
         """Trained ``A``, ``B``; if the saved initial factors differ from this layer's, the offset base
         is rebuilt from them (so a resumed model matches the saved one bit for bit)."""
         if self.offset and not (torch.equal(tensors["A0"], self.A0.cpu()) and torch.equal(tensors["B0"], self.B0.cpu())):
-            w0 = self.original_weight()
+            w0 = original_weight(self)
             self.A0, self.B0 = tensors["A0"].to(self.A0), tensors["B0"].to(self.B0)
-            self.rebuild_offset(w0)
+            rebuild_offset(self, w0)
         self.set_factors(tensors["A"], tensors["B"])
-
-    @torch.no_grad()
-    def apply_offset(self) -> torch.Tensor:
-        """Record the current factors as ``A0, B0`` and set ``W = W0 - s B0 A0``.
-
-        The product is formed in float32 (float64 for float64 weights) from the factors *as stored* (their dtype), so
-        :func:`lowrank.load_adapter` recomputes the same offset bit for bit. Returns the
-        previous weight data, for rollback.
-        """
-        self.A0, self.B0 = self.A.detach().clone(), self.B.detach().clone()
-        return self.rebuild_offset(self.base_weight())
-
-    @torch.no_grad()
-    def rebuild_offset(self, w0: torch.Tensor) -> torch.Tensor:
-        """Set ``W = w0 - s B0 A0`` from an original weight ``w0 (d_out, d_in)``; returns the old data."""
-        return offset_weight(self.base_layer, w0, self.A0, self.B0, self.scaling)
-
-    @torch.no_grad()
-    def original_weight(self) -> torch.Tensor:
-        """``W0`` recovered as ``W + s B0 A0`` (float32/64; exact up to one rounding of the base dtype)."""
-        w = self.base_weight().to(self.compute_dtype)
-        return w + self._product(self.B0, self.A0) if self.offset else w
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            raise RuntimeError("layer is already merged; call unmerge() first")
-        set_weight(self.base_layer, self.base_weight().to(self.compute_dtype) + self._product(self.B, self.A))
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise RuntimeError("layer is not merged")
-        set_weight(self.base_layer, self.base_weight().to(self.compute_dtype) - self._product(self.B, self.A))
-        self.merged = False
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, alpha={self.alpha:g}, "

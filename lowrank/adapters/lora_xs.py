@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
-from .base import Adapter, set_weight, weight_shape
+from .base import Adapter, weight_shape
 
 
 @register_adapter("lora_xs")
@@ -27,8 +27,9 @@ class LoRAXSLayer(Adapter):
 
     kind = "latent"
 
-    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0):
-        super().__init__()
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, scaling: float, dropout: float = 0.0,
+                 options: Any = None):
+        super().__init__(options)
         if not self.supports(base_layer):
             raise TypeError(f"LoRAXSLayer cannot wrap {type(base_layer).__name__}")
         self.base_layer = base_layer
@@ -39,7 +40,6 @@ class LoRAXSLayer(Adapter):
         self.register_buffer("B", torch.zeros(self.d_out, self.rank, dtype=w.dtype, device=w.device))  # (m, r) frozen
         self.R = nn.Parameter(torch.zeros(self.rank, self.rank, dtype=w.dtype, device=w.device))  # (r, r) trained
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
@@ -48,17 +48,10 @@ class LoRAXSLayer(Adapter):
         h = F.linear(self.dropout(x).to(self.R.dtype), self.A)  # (..., r)
         return y + (F.linear(F.linear(h, self.R), self.B) * self.scaling).to(y.dtype)
 
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
-
-    def _product(self) -> torch.Tensor:
-        dt = self.compute_dtype
+    def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``s * B @ R @ A`` as ``(d_out, d_in)``, in ``dtype`` (default the core's)."""
+        dt = dtype or self.R.dtype
         return self.scaling * (self.B.to(dt) @ self.R.to(dt) @ self.A.to(dt))
-
-    def delta_weight(self) -> torch.Tensor:
-        """``s * B @ R @ A`` as ``(d_out, d_in)``."""
-        return self.scaling * (self.B @ self.R @ self.A)
 
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
         return {"R": self.R}
@@ -91,27 +84,6 @@ class LoRAXSLayer(Adapter):
         self.A.copy_(tensors["A"])
         self.B.copy_(tensors["B"])
         self.R.copy_(tensors["R"])
-
-    @property
-    def offset(self) -> bool:
-        return False
-
-    def original_weight(self) -> torch.Tensor:
-        return self.base_weight().to(self.compute_dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            raise RuntimeError("layer is already merged; call unmerge() first")
-        set_weight(self.base_layer, self.base_weight().to(self.compute_dtype) + self._product())
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            raise RuntimeError("layer is not merged")
-        set_weight(self.base_layer, self.base_weight().to(self.compute_dtype) - self._product())
-        self.merged = False
 
     def extra_repr(self) -> str:
         return (f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, alpha={self.alpha:g}, "
