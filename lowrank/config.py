@@ -11,6 +11,14 @@ from typing import Any, Mapping, Sequence
 SCALINGS = ("standard", "rslora")
 
 
+def output_scale(alpha: float, rank: int, scaling: str) -> float:
+    """The adapter's output scale ``s``: ``alpha / r`` (``"standard"``) or ``alpha / sqrt(r)`` (``"rslora"``,
+    Kalajdzievski 2023, arXiv 2312.03732). The one place the rule is written."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"invalid scaling={scaling!r}: must be one of {SCALINGS}")
+    return alpha / rank if scaling == "standard" else alpha / math.sqrt(rank)
+
+
 def _pattern_matches(key: str, name: str, *, literal: bool) -> bool:
     """``key`` matches the dotted module path ``name`` in full or as a dotted suffix.
 
@@ -68,6 +76,8 @@ class LoRAConfig:
     """Seed of the per-layer generators of random initializers (the global RNG is never touched)."""
     adapter: str = "lora"
     """Registered adapter layer (``lowrank.list_adapters()``)."""
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    """Options of the adapter layer (its ``Options``); unknown keys are an error that lists the valid ones."""
     rank_budget: int | None = None
     """Total rank summed over the target layers, allocated per layer by an initializer that supports it
     (EVA, GoRA) from its statistics. ``None``: fixed ranks, except for an initializer that always allocates
@@ -109,8 +119,10 @@ class LoRAConfig:
         if not isinstance(self.init_options, Mapping):
             raise ValueError(f"invalid init_options={self.init_options!r}: must be a dict")
         set_("init_options", dict(self.init_options))
+        if not isinstance(self.adapter_options, Mapping):
+            raise ValueError(f"invalid adapter_options={self.adapter_options!r}: must be a dict")
+        set_("adapter_options", dict(self.adapter_options))
         initializer = self._check_methods()  # unknown names and options fail here, before any model is touched
-        set_("_initializer", initializer)
         from .registry import INITIALIZERS
 
         can = INITIALIZERS.entry(self.init).capabilities["allocates_ranks"]  # derives from init.RankAllocation
@@ -118,7 +130,8 @@ class LoRAConfig:
 
     def _check_methods(self):
         """The initializer and adapter exist and fit each other (names stored as registered), the options, the
-        rank budget and the rank bounds are valid; returns the initializer instance."""
+        rank budget and the rank bounds are valid; returns an initializer instance built
+        from the options (to check them; each call that initializes builds its own)."""
         from .registry import ADAPTERS, INITIALIZERS, get_adapter, get_initializer
 
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -131,6 +144,7 @@ class LoRAConfig:
             raise ValueError(f"initializer {self.init!r} does not support adapter {self.adapter!r} (a {adapter.kind!r} "
                              f"adapter); it initializes {fits}. Choose one of those adapters or another initializer")
         initializer = init(**self.init_options)
+        self.make_adapter_options()  # unknown or mistyped adapter options fail here too
         if self.rank_budget is not None:
             _check_rank("rank_budget", self.rank_budget)
             if not INITIALIZERS.entry(self.init).capabilities["allocates_ranks"]:
@@ -148,35 +162,47 @@ class LoRAConfig:
     def rank_for(self, name: str) -> int:
         return int(lookup_pattern(self.rank_pattern, name, self.rank))
 
-    def alpha_for(self, name: str, rank: int | None = None) -> float:
-        """The layer's alpha; at an allocated ``rank`` other than the config's, as the initializer adjusts
-        it (``RankAllocation.scale_alpha``; EVA keeps ``alpha / r`` fixed)."""
+    def alpha_for(self, name: str, rank: int | None = None, initializer: Any = None) -> float:
+        """The layer's alpha; at an allocated ``rank`` other than the config's, as ``initializer`` (the call's
+        instance; ``None``: one built from this config) adjusts it (``RankAllocation.scale_alpha``; EVA keeps
+        ``alpha / r`` fixed)."""
         alpha = float(lookup_pattern(self.alpha_pattern, name, self.alpha))
         if rank is not None and rank != self.rank_for(name):
-            alpha = float(self._initializer.scale_alpha(alpha, self.rank_for(name), rank))  # type: ignore[attr-defined]
+            initializer = initializer if initializer is not None else self.make_initializer()
+            alpha = float(initializer.scale_alpha(alpha, self.rank_for(name), rank))
         return alpha
 
-    def scaling_for(self, name: str, rank: int | None = None) -> float:
-        """``s = alpha / r`` (standard) or ``alpha / sqrt(r)`` (rslora) for the layer ``name`` (at ``rank``,
-        default the config's rank for it)."""
-        r, alpha = self.rank_for(name) if rank is None else rank, self.alpha_for(name, rank)
-        return alpha / r if self.scaling == "standard" else alpha / math.sqrt(r)
+    def scaling_for(self, name: str, rank: int | None = None, initializer: Any = None) -> float:
+        """:func:`output_scale` for the layer ``name`` (at ``rank``, default the config's rank for it)."""
+        r = self.rank_for(name) if rank is None else rank
+        return output_scale(self.alpha_for(name, rank, initializer), r, self.scaling)
 
     @property
     def allocates_ranks(self) -> bool:
         """Whether the initializer chooses per-layer ranks (``rank_budget`` set, or it always allocates)."""
         return self._allocates  # type: ignore[attr-defined]
 
-    def allocation(self, names: Sequence[str]):
-        """The driver's :class:`~lowrank.init.driver.Allocation` for these target layers, or ``None``."""
+    def allocation(self, names: Sequence[str], initializer: Any):
+        """The driver's :class:`~lowrank.init.driver.Allocation` for these target layers (alphas at allocated ranks
+        as ``initializer``, the call's instance, adjusts them), or ``None``."""
         if not self.allocates_ranks:
             return None
         from .init.driver import Allocation
 
         total = self.rank_budget if self.rank_budget is not None else sum(self.rank_for(n) for n in names)
-        return Allocation(total, self.rank_min, self.rank_max, alpha=self.alpha_for, scaling=self.scaling_for)
+        return Allocation(total, self.rank_min, self.rank_max, alpha=lambda n, r: self.alpha_for(n, r, initializer),
+                          scaling=lambda n, r: self.scaling_for(n, r, initializer))
+
+    def make_adapter_options(self):
+        """The adapter's ``Options`` built from ``adapter_options`` (checked as ``init_options`` are)."""
+        from ._options import build_options
+        from .registry import get_adapter
+
+        return build_options(get_adapter(self.adapter).Options, self.adapter_options, "adapter", self.adapter)
 
     def make_initializer(self):
+        """A new initializer instance from ``init`` and ``init_options`` (:func:`lowrank.plan.plan` builds one per
+        call)."""
         from .registry import get_initializer
 
         return get_initializer(self.init)(**self.init_options)

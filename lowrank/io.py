@@ -30,7 +30,7 @@ from torch import nn
 
 from ._version import __version__
 from .adapters.base import weight_shape
-from .config import LoRAConfig, matches_targets
+from .config import LoRAConfig, matches_targets, output_scale
 from .plan import RECORD_ATTR, adapted_layers, check_untied, commit, find_trainable, plan, unwrap
 from .registry import get_adapter
 
@@ -325,7 +325,7 @@ def _check_layer_info(config: LoRAConfig, origin, adapter_cls, name: str, info: 
     want = (rank, config.alpha_for(name, rank), config.scaling_for(name, rank))
     got = (info["rank"], info["alpha"], info["scaling"])
     if origin:  # the method's own rules (ranks, alphas) are not installed: the file's values, self-consistent
-        want = (rank, got[1], got[1] / rank if config.scaling == "standard" else got[1] / math.sqrt(rank))
+        want = (rank, got[1], output_scale(got[1], rank, config.scaling))
     if got[0] != want[0] or not math.isclose(got[1], want[1]) or not math.isclose(got[2], want[2], rel_tol=1e-9):
         raise AdapterFileError(f"{where}: (rank, alpha, scaling) = {got} but the file's config gives {want}; "
                                "the file was edited or is corrupted")

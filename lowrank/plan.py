@@ -27,7 +27,7 @@ from .init.base import InitResult, Initializer
 from .init.budget import RankBudget
 from .init.driver import Allocation, LayerSpec, check_layers
 from .registry import get_adapter
-from .weights import Journal, offset_is_finite, offsets_in_place
+from .weights import Journal, offset_is_finite, offsets_in_place, original_weight
 
 RECORD_ATTR = "_lowrank_record"
 
@@ -84,9 +84,11 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def find_targets(model: nn.Module, config: LoRAConfig, ranks: Mapping[str, int] | None = None) -> list[LayerSpec]:
+def find_targets(model: nn.Module, config: LoRAConfig, ranks: Mapping[str, int] | None = None,
+                 initializer: Initializer | None = None) -> list[LayerSpec]:
     """The modules ``config.targets`` selects, validated (type, rank limits, dtype); ``ranks`` overrides
-    the config's per-layer ranks (allocated ones, read back from a saved adapter)."""
+    the config's per-layer ranks (allocated ones, read back from a saved adapter; their alphas as
+    ``initializer``, the call's instance, adjusts them)."""
     adapter_cls = get_adapter(config.adapter)
     aliases: dict[int, list[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
@@ -119,7 +121,8 @@ def find_targets(model: nn.Module, config: LoRAConfig, ranks: Mapping[str, int] 
         if rank > min(m, n):
             raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = min({m}, {n}) = {min(m, n)} for layer {name!r}; "
                              f"use rank <= {min(m, n)} (or rank_pattern={{{name!r}: {min(m, n)}}})")
-        targets.append(LayerSpec(name, module, rank, config.alpha_for(name, rank), config.scaling_for(name, rank)))
+        targets.append(LayerSpec(name, module, rank, config.alpha_for(name, rank, initializer),
+                                 config.scaling_for(name, rank, initializer)))
     if not targets:
         raise ValueError(f"targets {config.targets!r} matched no module of {type(model).__name__}; names match the "
                          f"full dotted path or its last components. Adaptable modules include: {_adaptable_names(model)}")
@@ -221,12 +224,12 @@ def plan(model: nn.Module, config: LoRAConfig, *, rollback: str = "exact", ranks
     if any(True for _ in adapted_layers(model)):
         raise ValueError(f"{type(model).__name__} already has lowrank adapters; call lowrank.unload(model) "
                          f"before injecting again")
-    layers = find_targets(model, config, ranks)
+    init = config.make_initializer() if initializer else None  # the one instance of this call
+    layers = find_targets(model, config, ranks, init)
     trainable = find_trainable(model, config.trainable, layers)
-    if not initializer:
+    if init is None:
         return Plan(model, config, tuple(layers), tuple(trainable), None, rollback)
-    init = config.make_initializer()
-    allocation = config.allocation([s.name for s in layers])
+    allocation = config.allocation([s.name for s in layers], init)
     budget = check_layers(init, layers, config.seed, allocation)
     if init.offset:  # declared: refuse tied weights now, not after the data pass
         check_untied(model, layers, config.init)
@@ -246,7 +249,7 @@ def check_offsets(layers: Sequence[LayerSpec], results: Sequence[InitResult], in
 
 
 def _restore_in_place(layer: Adapter) -> None:
-    weight_view(layer.base_layer).copy_(layer.original_weight().to(layer.base_layer.weight.dtype))
+    weight_view(layer.base_layer).copy_(original_weight(layer).to(layer.base_layer.weight.dtype))
 
 
 def commit(p: Plan, results: Sequence[InitResult]) -> None:
@@ -259,12 +262,12 @@ def commit(p: Plan, results: Sequence[InitResult]) -> None:
     model, config = p.model, p.config
     if p.rollback == "recompute":
         check_offsets(p.layers, results, config.init)
-    adapter_cls = get_adapter(config.adapter)
+    adapter_cls, options = get_adapter(config.adapter), config.make_adapter_options()
     flags = {name: q.requires_grad for name, q in model.named_parameters()}
     journal = Journal(model)
     try:
         for spec, res in zip(p.layers, results):
-            layer = adapter_cls(spec.module, spec.rank, spec.alpha, spec.scaling, config.dropout)
+            layer = adapter_cls(spec.module, spec.rank, spec.alpha, spec.scaling, config.dropout, options)
             layer.train(spec.module.training)
             try:
                 with offsets_in_place() if p.rollback == "recompute" else nullcontext():

@@ -97,3 +97,33 @@ def test_declared_offsets_match_what_each_builtin_returns(name):
     if p.initializer.offset is not None:
         assert all(bool(r.offset) == p.initializer.offset for r in results)
     assert lowrank.registry.INITIALIZERS.entry(name).capabilities["offset"] == cls.offset
+
+
+def test_one_initializer_instance_per_inject_call_and_its_warnings_each_call():
+    """The config builds no instance it keeps: each ``inject`` builds exactly one (allocation, checks and init all
+    use it), so per-call state such as LoRA-GA's scaling warning is fresh every call."""
+    built = []
+    base = lowrank.get_initializer("eva")
+
+    @lowrank.register_initializer("test_counted_eva", override=True)
+    class Counted(base):
+        def __init__(self, **kw):
+            built.append(1)
+            super().__init__(**kw)
+
+    try:
+        cfg = LoRAConfig(rank=2, targets=["query", "value"], init="test_counted_eva", rank_budget=6,
+                         init_options={"progress": False})
+        assert not hasattr(cfg, "_initializer")
+        for _ in range(2):
+            built.clear()
+            model = lowrank.inject(tiny_bert(), cfg, data=batches("bert"), progress=False)
+            assert len(built) == 1
+            ranks = {n: layer.rank for n, layer in lowrank.adapted_layers(model)}
+            assert sum(ranks.values()) == 6
+    finally:
+        lowrank.registry.INITIALIZERS.unregister("test_counted_eva")
+    ga = LoRAConfig(rank=2, targets=["query"], init="lora_ga", init_options={"progress": False})
+    for _ in range(2):  # standard scaling: the paper's rsLoRA warning comes once per call, not once per config
+        with pytest.warns(UserWarning, match="rsLoRA scaling"):
+            lowrank.inject(tiny_bert(), ga, data=batches("bert"), progress=False)
