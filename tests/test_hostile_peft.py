@@ -170,3 +170,25 @@ def test_a_copy_warns_for_itself_and_peft_own_offset_inits_are_refused(tmp_path)
                                                                init_lora_weights="pissa"))
     with pytest.raises(ValueError, match="initialized by PEFT itself \\(init_lora_weights='pissa'\\)"):
         lowrank.peft.export(own, tmp_path / "own")
+
+
+class _Untouchable:
+    def __iter__(self):
+        raise AssertionError("the data was iterated: the tie check ran after the data pass started")
+
+
+def test_initialize_refuses_an_offset_on_tied_weights_before_the_data_pass():
+    """GPT-2's ``lm_head`` shares ``wte``: offsetting it would silently change the embeddings too."""
+    from tests.conftest import tiny_gpt2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=2, target_modules=["lm_head"], use_rslora=True))
+    snap = Snapshot(pm)
+    for init, data in (("pissa", None), ("lora_ga", _Untouchable())):
+        with pytest.raises(ValueError, match="lm_head.base_layer' shares its weight with .*wte.weight"):
+            lowrank.peft.initialize(pm, init, data=data, init_options={"progress": False} if data else None)
+        snap.assert_unchanged()
+    wte = pm.base_model.model.transformer.wte.weight.detach().clone()
+    lowrank.peft.initialize(pm, "kaiming")  # no offset: the tie is harmless
+    assert torch.equal(pm.base_model.model.transformer.wte.weight, wte)

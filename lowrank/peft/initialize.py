@@ -10,7 +10,11 @@ leaving PEFT::
 Each PEFT LoRA layer's ``lora_A`` / ``lora_B`` get the initializer's ``A``, ``B`` (cast to their
 dtype); for methods that offset the base, the base weight becomes ``W0 - s B A`` (computed in
 float32 from the cast factors, in the base layer's layout). The rank, alpha and scaling are
-PEFT's. Atomic: on any error, weights are put back bit for bit.
+PEFT's. The same stops as ``lowrank.inject`` (``lowrank.plan``'s data-free checks, tied weights refused
+before the data pass for a declared offset, ``lowrank.init.driver`` for statistics and factors, the
+``lowrank.weights`` offset formula and journal); only the commit differs, because PEFT owns these layers:
+lowrank writes into their ``lora_A`` / ``lora_B`` instead of swapping modules. Atomic: on any error,
+weights are put back bit for bit.
 
 **Saving.** For methods that offset the base, an adapter PEFT's ``save_pretrained`` writes is relative to
 the offset base ``W0 - s B0 A0`` and does not reproduce the model on the original base (the model's
@@ -22,6 +26,7 @@ LoRA ``[A; A0]``, ``[B, -B0]`` on the original weights (``modules_to_save`` kept
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -30,6 +35,7 @@ from torch import nn
 from ..adapters.base import weight_view
 from ..init.base import RankAllocation
 from ..init.driver import LayerSpec, run_initializer
+from ..plan import check_untied
 from ..weights import Journal, offset_weight
 from ..registry import get_initializer
 from . import native
@@ -52,6 +58,12 @@ def _lora_layers(peft_model: nn.Module, adapter: str) -> dict[str, nn.Module]:
         raise ValueError(f"no PEFT LoRA layers with adapter {adapter!r} in {type(peft_model).__name__}; pass the "
                          "model returned by peft.get_peft_model (or adapter_name=...)")
     return layers
+
+
+def _check_untied(peft_model: nn.Module, specs: list[LayerSpec], init: str, results=None) -> None:
+    """``lowrank.plan.check_untied`` on the PEFT model: the base layers under their full names there."""
+    full = {id(m): n for n, m in peft_model.named_modules()}
+    check_untied(peft_model, [replace(s, name=full[id(s.module)]) for s in specs], init, results)
 
 
 @torch.no_grad()
@@ -102,7 +114,10 @@ def initialize(peft_model: nn.Module, init: str = "lora_ga", data: Iterable | No
                          "allocate_ranks=False), or allocate with lowrank.inject and lowrank.peft.export")
     specs = [LayerSpec(n, m.get_base_layer(), m.r[adapter_name], float(m.lora_alpha[adapter_name]),
                        float(m.scaling[adapter_name])) for n, m in layers.items()]
+    if initializer.offset:  # declared: tied weights are refused before the data pass, as lowrank.plan does
+        _check_untied(peft_model, specs, init)
     results = run_initializer(initializer, specs, seed=seed, model=peft_model, data=data, loss_fn=loss_fn)
+    _check_untied(peft_model, specs, init, results)
     initial = _commit(peft_model, layers, adapter_name, dict(zip(layers, results)))
     native.remember(peft_model, adapter_name, native.PeftInitRecord(init, dict(init_options or {}), initial))
     return peft_model
