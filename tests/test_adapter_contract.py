@@ -122,3 +122,54 @@ def test_bad_input_leaves_the_model_unchanged(adapter):
     wrong_init = "kaiming" if lowrank.get_adapter(adapter).kind != "factors" else "lora_xs"
     with pytest.raises(ValueError, match=f"initializer '{wrong_init}' does not support adapter '{adapter}'"):
         cfg.replace(init=wrong_init, init_options={})
+
+
+def test_adapter_options_reach_the_layer_are_checked_and_round_trip(tmp_path):
+    """``LoRAConfig.adapter_options`` is checked against the adapter's ``Options`` (as ``init_options`` are), given
+    to every layer, and saved with the adapter so a load rebuilds the same layers."""
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Opts:
+        gain: float = 1.0
+
+        def __post_init__(self):
+            if self.gain <= 0:
+                raise ValueError(f"gain must be > 0, got {self.gain}")
+
+    @lowrank.register_adapter("test_gained_lora", override=True)
+    class Gained(lowrank.LoRALayer):
+        Options = Opts
+
+        def forward(self, x):
+            y = self.base_layer(x)
+            return y + self.options.gain * (super().forward(x) - y)
+
+        def delta_weight(self, dtype=None):
+            return self.options.gain * super().delta_weight(dtype)
+
+    try:
+        for bad, match in (({"gian": 2.0}, r"unknown option\(s\) \['gian'\] for adapter 'test_gained_lora'; valid "
+                                           r"options: \['gain'\]"),
+                           ({"gain": "2"}, "option gain='2' of adapter 'test_gained_lora' must be a finite number"),
+                           ({"gain": -1.0}, "adapter 'test_gained_lora': gain must be > 0")):
+            with pytest.raises(ValueError, match=match):
+                lowrank.LoRAConfig(rank=2, targets=["c_attn"], adapter="test_gained_lora", adapter_options=bad)
+        with pytest.raises(ValueError, match=r"unknown option\(s\) \['gain'\] for adapter 'lora'; valid options: none"):
+            lowrank.LoRAConfig(rank=2, targets=["c_attn"], adapter_options={"gain": 2.0})
+        factory, cfg = build("test_gained_lora")
+        cfg = cfg.replace(adapter_options={"gain": 3.0})
+        model = lowrank.inject(factory(), cfg, progress=False)
+        layers = dict(lowrank.adapted_layers(model))
+        assert layers and all(layer.options == Opts(3.0) for layer in layers.values())
+        step(model)
+        lowrank.save_adapter(model, tmp_path / "a")
+        loaded = lowrank.load_adapter(factory(), tmp_path / "a")
+        assert all(layer.options == Opts(3.0) for _, layer in lowrank.adapted_layers(loaded))
+        assert torch.equal(logits(loaded), logits(model))
+        ref = lowrank.inject(factory(), cfg.replace(adapter_options={}), progress=False)
+        for (_, a), (_, b) in zip(lowrank.adapted_layers(model), lowrank.adapted_layers(ref)):
+            b.load_tensors(a.tensors())
+        assert not torch.allclose(logits(ref), logits(model))  # gain 3 vs 1: the option acts
+    finally:
+        lowrank.registry.ADAPTERS.unregister("test_gained_lora")
