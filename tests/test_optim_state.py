@@ -69,6 +69,7 @@ def test_a_chain_nests_real_states_and_saves_them_flat():
     name = next(iter(opt.layer_state))
     st = opt.layer_state[name]
     assert set(st) == {"0", "1", "2"} and dict(st["0"]) == {}
+    assert not any(isinstance(v, ReadOnlyState) for v in st.values())  # an unchanged part's state is carried, not a view
     assert isinstance(st["1"], RiteState) and int(st["1"].step) == 3 and float(st["2"]["count"]) == 3
     saved = opt.state_dict()["layers"][name]
     assert set(saved) == {f"1.{f}" for f in RiteState._fields} | {"2.count"}

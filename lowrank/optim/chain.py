@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import BatchedPreconditioner, LayerGrads, Preconditioner
-from .state import Update, split
+from .state import Update, split, unwrapped
 
 
 class Chain(BatchedPreconditioner):
@@ -54,7 +54,7 @@ class Chain(BatchedPreconditioner):
             out = []
             for layer, st, res in zip(layers, states, p.update_many(items)):
                 gA, gB, nxt = split(res)
-                st[key] = layer.state[key] if nxt is None else nxt
+                st[key] = unwrapped(layer.state)[key] if nxt is None else nxt
                 out.append((gA, gB))
         return [Update(gA, gB, st) for (gA, gB), st in zip(out, states)]
 

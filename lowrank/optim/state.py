@@ -82,3 +82,9 @@ class ReadOnlyState(Mapping):
 
 def read_only(state: Any) -> Any:
     return ReadOnlyState(state) if isinstance(state, Mapping) and not isinstance(state, ReadOnlyState) else state
+
+
+def unwrapped(state: Any) -> Any:
+    """The state a :class:`ReadOnlyState` view shows (anything else as it is): what a state that did not change
+    carries forward, so the next state holds no views."""
+    return state._state if isinstance(state, ReadOnlyState) else state
