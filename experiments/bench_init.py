@@ -89,9 +89,9 @@ def get_batches(n_batches: int, batch_size: int):
     return n, list(classification_batches(train, tok, batch_size, shuffle=True, seed=1))[:n_batches]
 
 
-def lowrank_lora_ga(model, batches, rank, alpha, svd="full"):
+def lowrank_lora_ga(model, batches, rank, alpha, svd="full", variant="paper"):
     cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, targets=TARGETS, scaling="rslora", init="lora_ga",
-                             init_options={"progress": False, "svd": svd})
+                             init_options={"progress": False, "svd": svd, "variant": variant})
     lowrank.inject(model, cfg, data=batches, progress=False)
     return model
 
@@ -235,6 +235,8 @@ def bench_alignment(args, n, batches):
         "lowrank lora_ga svd=randomized": _pairs_lowrank(
             lowrank_lora_ga(load_model(n)[0], batches, args.rank, args.alpha, svd="randomized")),
         "peft lora_ga": _pairs_peft(peft_lora_ga(load_model(n)[0], batches, args.rank, args.alpha)),
+        "lowrank lora_ga variant=peft": _pairs_lowrank(
+            lowrank_lora_ga(load_model(n)[0], batches, args.rank, args.alpha, svd="auto", variant="peft")),
     }
     print("| | sin(angle(first step, G_2r)) median | max | sin(angle(first step, G)) median |\n|---|---|---|---|")
     for label, pairs in arms.items():

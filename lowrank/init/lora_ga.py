@@ -18,6 +18,18 @@ Directions (index sets over the top ``2r``): ``ArB2r`` (default) ``I_A = 0..r-1`
 
 Unlike PEFT's ``lora_ga``, ``B`` is not multiplied by singular values and both factors are
 scaled, so the alignment theorem holds exactly; ``random`` never reuses an index.
+
+``variant="peft"`` is PEFT's ``preprocess_loraga`` + ``get_peft_model`` (PEFT 0.21, ``LoraLayer.lora_ga_init``), to
+compare against "LoRA-GA in PEFT" inside one framework: the same ``G`` (the mean gradient over the batches), its
+top ``2r`` triplets from ``torch.svd_lowrank(G, q=min(4r, m, n), niter=4)`` (seeded from the layer's generator,
+the global RNG untouched; ``svd="full"`` takes the exact SVD instead), and
+
+    A = V[:, I_A]^T,   B = U[:, I_B] diag(S[I_B]) * f,    W = W0 - s B A
+
+with ``f = m^(1/4) / sqrt(gamma)`` (``stable``), ``sigma_1(W0) / S[I_B][0]`` (``weight``; PEFT's ``weight_svd``, the
+first from ``svd_lowrank(W0, q=r, niter=4)``), 1 (``unit``); ``gd`` (PEFT's ``gd_scale``) divides ``A`` and ``B``
+by ``s``. ``random`` draws one set of ``r`` indices for both (``I_A = I_B``), as PEFT does. Its first step is
+``-lr s^2 (f^2 U_B S_B^2 U_B^T G + G V_A V_A^T)``, not proportional to ``G_2r`` (``docs/methods.md``).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from .scale import check_scale, scale_factor
 from .svd import check_svd_options
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+VARIANTS = ("paper", "peft")
 
 
 def split_indices(direction: str, r: int, generator: torch.Generator | None = None) -> tuple[list[int], list[int]]:
@@ -72,6 +85,8 @@ class LoRAGA(GradientInitializer):
         """Randomized SVD: Krylov depth (search space of (2r + oversample)(niter + 1) directions); default 4
         for ``svd="randomized"``, 2 for the layers ``svd="auto"`` factorizes randomized (first step within 1e-3
         of the Eckart-Young floor there, ``lowrank.init.svd.AUTO_FULL_MAX``)."""
+        variant: str = "paper"
+        """``paper`` (Algorithm 1, the theorem exact) or ``peft`` (PEFT's ``lora_ga``; module docstring)."""
 
         def __post_init__(self):
             super().__post_init__()
@@ -79,6 +94,14 @@ class LoRAGA(GradientInitializer):
                 raise ValueError(f"invalid direction={self.direction!r}: must be one of {DIRECTIONS}")
             check_scale(self.scale, self.stable_gamma)
             check_svd_options(self.svd, self.oversample, 0 if self.niter is None else self.niter)
+            if self.variant not in VARIANTS:
+                raise ValueError(f"invalid variant={self.variant!r}: must be one of {VARIANTS}")
+            if self.variant == "peft" and self.estimator != "dense":
+                raise ValueError("variant='peft' factorizes the dense gradient as PEFT does; use estimator='dense' "
+                                 "(the default) or variant='paper'")
+            if self.variant == "peft" and self.svd == "randomized":
+                raise ValueError("variant='peft' takes PEFT's torch.svd_lowrank (svd='auto', the default) or the exact "
+                                 "SVD (svd='full'); svd='randomized' is lowrank's own")
 
     _warned_scaling = False
     sketchable = True
@@ -97,6 +120,8 @@ class LoRAGA(GradientInitializer):
                           f"{ctx.scaling:.4g} = alpha / r. Pass scaling='rslora' to follow the paper.", stacklevel=4)
 
     def init_layer(self, ctx: LayerContext) -> InitResult:
+        if self.options.variant == "peft":
+            return peft_factors(ctx, self.options)
         o, r = self.options, ctx.rank
         niter = o.niter if o.niter is not None else (2 if o.svd == "auto" else 4)
         U, _, V = ctx.gradient_svd(2 * r, method=o.svd, oversample=o.oversample, niter=niter,
@@ -107,3 +132,39 @@ class LoRAGA(GradientInitializer):
         A = c * V[:, ia].T  # (r, n)
         B = c * U[:, ib]  # (m, r)
         return InitResult(A=A.to(ctx.device), B=B.to(ctx.device), offset=True)
+
+
+def _svd_lowrank(X: torch.Tensor, q: int, generator: torch.Generator):
+    """``torch.svd_lowrank(X, q=q, niter=4)`` as PEFT calls it, its random draws seeded from ``generator`` (the
+    global RNG is restored afterwards)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    devices = [X.device.index or 0] if X.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return torch.svd_lowrank(X, q=q, niter=4)
+
+
+def peft_factors(ctx: LayerContext, o) -> InitResult:
+    """PEFT's ``lora_ga`` factors (module docstring, ``variant="peft"``)."""
+    r, G = ctx.rank, ctx.gradient().float()  # (m, n)
+    if o.svd == "full":
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        V = Vh.T
+    else:
+        U, S, V = _svd_lowrank(G, min(4 * r, *G.shape), ctx.generator)
+    U, S, V = U[:, : 2 * r], S[: 2 * r], V[:, : 2 * r]
+    if o.direction == "random":  # PEFT: one draw for both factors
+        ia = ib = torch.randperm(2 * r, generator=ctx.generator)[:r].tolist()
+    else:
+        ia, ib = split_indices(o.direction, r)
+    A, B, s_b = V[:, ia].T, U[:, ib] * S[ib], S[ib]  # (r, n), (m, r)
+    if o.scale == "stable":  # PEFT takes m from the stored weight's first dimension: d_in for a Conv1D layer
+        B = B * (ctx.module.weight.shape[0] ** 0.25 / o.stable_gamma ** 0.5)
+    elif o.scale == "weight":
+        sigma = (torch.linalg.svdvals(ctx.weight.float())[:1] if o.svd == "full"
+                 else _svd_lowrank(ctx.weight.float(), r, ctx.generator)[1])
+        if s_b[0] > 0:
+            B = B * (sigma[0] / s_b[0])
+    elif o.scale == "gd":
+        A, B = A / ctx.scaling, B / ctx.scaling
+    return InitResult(A=A.to(ctx.device), B=B.to(ctx.device), offset=True)
