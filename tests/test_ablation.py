@@ -74,8 +74,11 @@ def test_sweep_writes_one_line_per_run_resumes_and_summarizes(tmp_path, capsys):
     assert r["val"]["loss"] != r["test"]["loss"]  # two different splits
     assert len(r["loss_curve"]) == 8 and [e["step"] for e in r["eval"]] == [0, 4, 8]
     assert r["eval"][-1]["loss"] == r["val"]["loss"]  # the curve is on validation
+    for rec in records:  # the forgetting metric: intruder dimensions of every target layer (full FT included)
+        assert set(rec["intruders"]) == {"total", "layers", "layers_with", "top_k", "epsilon"}
+        assert rec["intruders"]["layers"] == 2 and 0 <= rec["intruders"]["layers_with"] <= 2
     out = capsys.readouterr().out
-    assert "| LoRA-GA | 2 | 0.01 |" in out and "speed-up" in out
+    assert "| LoRA-GA | 2 | 0.01 |" in out and "speed-up" in out and "intruder dims |" in out
     assert (results.parent / "t.md").exists() and (results.parent / "t_curves.png").stat().st_size > 1000
     # rerun: everything is already there, nothing is trained again
     assert main([str(cfg_path), "--no-progress"]) == 0

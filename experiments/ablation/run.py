@@ -122,6 +122,7 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
     built = task.build(spec["seed"], spec["batch_size"])
     _check_built(built, spec)
     model = prepare(built.model, spec, device)
+    pretrained = _target_weights(model, built.targets) if spec["arm_config"]["full_finetune"] else None
     built.init_batches = [_to(b, device) for b in built.init_batches]
     if world > 1:
         built.init_batches = built.init_batches[rank::world]
@@ -162,11 +163,44 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
         if status == "ok":
             final_val = {k: v for k, v in evals[-1].items() if k != "step"}
             final_test = task.evaluate(model, [_to(b, device) for b in built.test_batches], progress=show)
+            intruders = intruder_summary(model, pretrained)
         else:
             final_val = final_test = dict.fromkeys(task.metrics)
-    return {**spec, "status": status, "loss_curve": losses, "eval": evals, "val": final_val, "test": final_test,
+            intruders = None
+    return {**spec, "status": status, "intruders": intruders, "loss_curve": losses, "eval": evals, "val": final_val, "test": final_test,
             "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra, "world_size": world,
             "lowrank_version": lowrank.__version__, "torch_version": torch.__version__}
+
+
+INTRUDER_TOP_K, INTRUDER_EPSILON = 10, 0.5
+"""The intruder-dimension test of arXiv 2410.21228 as PEFT applies it (``lowrank.theory.intruder_dimensions``)."""
+
+
+def _target_weights(model, targets) -> dict[str, torch.Tensor]:
+    """Copies of the target layers' pretrained weights, ``(d_out, d_in)``: what full fine-tuning is compared with."""
+    from lowrank.adapters.base import SUPPORTED_TYPES, weight_view
+    from lowrank.config import matches_targets
+
+    return {n: weight_view(m).detach().clone() for n, m in model.named_modules()
+            if n and isinstance(m, SUPPORTED_TYPES) and matches_targets(targets, n)}
+
+
+def intruder_summary(model, pretrained: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """Intruder dimensions of the trained target layers against their pretrained weights, a forgetting metric:
+    ``total`` over layers (each counts its top-``top_k`` singular vectors with ``max |cos| < epsilon``), ``layers``
+    and ``layers_with`` (how many have at least one). ``pretrained``: the full fine-tuning arm's copies."""
+    from lowrank.adapters.base import weight_view
+    from lowrank.theory import intruder_dimensions, model_intruder_dimensions
+
+    if pretrained is None:
+        found = model_intruder_dimensions(model, INTRUDER_TOP_K, INTRUDER_EPSILON)
+    else:
+        modules = dict(model.named_modules())
+        found = {n: intruder_dimensions(w0, weight_view(modules[n]), INTRUDER_TOP_K, INTRUDER_EPSILON)
+                 for n, w0 in pretrained.items()}
+    counts = [r.count for r in found.values()]
+    return {"total": sum(counts), "layers": len(counts), "layers_with": sum(c > 0 for c in counts),
+            "top_k": INTRUDER_TOP_K, "epsilon": INTRUDER_EPSILON}
 
 
 def _check_built(built, spec) -> None:

@@ -82,6 +82,10 @@ def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> 
             "speed_up": (statistics.fmean(ref_steps) / st.mean) if ref_steps and st.n else None,
             "time_s": _num(mean_ci([r["wall_time_s"] for r in finals]).mean),
         })
+        counted = [r["intruders"]["total"] for r in ok if r.get("intruders")]
+        if counted:  # records from before the metric carry none (and their summaries stay as they were)
+            iv = mean_ci(counted)
+            out[-1].update(intruders=iv.mean, intruders_ci=iv.ci, intruders_n=len(counted))
     return out
 
 
@@ -106,8 +110,10 @@ def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]],
     lines = [f"Each arm at its chosen learning rate (chosen on validation `{cfg.select}`); test metrics, mean and "
              f"95% t-interval over seeds; Δ = paired difference to {ref} (same seeds and batches).", "",
              f"| arm | rank | lr | interior | runs to choose lr | seeds | test {metric} |" + (" test loss |" if extra else "")
-             + f" Δ test {metric} vs {ref} | verdict | steps to {ref}'s final train loss | speed-up | time (s) |",
-             "|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|"]
+             + f" Δ test {metric} vs {ref} | verdict | steps to {ref}'s final train loss | speed-up | time (s) |"
+             + (" intruder dims |" if any("intruders" in r for r in rs) else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|"
+             + ("---|" if any("intruders" in r for r in rs) else "")]
     for r in rs:
         rank = "full" if r["rank"] is None else r["rank"]
         interior = {True: "yes", False: "**no**", None: "n/a"}[r["lr_interior"]]
@@ -122,7 +128,9 @@ def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]],
                      + (f"{_f(r['test_loss'])} | " if extra else "") +
                      f"{_ci(r['delta_vs_reference'], r['delta_ci'], '+.3f') if r['verdict'] != 'reference' else '0'} | "
                      f"{r['verdict']} | {steps} | {_f(r['speed_up'], '.2f') + 'x' if r['speed_up'] else 'n/a'} | "
-                     f"{_f(r['time_s'], '.0f')} |")
+                     f"{_f(r['time_s'], '.0f')} |"
+                     + ((f" {_ci(r.get('intruders'), r.get('intruders_ci'), '.1f')} |")
+                        if any("intruders" in x for x in rs) else ""))
     n = min((r["n_seeds"] for r in rs), default=0)
     if n == 1:
         lines += ["", "One seed per arm: no intervals and no verdicts; add seeds for a comparison."]
