@@ -30,7 +30,8 @@ from .config import LoRAConfig
 from .inject import adapted_layers, default_loss, inject
 from .model_ops import merge, rank_allocation, summary, trainable_parameters, unload, unmerge
 from .io import AdapterFileError, load_adapter, save_adapter
-from . import optim, peft, theory  # noqa: E402  (subpackages; none of them imports peft the library)
+from .qlora import quantization_errors, quantize_base
+from . import optim, peft, quant, theory  # noqa: E402  (subpackages; none of them imports peft the library)
 
 __all__ = [
     "__version__",
@@ -41,4 +42,5 @@ __all__ = [
     "register_adapter", "get_adapter", "list_adapters", "register_statistic", "list_statistics",
     "inject", "adapted_layers", "default_loss", "merge", "unmerge", "unload",
     "trainable_parameters", "summary", "rank_allocation", "save_adapter", "load_adapter",
+    "quantize_base", "quantization_errors",
 ]

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .adapters.base import SUPPORTED_TYPES, Adapter, weight_shape, weight_view
+from .adapters.base import SUPPORTED_TYPES, Adapter, weight_dtype, weight_shape, weight_view
 from .config import LoRAConfig, matches_targets
 from .init.base import InitResult, Initializer
 from .init.budget import RankBudget
@@ -114,7 +114,7 @@ def find_targets(model: nn.Module, config: LoRAConfig, ranks: Mapping[str, int] 
                 f"{config.adapter!r} wraps only {', '.join(t.__name__ for t in SUPPORTED_TYPES)}. "
                 f"Narrow targets to those (e.g. {_adaptable_names(model, 3)})")
         _check_not_sharded(name, module.weight)
-        if not module.weight.dtype.is_floating_point:
+        if not weight_dtype(module).is_floating_point:
             raise TypeError(f"layer {name!r} has a {module.weight.dtype} weight; lowrank adapts floating-point weights only")
         m, n = weight_shape(module)
         rank = ranks[name] if ranks is not None and name in ranks else config.rank_for(name)
@@ -241,8 +241,9 @@ def check_offsets(layers: Sequence[LayerSpec], results: Sequence[InitResult], in
     them), before any weight is written: the check ``offset_weight`` makes, done up front."""
     for spec, res in zip(layers, results):
         if res.offset:
-            dt = spec.module.weight.dtype
-            if not offset_is_finite(spec.module, weight_view(spec.module), res.A.to(dt), res.B.to(dt), spec.scaling):
+            dt = weight_dtype(spec.module)
+            A0, B0 = res.subtracted()
+            if not offset_is_finite(spec.module, weight_view(spec.module), A0.to(dt), B0.to(dt), spec.scaling):
                 raise FloatingPointError(f"layer {spec.name!r} ({init_name!r}): the offset base weight W0 - s B A is "
                                          f"not finite (the factors are too large for the weight's dtype {dt}); the "
                                          "model was not changed. Use smaller factors")

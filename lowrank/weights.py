@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adapters.base import set_weight, weight_view
+from .adapters.base import restore_weight, set_weight, weight_dtype, weight_view
+from .quant import is_4bit
 
 
 _IN_PLACE = contextvars.ContextVar("lowrank_offsets_in_place", default=False)
@@ -43,18 +44,18 @@ OFFSET_BLOCK = 1 << 22
 def _offset_blocks(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float):
     """``(rows, w0[rows] - s B[rows] A)`` block by block: float32 (float64 for float64 weights), one fused
     product per block (no ``(m, n)`` temporaries), cast to the weight's dtype."""
-    dt = torch.promote_types(module.weight.dtype, torch.float32)
+    dt, out_dt = torch.promote_types(weight_dtype(module), torch.float32), weight_dtype(module)
     A = A.to(dt)
     step = max(1, OFFSET_BLOCK // max(1, w0.shape[1]))
     for i in range(0, w0.shape[0], step):
         rows = slice(i, i + step)
-        yield rows, torch.addmm(w0[rows].to(dt), B[rows].to(dt), A, alpha=-scaling).to(module.weight.dtype)
+        yield rows, torch.addmm(w0[rows].to(dt), B[rows].to(dt), A, alpha=-scaling).to(out_dt)
 
 
 def offset_value(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """``w0 - s B A`` as :func:`offset_weight` writes it: float32 (float64 for float64 weights), one fused product
     per block of rows (:data:`OFFSET_BLOCK`), then cast to the weight's dtype; ``(d_out, d_in)``."""
-    out = torch.empty(w0.shape, dtype=module.weight.dtype, device=w0.device)
+    out = torch.empty(w0.shape, dtype=weight_dtype(module), device=w0.device)
     for rows, block in _offset_blocks(module, w0, A, B, scaling):
         out[rows] = block
     return out
@@ -71,32 +72,33 @@ def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch
     """Set ``module``'s weight to ``w0 - s B A`` (:func:`offset_value`); return the previous data for rollback.
     A result that is not finite is an error and the weight is left as it was. Under :func:`offsets_in_place`
     the storage is overwritten block by block once every block is known to be finite (no ``(m, n)``
-    temporary) and ``None`` is returned."""
-    if _IN_PLACE.get():
+    temporary) and ``None`` is returned. A 4-bit layer gets ``quant(w0 - s B A)`` (never in place: its previous
+    ``Params4bit``, an eighth of a float32 copy, is returned), its quantization error noted by :func:`set_weight`."""
+    if _IN_PLACE.get() and not is_4bit(module):
         if not offset_is_finite(module, w0, A, B, scaling):
             raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large "
-                                     f"for the weight's dtype {module.weight.dtype}); the model was not changed. Use "
+                                     f"for the weight's dtype {weight_dtype(module)}); the model was not changed. Use "
                                      "smaller factors")
         w = weight_view(module)
         for rows, block in _offset_blocks(module, w0, A, B, scaling):  # w0 may be w: each block is read first
             w[rows] = block
         return None
-    old = set_weight(module, offset_value(module, w0, A, B, scaling))
-    if not torch.isfinite(module.weight).all():
-        module.weight.data = old
+    value = offset_value(module, w0, A, B, scaling)
+    if not torch.isfinite(value).all():
         raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large for the "
-                                 f"weight's dtype {old.dtype}); the model was not changed. Use smaller factors")
-    return old
+                                 f"weight's dtype {value.dtype}); the model was not changed. Use smaller factors")
+    return set_weight(module, value)
 
 
 @torch.no_grad()
-def apply_offset(layer: nn.Module) -> torch.Tensor | None:
-    """Record ``layer``'s current factors as its initial ``A0``, ``B0`` and set ``W = W0 - s B0 A0``.
+def apply_offset(layer: nn.Module, pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """Record ``layer``'s current factors (or ``pair``, cast to the factors' dtype) as its ``A0``, ``B0`` and set
+    ``W = W0 - s B0 A0``.
 
     The product is formed in float32 (float64 for float64 weights) from the factors *as stored* (their dtype),
     so :func:`lowrank.load_adapter` recomputes the same offset bit for bit. Returns the previous weight data, for
     rollback (``None`` under :func:`offsets_in_place`)."""
-    pair = layer.factors()
+    pair = pair if pair is not None else layer.factors()
     if pair is None:
         raise ValueError(f"the {layer.registry_name!r} adapter trains no (A, B) pair, so its base cannot be offset "
                          "(W = W0 - s B0 A0); use an initializer that does not offset it")
@@ -145,7 +147,7 @@ class Journal:
     def replaced_weight(self, module: nn.Module, old: torch.Tensor | None) -> None:
         """``module``'s weight data was replaced; ``old`` is the previous data (``None``: nothing to note)."""
         if old is not None:
-            self.undo.append(lambda: setattr(module.weight, "data", old))
+            self.undo.append(lambda: restore_weight(module, old))
 
     def overwritten(self, restore: Callable[[], None]) -> None:
         """A weight was overwritten in place (no copy kept); ``restore`` recomputes it (e.g. ``W + s B0 A0``)."""

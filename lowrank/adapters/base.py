@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..quant import dequantized, dequantized_linear, is_4bit, quantize, set_param, stored_dtype
+
 try:  # transformers is a dependency, but keep the layer importable without it
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -29,26 +31,55 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)`` of a supported base module."""
+    """``(d_out, d_in)`` of a supported base module (a 4-bit layer stores its weight packed)."""
+    if is_4bit(module):
+        return module.out_features, module.in_features
     w = module.weight
     return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
 
 
 def weight_view(module: nn.Module) -> torch.Tensor:
-    """The base weight as a ``(d_out, d_in)`` view (no copy)."""
+    """The base weight as a ``(d_out, d_in)`` view (no copy); for a 4-bit layer, ``deq(Q)`` (a new tensor:
+    writing into it does not change the layer, :func:`set_weight` does)."""
+    if is_4bit(module):
+        return dequantized(module)
     w = module.weight
     return w.T if is_conv1d(module) else w
 
 
-def set_weight(module: nn.Module, w_mn: torch.Tensor) -> torch.Tensor:
-    """Store ``w_mn`` (``(d_out, d_in)``) as the module's weight data, in its dtype and layout.
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the base weight holds its values in (a 4-bit layer's: the dtype it was quantized from)."""
+    return stored_dtype(module)
 
-    Returns the previous data tensor, so a caller can put it back bit for bit.
+
+def set_weight(module: nn.Module, w_mn: torch.Tensor) -> torch.Tensor:
+    """Store ``w_mn`` (``(d_out, d_in)``) as the module's weight data, in its dtype and layout; a 4-bit layer
+    gets ``quant(w_mn)`` with its own settings, and records the relative quantization error
+    ``||w_mn - deq(quant(w_mn))||_F / ||w_mn||_F`` as ``module.quantization_error``.
+
+    Returns the previous data tensor (a 4-bit layer's previous ``Params4bit``), so a caller can put it back bit
+    for bit with :func:`restore_weight`.
     """
+    if is_4bit(module):
+        old, new = module.weight, quantize(module, w_mn)
+        set_param(module, new)
+        target = w_mn.detach().float()
+        module.quantization_error = float(torch.linalg.matrix_norm(target - dequantized(module).float())
+                                          / torch.linalg.matrix_norm(target).clamp_min(1e-30))
+        return old
     old = module.weight.data
     new = w_mn.T if is_conv1d(module) else w_mn
     module.weight.data = new.to(dtype=old.dtype, device=old.device).contiguous()
     return old
+
+
+def restore_weight(module: nn.Module, old: torch.Tensor) -> None:
+    """Undo :func:`set_weight` with what it returned."""
+    if is_4bit(module):
+        set_param(module, old)
+        module.__dict__.pop("quantization_error", None)
+    else:
+        module.weight.data = old
 
 
 class Adapter(nn.Module, ABC):
@@ -112,7 +143,7 @@ class Adapter(nn.Module, ABC):
     @property
     def compute_dtype(self) -> torch.dtype:
         """float32, or float64 for float64 weights: the precision of offsets and merges."""
-        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
+        return torch.promote_types(weight_dtype(self.base_layer), torch.float32)
 
     @property
     def offset(self) -> bool:
@@ -167,11 +198,16 @@ class Adapter(nn.Module, ABC):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight (:meth:`merged_weight` in :attr:`compute_dtype`; forward then skips
-        the adapter path)."""
+        the adapter path). A 4-bit base is replaced by a float ``nn.Linear`` holding the merged weight (a
+        dequantized copy: exact, where re-quantizing would round); :meth:`unmerge` puts the 4-bit layer back."""
         if self.merged:
             raise RuntimeError("layer is already merged; call unmerge() first")
         dt = self.compute_dtype
-        set_weight(self.base_layer, self.merged_weight(self.base_weight().to(dt), dt))
+        if is_4bit(self.base_layer):
+            self.__dict__["quantized_base"] = self.base_layer  # not a submodule: not saved, not trained
+            self.base_layer = dequantized_linear(self.base_layer, self.merged_weight(self.base_weight().to(dt), dt))
+        else:
+            set_weight(self.base_layer, self.merged_weight(self.base_weight().to(dt), dt))
         self.merged = True
 
     @torch.no_grad()
@@ -179,6 +215,10 @@ class Adapter(nn.Module, ABC):
         """Undo :meth:`merge`."""
         if not self.merged:
             raise RuntimeError("layer is not merged")
-        dt = self.compute_dtype
-        set_weight(self.base_layer, self.unmerged_weight(self.base_weight().to(dt), dt))
+        quantized = self.__dict__.pop("quantized_base", None)
+        if quantized is not None:
+            self.base_layer = quantized
+        else:
+            dt = self.compute_dtype
+            set_weight(self.base_layer, self.unmerged_weight(self.base_weight().to(dt), dt))
         self.merged = False

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
+from .base import weight_dtype
 from .lora import LoRALayer
 
 
@@ -34,7 +35,8 @@ class DoRALayer(LoRALayer):
                  options: Any = None):
         super().__init__(base_layer, rank, alpha, scaling, dropout, options)
         w = base_layer.weight
-        self.m = nn.Parameter(torch.ones(self.d_out, dtype=w.dtype, device=w.device))  # (d_out,)
+        dt = weight_dtype(base_layer)  # a 4-bit layer's packed weight is uint8
+        self.m = nn.Parameter(torch.ones(self.d_out, dtype=dt, device=w.device))  # (d_out,)
         self.register_buffer("merge_norm", None, persistent=False)  # the norm used by merge(), for unmerge()
 
     def weight_norm(self, dtype: torch.dtype | None = None) -> torch.Tensor:

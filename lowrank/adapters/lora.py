@@ -18,7 +18,7 @@ from torch import nn
 
 from ..registry import register_adapter
 from ..weights import apply_offset, original_weight, rebuild_offset
-from .base import Adapter, weight_shape
+from .base import Adapter, weight_dtype, weight_shape
 
 
 @register_adapter("lora")
@@ -34,8 +34,9 @@ class LoRALayer(Adapter):
         self.d_out, self.d_in = weight_shape(base_layer)
         self.rank, self.alpha, self.scaling = int(rank), float(alpha), float(scaling)
         w = base_layer.weight
-        self.A = nn.Parameter(torch.zeros(self.rank, self.d_in, dtype=w.dtype, device=w.device))  # (r, n)
-        self.B = nn.Parameter(torch.zeros(self.d_out, self.rank, dtype=w.dtype, device=w.device))  # (m, r)
+        dt = weight_dtype(base_layer)  # a 4-bit layer's packed weight is uint8
+        self.A = nn.Parameter(torch.zeros(self.rank, self.d_in, dtype=dt, device=w.device))  # (r, n)
+        self.B = nn.Parameter(torch.zeros(self.d_out, self.rank, dtype=dt, device=w.device))  # (m, r)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     # -- forward ----------------------------------------------------------------------------------
@@ -61,9 +62,15 @@ class LoRALayer(Adapter):
     # -- initialization and saved state -----------------------------------------------------------
     @torch.no_grad()
     def initialize(self, result) -> torch.Tensor | None:
-        """``A``, ``B`` from ``result``; with ``result.offset`` also ``W = W0 - s B A`` (returns the old data)."""
+        """``A``, ``B`` from ``result``; with ``result.offset`` also ``W = W0 - s B0 A0`` (``(A0, B0)``:
+        ``result.subtracted()``, usually ``(A, B)``; returns the old data)."""
         self.set_factors(result.A, result.B)
-        return apply_offset(self) if result.offset else None
+        if not result.offset:
+            return None
+        if result.offset_factors is None:
+            return apply_offset(self)
+        A0, B0 = result.offset_factors
+        return apply_offset(self, (A0.to(self.A), B0.to(self.B)))
 
     @torch.no_grad()
     def set_factors(self, A: torch.Tensor, B: torch.Tensor) -> None:

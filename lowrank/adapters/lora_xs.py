@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
-from .base import Adapter, weight_shape
+from .base import Adapter, weight_dtype, weight_shape
 
 
 @register_adapter("lora_xs")
@@ -36,9 +36,10 @@ class LoRAXSLayer(Adapter):
         self.d_out, self.d_in = weight_shape(base_layer)
         self.rank, self.alpha, self.scaling = int(rank), float(alpha), float(scaling)
         w = base_layer.weight
-        self.register_buffer("A", torch.zeros(self.rank, self.d_in, dtype=w.dtype, device=w.device))  # (r, n) frozen
-        self.register_buffer("B", torch.zeros(self.d_out, self.rank, dtype=w.dtype, device=w.device))  # (m, r) frozen
-        self.R = nn.Parameter(torch.zeros(self.rank, self.rank, dtype=w.dtype, device=w.device))  # (r, r) trained
+        dt = weight_dtype(base_layer)  # a 4-bit layer's packed weight is uint8
+        self.register_buffer("A", torch.zeros(self.rank, self.d_in, dtype=dt, device=w.device))  # (r, n) frozen
+        self.register_buffer("B", torch.zeros(self.d_out, self.rank, dtype=dt, device=w.device))  # (m, r) frozen
+        self.R = nn.Parameter(torch.zeros(self.rank, self.rank, dtype=dt, device=w.device))  # (r, r) trained
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,14 @@ class InitResult:
     """Set the base weight to ``W0 - s B A`` so the output is unchanged at step 0."""
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     """Further tensors for adapters that have them (LoRA-XS's core ``R (r, r)``)."""
+    offset_factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    """With ``offset``: the ``(A0, B0)`` the base is offset by, ``W = W0 - s B0 A0``, when they are not ``(A, B)``
+    (LoftQ: the base is prepared for quantization while the adapter starts elsewhere; the output then moves by
+    ``s (B A - B0 A0)``). ``None``: ``(A, B)``, the output is unchanged."""
+
+    def subtracted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A0, B0)`` of the offset: :attr:`offset_factors`, or ``(A, B)``."""
+        return self.offset_factors if self.offset_factors is not None else (self.A, self.B)
 
 
 def layer_seed(seed: int, name: str) -> int:

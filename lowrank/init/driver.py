@@ -60,7 +60,13 @@ def check_result(res: InitResult, spec: LayerSpec, init_name: str, offset: bool 
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             raise ValueError(f"initializer {init_name!r} returned {key} of shape {shape} for layer {spec.name!r}; "
                              f"expected {want}")
-    for key, got in [("A", res.A), ("B", res.B), *res.extras.items()]:
+    if res.offset_factors is not None:
+        if not res.offset or len(res.offset_factors) != 2 or any(
+                not isinstance(t, torch.Tensor) or t.shape != f.shape for t, f in zip(res.offset_factors, (res.A, res.B))):
+            raise ValueError(f"initializer {init_name!r} returned offset_factors for layer {spec.name!r} that are not "
+                             f"an (A0, B0) pair shaped like (A, B) with offset=True")
+    for key, got in [("A", res.A), ("B", res.B), *res.extras.items(),
+                     *zip(("A0", "B0"), res.offset_factors or ())]:
         if not torch.isfinite(got).all():
             raise FloatingPointError(f"initializer {init_name!r} returned non-finite values in {key} for layer "
                                      f"{spec.name!r}")
@@ -76,6 +82,8 @@ def compact(res: InitResult) -> InitResult:
 
     res.A, res.B = own(res.A), own(res.B)
     res.extras = {k: own(t) for k, t in res.extras.items()}
+    if res.offset_factors is not None:
+        res.offset_factors = (own(res.offset_factors[0]), own(res.offset_factors[1]))
     return res
 
 

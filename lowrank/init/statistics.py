@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_helpers
+from ..quant import autograd_4bit
 from ..registry import STATISTIC_REGISTRY
 from .stats import GradientSink, LayerInput, Statistic
 from .stats.inputs import GRAM_BLOCK, symmetrize_, upper_gram  # noqa: F401  (re-exported)
@@ -138,8 +139,9 @@ def collect_statistics(model: nn.Module, modules: Mapping[str, nn.Module], data:
     loss_fn = loss_fn if loss_fn is not None else default_loss if run.backward else default_forward
     n_done, error = 0, None
     try:
-        n_done = _local_pass(model, run, data, loss_fn, mask_padding, num_batches, train_mode, progress, device,
-                             losses)
+        with autograd_4bit(model):
+            n_done = _local_pass(model, run, data, loss_fn, mask_padding, num_batches, train_mode, progress, device,
+                                 losses)
         if num_batches is not None and n_done < num_batches:
             raise ValueError(f"data gave only {n_done} batches but num_batches={num_batches}; pass more data or lower "
                              f"init_options['num_batches']")

@@ -75,6 +75,10 @@ def _commit(peft_model: nn.Module, layers: Mapping[str, nn.Module], adapter: str
     try:
         for name, module in layers.items():
             res, base = results[name], module.get_base_layer()
+            if res.offset_factors is not None:
+                raise ValueError(f"layer {name!r}: this initializer offsets the base by other factors than the ones "
+                                 "it starts the adapter at (LoftQ); PEFT's layers cannot record that. Use "
+                                 "lowrank.inject, then lowrank.peft.export")
             la, lb = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             journal.copy_into(la, res.A.to(la.dtype))
             journal.copy_into(lb, res.B.to(lb.dtype))
