@@ -26,7 +26,7 @@ from .config import LoRAConfig, matches_targets
 from .init.base import InitResult, Initializer
 from .init.budget import RankBudget
 from .init.driver import Allocation, LayerSpec, check_layers
-from .registry import get_adapter
+from .registry import INITIALIZERS, get_adapter
 from .weights import Journal, offset_is_finite, offsets_in_place, original_weight
 
 RECORD_ATTR = "_lowrank_record"
@@ -282,9 +282,15 @@ def commit(p: Plan, results: Sequence[InitResult]) -> None:
             journal.swap(spec.name, layer)
         for q in model.parameters():
             q.requires_grad_(False)
-        for _, layer in adapted_layers(model):
-            for q in layer.adapter_parameters().values():
-                q.requires_grad_(True)
+        frozen = INITIALIZERS.entry(config.init).capabilities["frozen"]  # e.g. MiCA's B, kept as initialized
+        for name, layer in adapted_layers(model):
+            params = layer.adapter_parameters()
+            missing = [f for f in frozen if f not in params]
+            if missing:
+                raise ValueError(f"initializer {config.init!r} keeps {missing} frozen, which the {config.adapter!r} "
+                                 f"adapter of layer {name!r} does not train ({sorted(params)}); use adapter='lora'")
+            for key, q in params.items():
+                q.requires_grad_(key not in frozen)
         for _, module in p.trainable:
             for q in module.parameters():
                 q.requires_grad_(True)

@@ -204,7 +204,7 @@ def _initializer_caps(cls) -> dict[str, Any]:
     return {"uses_data": bool(getattr(cls, "uses_data", False)), "adapter_kinds": tuple(getattr(cls, "adapter_kinds", ())),
             "allocates_ranks": callable(getattr(cls, "allocate", None)),  # init.RankAllocation's one required hook
             "preserves_output": bool(getattr(cls, "preserves_output", True)), "needs": tuple(getattr(cls, "needs", ())),
-            "offset": getattr(cls, "offset", None),
+            "offset": getattr(cls, "offset", None), "frozen": tuple(getattr(cls, "frozen", ())),
             "options": tuple(f.name for f in dataclasses.fields(options)) if dataclasses.is_dataclass(options) else ()}
 
 

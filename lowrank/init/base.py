@@ -166,6 +166,9 @@ class Initializer(ABC):
     uses_data: ClassVar[bool] = False
     """True for data-driven methods: :func:`lowrank.inject` must get ``data`` (and maybe ``loss_fn``). The data
     protocol is ``lowrank.init.DataInitializer`` (declared ``needs``, its ``collect``), which sets this."""
+    frozen: ClassVar[tuple[str, ...]] = ()
+    """Adapter parameters kept as initialized during training (MiCA: ``("B",)``): ``inject`` and ``load_adapter``
+    turn their ``requires_grad`` off, and :class:`lowrank.optim.PreconditionedOptimizer` leaves them out."""
     registry_name: ClassVar[str] = "?"
     adapter_kinds: ClassVar[tuple[str, ...]] = ("factors",)
     """Adapter kinds it can initialize (``Adapter.kind``): a pairing outside them is a config error."""

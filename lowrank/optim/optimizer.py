@@ -113,6 +113,12 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         layers = [(name, FactorPair(*layer.factors(), layer.scaling)) for name, layer in all_layers
                   if layer.factors() is not None]
         precond.note_base(base_cls)
+        frozen_B = [name for name, layer in layers if not layer.B.requires_grad]  # an init that fixes B (MiCA)
+        if frozen_B and (precond.transforms_gradients or not precond.trains_A):
+            raise ValueError(f"layer {frozen_B[0]!r} keeps B fixed (its initializer freezes it, e.g. mica), but "
+                             f"preconditioner {precond!r} " + ("trains no A either" if not precond.trains_A else
+                             "transforms (grad_A, grad_B) together") + "; use preconditioner='identity' (or "
+                             "'lora_plus') with this initializer")
         mult_A, mult_B = precond.lr_multipliers()
         ab = {id(p) for _, layer in layers for p in (layer.A, layer.B)}
         extra = {id(p) for _, layer in all_layers for p in layer.adapter_parameters().values() if id(p) not in ab}
@@ -120,8 +126,9 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
         groups = []
         if layers and precond.trains_A:
             groups.append({"params": [layer.A for _, layer in layers], "lr": lr * mult_A, "lowrank_role": "A"})
-        if layers:
-            groups.append({"params": [layer.B for _, layer in layers], "lr": lr * mult_B, "lowrank_role": "B"})
+        trained_B = [layer.B for name, layer in layers if name not in frozen_B]
+        if trained_B:
+            groups.append({"params": trained_B, "lr": lr * mult_B, "lowrank_role": "B"})
         adapter_extra = [p for _, p in named_others if id(p) in extra]  # DoRA's magnitude, LoRA-XS's core
         if adapter_extra:
             groups.append({"params": adapter_extra, "lr": lr, "lowrank_role": "adapter"})
