@@ -141,8 +141,10 @@ class LoRAConfig:
         set_("adapter", ADAPTERS.canonical(self.adapter))
         if adapter.kind not in init.adapter_kinds:
             fits = [n for n in ADAPTERS.list() if ADAPTERS.get(n).kind in init.adapter_kinds]
+            own = INITIALIZERS.list(adapter_kind=adapter.kind)
             raise ValueError(f"initializer {self.init!r} does not support adapter {self.adapter!r} (a {adapter.kind!r} "
-                             f"adapter); it initializes {fits}. Choose one of those adapters or another initializer")
+                             f"adapter); it initializes {fits}. Choose one of those adapters, or an initializer of "
+                             f"{self.adapter!r}: {own}")
         initializer = init(**self.init_options)
         self.make_adapter_options()  # unknown or mistyped adapter options fail here too
         if self.rank_budget is not None:

@@ -95,6 +95,7 @@ def find_targets(model: nn.Module, config: LoRAConfig, ranks: Mapping[str, int] 
         if name:
             aliases.setdefault(id(module), []).append(name)
     targets = []
+    adapter_options = config.make_adapter_options()
     for name, module in model.named_modules():
         names = aliases.get(id(module), [name])
         if not name or not any(matches_targets(config.targets, n) for n in names):
@@ -121,6 +122,7 @@ def find_targets(model: nn.Module, config: LoRAConfig, ranks: Mapping[str, int] 
         if rank > min(m, n):
             raise ValueError(f"rank {rank} exceeds min(d_out, d_in) = min({m}, {n}) = {min(m, n)} for layer {name!r}; "
                              f"use rank <= {min(m, n)} (or rank_pattern={{{name!r}: {min(m, n)}}})")
+        adapter_cls.check_layer(name, module, rank, adapter_options)  # the adapter's own limits (GraLoRA's k)
         targets.append(LayerSpec(name, module, rank, config.alpha_for(name, rank, initializer),
                                  config.scaling_for(name, rank, initializer)))
     if not targets:

@@ -16,13 +16,15 @@ from lowrank.io import AdapterFileError
 from .conftest import MODELS, Snapshot, batches
 
 ADAPTERS = lowrank.list_adapters()
-PEFT_ADAPTERS = {"lora", "dora"}
+PEFT_ADAPTERS = {"lora", "dora"} | {a for a in ADAPTERS if "peft_type" in vars(lowrank.get_adapter(a))}
 
 
 def default_init(adapter: str) -> tuple[str, dict]:
     """An offset-free-or-offset init that exercises the adapter (non-zero update after one step)."""
     kind = lowrank.get_adapter(adapter).kind
-    return ("gaussian", {"b_std": 0.05}) if kind == "factors" else ("lora_xs", {})
+    if kind == "factors":
+        return "gaussian", {"b_std": 0.05}
+    return ("lora_xs", {}) if kind == "latent" else (lowrank.list_initializers(adapter_kind=kind)[0], {})
 
 
 def build(adapter: str, kind: str = "gpt2"):

@@ -19,10 +19,15 @@ PAIRS = [(name, adapter) for name in ALL for adapter in lowrank.list_adapters()
          if lowrank.get_adapter(adapter).kind in lowrank.get_preconditioner(name).adapter_kinds]
 
 
+# per adapter kind other than "factors": its initializer, with options that make every trained tensor non-zero
+OWN_INIT = {"latent": ("lora_xs", {}), "blockwise": ("gralora", {"b_std": 0.05}),
+            "random_basis": ("randlora", {"lambda_std": 0.05})}
+
+
 def adapted_bert(init="kaiming", seed=0, adapter="lora", **options):
     model = tiny_bert()
-    if lowrank.get_adapter(adapter).kind == "latent":
-        init, options = "lora_xs", {}
+    if lowrank.get_adapter(adapter).kind != "factors":
+        init, options = OWN_INIT[lowrank.get_adapter(adapter).kind]
     lowrank.inject(model, lowrank.LoRAConfig(rank=4, alpha=8, targets=["query", "value", "dense"],
                                              trainable=["classifier"], init=init, seed=seed, adapter=adapter,
                                              init_options=options))

@@ -186,6 +186,13 @@ def test_peft_export_loads_on_the_4bit_base(llama_dir, tmp_path):
     assert torch.allclose(logits(peft_model, ids), logits(model, ids), atol=1e-5)
 
 
+def test_peft_export_of_a_quantized_offset_warns_with_the_error(llama_dir, tmp_path):
+    model = load_4bit(llama_dir)
+    lowrank.inject(model, cfg("pissa"))
+    with pytest.warns(UserWarning, match="quantization error"):
+        lowrank.peft.export(model, tmp_path / "p")
+
+
 def test_loftq_on_a_4bit_layer_is_refused_and_the_model_unchanged(llama_dir):
     from .conftest import Snapshot
 

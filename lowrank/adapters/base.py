@@ -114,7 +114,10 @@ class Adapter(nn.Module, ABC):
     registry_name: ClassVar[str] = "?"
     kind: ClassVar[str] = "factors"
     """What plug-ins it pairs with: ``"factors"`` (trainable ``A``, ``B`` around the base: LoRA, DoRA) or
-    ``"latent"`` (frozen ``A``, ``B`` and a trainable ``r x r`` core: LoRA-XS). Initializers and
+    ``"latent"`` (frozen ``A``, ``B`` and a trainable ``r x r`` core: LoRA-XS), ``"blockwise"`` (GraLoRA: packed
+    trainable ``A``, ``B`` paired block by block) or ``"random_basis"`` (RandLoRA: frozen shared random bases,
+    trainable scalings). An adapter PEFT can hold declares ``peft_type``, ``to_peft`` and ``from_peft``
+    (:mod:`lowrank.peft.format`). Initializers and
     preconditioners list the kinds they support (``adapter_kinds``)."""
 
     @dataclass(frozen=True)
@@ -130,6 +133,12 @@ class Adapter(nn.Module, ABC):
         self.register_buffer("A0", None, persistent=False)
         self.register_buffer("B0", None, persistent=False)
         self.merged = False
+
+    @classmethod
+    def check_layer(cls, name: str, module: nn.Module, rank: int, options: Any) -> None:
+        """Raise ``ValueError`` naming the layer, the value and the fix when the adapter's options do not fit
+        ``module`` (``plan`` calls it for every target before anything changes; GraLoRA's ``k`` must divide the
+        dimensions); default: nothing to check."""
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
