@@ -27,6 +27,7 @@ from .init.base import InitResult, Initializer
 from .init.budget import RankBudget
 from .init.driver import Allocation, LayerSpec, check_layers
 from .registry import INITIALIZERS, get_adapter
+from .sharding import is_dtensor, row_sharded
 from .weights import Journal, offset_is_finite, offsets_in_place, original_weight
 
 RECORD_ATTR = "_lowrank_record"
@@ -55,12 +56,17 @@ def _adaptable_names(model: nn.Module, limit: int = 8) -> list[str]:
 
 
 def _check_not_sharded(name: str, weight: torch.Tensor) -> None:
-    """FSDP2 (DTensor), FSDP1 flat parameters and DeepSpeed ZeRO-3 hold only a shard of each weight."""
-    sharded = (type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id") or hasattr(weight, "_fsdp_flattened")
-               or weight.numel() == 0)
-    if sharded:
-        raise TypeError(f"layer {name!r} has a sharded weight ({type(weight).__name__}, FSDP / ZeRO-3): lowrank needs the "
-                        "full weight. Inject (and initialize) before sharding the model, then wrap it")
+    """FSDP2's row shards (``DTensor``, ``Shard(0)``) are supported (:mod:`lowrank.sharding`); FSDP1 flat parameters,
+    DeepSpeed ZeRO-3 and other ``DTensor`` placements hold a part of each weight lowrank cannot address."""
+    if is_dtensor(weight):
+        if not row_sharded(weight):
+            raise TypeError(f"layer {name!r} has a DTensor weight placed {weight.placements}: lowrank writes FSDP2's "
+                            "row shards (Shard(0), Replicate()) only; shard it with fully_shard, or inject first")
+        return
+    if hasattr(weight, "ds_id") or hasattr(weight, "_fsdp_flattened") or weight.numel() == 0:
+        raise TypeError(f"layer {name!r} has a sharded weight ({type(weight).__name__}, FSDP1 / ZeRO-3): lowrank needs "
+                        "the full weight or FSDP2's row shards. Inject (and initialize) before sharding the model, or "
+                        "shard it with torch.distributed.fsdp.fully_shard (FSDP2)")
 
 
 def _wrapper_of(model: nn.Module) -> str | None:
@@ -157,10 +163,15 @@ def find_trainable(model: nn.Module, names: Sequence[str], targets: Sequence[Lay
 def shared_weight_users(model: nn.Module, name: str, module: nn.Module) -> list[str]:
     """Parameters outside ``module`` that share storage with its weight (tied weights, e.g. GPT-2's
     ``lm_head`` and ``wte``): changing the weight's data would change them too."""
-    ptr = module.weight.untyped_storage().data_ptr()
+    ptr = _storage(module.weight)
     own = {id(p) for p in module.parameters()}
     return [n for n, p in model.named_parameters(remove_duplicate=False)
-            if not n.startswith(f"{name}.") and (id(p) in own or p.untyped_storage().data_ptr() == ptr)]
+            if not n.startswith(f"{name}.") and (id(p) in own or _storage(p) == ptr)]
+
+
+def _storage(p: torch.Tensor) -> int:
+    """The address of ``p``'s storage (of its local shard for an FSDP2 ``DTensor``)."""
+    return (p.to_local() if is_dtensor(p) else p).untyped_storage().data_ptr()
 
 
 def check_untied(model: nn.Module, layers: Sequence[LayerSpec], init_name: str,

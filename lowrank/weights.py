@@ -21,6 +21,7 @@ from torch import nn
 
 from .adapters.base import restore_weight, set_weight, weight_dtype, weight_view
 from .quant import is_4bit
+from .sharding import is_dtensor
 
 
 _IN_PLACE = contextvars.ContextVar("lowrank_offsets_in_place", default=False)
@@ -74,7 +75,7 @@ def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch
     the storage is overwritten block by block once every block is known to be finite (no ``(m, n)``
     temporary) and ``None`` is returned. A 4-bit layer gets ``quant(w0 - s B A)`` (never in place: its previous
     ``Params4bit``, an eighth of a float32 copy, is returned), its quantization error noted by :func:`set_weight`."""
-    if _IN_PLACE.get() and not is_4bit(module):
+    if _IN_PLACE.get() and not is_4bit(module) and not is_dtensor(module.weight):  # a shard is written in place anyway
         if not offset_is_finite(module, w0, A, B, scaling):
             raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large "
                                      f"for the weight's dtype {weight_dtype(module)}); the model was not changed. Use "

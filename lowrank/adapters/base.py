@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..quant import dequantized, dequantized_linear, is_4bit, quantize, set_param, stored_dtype
+from ..sharding import gather, is_dtensor, restore_rows, write_rows
 
 try:  # transformers is a dependency, but keep the layer importable without it
     from transformers.pytorch_utils import Conv1D
@@ -44,6 +45,8 @@ def weight_view(module: nn.Module) -> torch.Tensor:
     if is_4bit(module):
         return dequantized(module)
     w = module.weight
+    if is_dtensor(w):  # FSDP2: the whole weight, gathered (a collective; lowrank.sharding)
+        w = gather(w)
     return w.T if is_conv1d(module) else w
 
 
@@ -67,8 +70,10 @@ def set_weight(module: nn.Module, w_mn: torch.Tensor) -> torch.Tensor:
         module.quantization_error = float(torch.linalg.matrix_norm(target - dequantized(module).float())
                                           / torch.linalg.matrix_norm(target).clamp_min(1e-30))
         return old
-    old = module.weight.data
     new = w_mn.T if is_conv1d(module) else w_mn
+    if is_dtensor(module.weight):  # FSDP2: each rank writes its own rows into its shard, in place
+        return write_rows(module.weight, new)
+    old = module.weight.data
     module.weight.data = new.to(dtype=old.dtype, device=old.device).contiguous()
     return old
 
@@ -78,6 +83,8 @@ def restore_weight(module: nn.Module, old: torch.Tensor) -> None:
     if is_4bit(module):
         set_param(module, old)
         module.__dict__.pop("quantization_error", None)
+    elif is_dtensor(module.weight):
+        restore_rows(module.weight, old)
     else:
         module.weight.data = old
 

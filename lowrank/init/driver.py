@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist_helpers
 from ..adapters.base import weight_shape
+from ..sharding import is_dtensor
 from .base import InitResult, Initializer, LayerContext, RankAllocation
 from .budget import RankBudget
 
@@ -168,15 +169,39 @@ def init_layers(initializer: Initializer, layers: Sequence[LayerSpec], stats: Ma
                             else s.scaling) for s in layers]
         for spec in layers:
             initializer.check_layer(context(spec, seed))
-    if initializer.uses_data and getattr(initializer.options, "distributed", False) and dist_helpers.active():
+    sharded = dist_helpers.active() and any(is_dtensor(s.module.weight) for s in layers)
+    if sharded:  # reading a weight is a collective: the ranks must hold the same layers, or they would hang
+        dist_helpers.check_same([(s.name, tuple(weight_shape(s.module)), s.rank) for s in layers] + [name],
+                                f"FSDP2-sharded {name!r} init")
+    if not sharded and initializer.uses_data and getattr(initializer.options, "distributed", False) \
+            and dist_helpers.active():
         return list(layers), _split_across_ranks(initializer, layers, seed, collected, progress)
-    results = []
-    for spec in tqdm(layers, desc=f"lowrank init {name}", disable=not progress, leave=False):
-        with torch.no_grad():
-            res = initializer.init_layer(context(spec, seed, collected.pop(spec.name, None)))  # pop: free G per layer
-        check_result(res, spec, name, initializer.offset)
-        results.append(compact(res))
+    results, error = [], None
+    try:
+        for spec in tqdm(layers, desc=f"lowrank init {name}", disable=not progress, leave=False):
+            with torch.no_grad():
+                res = initializer.init_layer(context(spec, seed, collected.pop(spec.name, None)))  # pop: free G
+            check_result(res, spec, name, initializer.offset)
+            results.append(compact(res))
+    except Exception as exc:  # noqa: BLE001  (re-raised; under FSDP2 on every rank, not a hang)
+        error = exc
+    if sharded:
+        _broadcast_results(results, error)
+    elif error is not None:
+        raise error
     return list(layers), results
+
+
+def _broadcast_results(results: list[InitResult], error: BaseException | None) -> None:
+    """FSDP2-sharded bases: every rank ran every ``init_layer`` in the same order (reading a sharded weight is a
+    collective, so the layers cannot be split across ranks); rank 0's factors are kept everywhere."""
+    dist_helpers.agree(error, what="initialization")
+    for res in results:
+        res.A, res.B = res.A.contiguous(), res.B.contiguous()
+        res.extras = {k: t.contiguous() for k, t in res.extras.items()}
+        if res.offset_factors is not None:
+            res.offset_factors = (res.offset_factors[0].contiguous(), res.offset_factors[1].contiguous())
+        dist_helpers.broadcast_([res.A, res.B, *res.extras.values(), *(res.offset_factors or ())], src=0)
 
 
 def initialize_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, seed: int = 0,

@@ -1,0 +1,159 @@
+"""FSDP2 (``fully_shard``) bases on 2 gloo processes: the blocks and the root are sharded first, then
+``lowrank.inject``; the factors and every rank's residual shard equal one process on the union of the data; a
+training step after the init keeps the adapters identical on every rank and equals the single-process step on
+the union batch; a rank with a different model is an error on every rank."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lowrank
+import lowrank.fsdp
+from tests.conftest import batches, tiny_llama
+
+WORLD = 2
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+ARMS = {"lora_ga": {"progress": False}, "lora_ga_sketch": {"progress": False, "estimator": "sketch"},
+        "pissa": {}}
+# the training step starts from a data-free init (no sign ambiguity): the same factors in both runs
+STEP = lowrank.LoRAConfig(rank=2, alpha=4, scaling="rslora", targets=TARGETS, init="gaussian",
+                          init_options={"b_std": 0.05}, seed=3)
+
+
+def _config(arm: str, seed: int = 0) -> lowrank.LoRAConfig:
+    init = "lora_ga" if arm.startswith("lora_ga") else arm
+    return lowrank.LoRAConfig(rank=2, alpha=4, scaling="rslora", targets=TARGETS, init=init, init_options=ARMS[arm],
+                              seed=seed)
+
+
+def _sharded(mesh, hidden: int | None = None):
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama()
+    if hidden is not None:  # a different model on this rank
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=97)).eval()
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _layers(model) -> dict:
+    return {n: {"A": layer.A.detach().clone(), "B": layer.B.detach().clone(),
+                "W": layer.base_layer.weight.to_local().detach().clone(),
+                "rows": lowrank.sharding.local_rows(layer.base_layer.weight)}
+            for n, layer in lowrank.adapted_layers(model)}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        data = batches("llama", 4, seed=1)
+        out = {}
+        for arm in ARMS:
+            model = _sharded(mesh)
+            lowrank.inject(model, _config(arm), data=data[rank::WORLD] if arm != "pissa" else None, progress=False)
+            out[arm] = _layers(model)
+        # a training step after the init: adapters replicated, their gradients averaged
+        model = _sharded(mesh)
+        lowrank.inject(model, STEP, progress=False)
+        lowrank.fsdp.replicate_adapters(model)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        model.train()
+        model(**data[rank]).loss.backward()
+        opt.step()
+        out["stepped"] = _layers(model)
+        # one writer saves; every rank loads it onto a fresh sharded base (the offset rebuilt shard by shard)
+        path = os.path.join(out_dir, "adapter")
+        if rank == 0:
+            lowrank.save_adapter(model, path)
+        dist.barrier()
+        out["reloaded"] = _layers(lowrank.load_adapter(_sharded(mesh), path))
+        # a rank with another model: an error on both ranks, no hang (data-driven and data-free)
+        for arm in ("lora_ga", "pissa"):
+            try:
+                lowrank.inject(_sharded(mesh, hidden=32 if rank == 0 else 64), _config(arm),
+                               data=data[rank::WORLD] if arm != "pissa" else None, progress=False)
+                out[f"mismatch_{arm}"] = "no error"
+            except Exception as exc:  # noqa: BLE001
+                out[f"mismatch_{arm}"] = f"{type(exc).__name__}: {exc}"
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(str(tmp / "pg_init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _single(arm: str, data):
+    model = lowrank.inject(tiny_llama(), _config(arm), data=data if arm != "pissa" else None, progress=False)
+    return dict(lowrank.adapted_layers(model))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> None:
+    assert (a - b).abs().max() <= rel * b.abs().max(), float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_fsdp_init_equals_one_process_on_the_union(ranks, arm):
+    single = _single(arm, batches("llama", 4, seed=1))
+    W0 = {n: m.weight.detach() for n, m in tiny_llama().named_modules() if n in single}
+    for name, layer in single.items():
+        A1, B1, s = layer.A.detach(), layer.B.detach(), layer.scaling
+        for r in ranks:
+            got = r[arm][name]
+            # singular vectors have arbitrary signs (G summed in another order): compare the subspaces
+            _close(got["A"].T @ got["A"], A1.T @ A1)
+            _close(got["B"] @ got["B"].T, B1 @ B1.T)
+            # this rank's rows of the residual are W0 - s B0 A0 for the factors it holds
+            _close(got["W"] + s * got["B"][got["rows"]] @ got["A"], W0[name][got["rows"]], 1e-5)
+        assert torch.equal(ranks[0][arm][name]["A"], ranks[1][arm][name]["A"])  # bitwise identical factors
+        assert torch.equal(ranks[0][arm][name]["B"], ranks[1][arm][name]["B"])
+        assert ranks[0][arm][name]["rows"] != ranks[1][arm][name]["rows"]  # each rank wrote its own shard
+
+
+def test_a_training_step_keeps_adapters_identical_and_equals_the_union_step(ranks):
+    data = batches("llama", 4, seed=1)
+    model = lowrank.inject(tiny_llama(), STEP, progress=False).train()
+    single_B0 = {n: layer.B.detach().clone() for n, layer in lowrank.adapted_layers(model)}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    # the mean of the two ranks' mean losses: each rank's batch has the same number of tokens
+    (0.5 * (model(**data[0]).loss + model(**data[1]).loss)).backward()
+    opt.step()
+    for name, layer in lowrank.adapted_layers(model):
+        a, b = ranks[0]["stepped"][name], ranks[1]["stepped"][name]
+        assert torch.equal(a["A"], b["A"]) and torch.equal(a["B"], b["B"])
+        assert (a["B"] - single_B0[name]).abs().max() > 1e-5  # it moved
+        _close(a["A"], layer.A.detach())
+        _close(a["B"], layer.B.detach())
+
+
+def test_save_on_one_rank_and_load_on_every_rank_onto_a_sharded_base(ranks):
+    for r in ranks:
+        for name, got in r["reloaded"].items():
+            want = r["stepped"][name]
+            assert torch.equal(got["A"], want["A"]) and torch.equal(got["B"], want["B"])
+            assert torch.equal(got["W"], want["W"]), name  # the same offset shard, recomputed bit for bit
+
+
+def test_a_rank_with_another_model_is_an_error_on_every_rank(ranks):
+    for r in ranks:
+        for arm in ("lora_ga", "pissa"):
+            assert "rank 1 has other layers than rank 0" in r[f"mismatch_{arm}"], r[f"mismatch_{arm}"]
