@@ -47,6 +47,7 @@ def main(argv=None) -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--batches", type=int, default=4, help="init batches in all (split across the ranks)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rollback", choices=["exact", "recompute"], default="exact")
     p.add_argument("--out", default="/tmp/lowrank-fsdp-adapter")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
                              init_options={"progress": False, "estimator": "sketch"})
     with PeakMemory() as mem:
         t0 = time.perf_counter()
-        lowrank.inject(model, cfg, data=data[:args.batches][rank::world], progress=False)
+        lowrank.inject(model, cfg, data=data[:args.batches][rank::world], progress=False, rollback=args.rollback)
         seconds = time.perf_counter() - t0
     if world > 1:
         lowrank.fsdp.replicate_adapters(model)
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
         opt.zero_grad()
     checksum = sum(float(p.detach().double().sum()) for _, layer in lowrank.adapted_layers(model)
                    for p in layer.adapter_parameters().values())
-    print(f"rank {rank}/{world}: init {seconds:.1f} s, extra peak memory {mem.extra / 2**20:.0f} MiB, "
+    print(f"rank {rank}/{world} ({args.rollback} rollback): init {seconds:.1f} s, extra peak memory {mem.extra / 2**20:.0f} MiB, "
           f"adapter checksum {checksum:.10e}", flush=True)
     if rank == 0:
         lowrank.save_adapter(model, args.out)
