@@ -28,7 +28,7 @@ from .init.budget import RankBudget
 from .init.driver import Allocation, LayerSpec, check_layers
 from .registry import INITIALIZERS, get_adapter
 from .sharding import is_dtensor, row_sharded
-from .weights import Journal, offset_is_finite, offsets_in_place, original_weight
+from .weights import Journal, offset_is_finite, offsets_in_place, original_weight, restore_shard_in_place
 
 RECORD_ATTR = "_lowrank_record"
 
@@ -263,7 +263,10 @@ def check_offsets(layers: Sequence[LayerSpec], results: Sequence[InitResult], in
 
 
 def _restore_in_place(layer: Adapter) -> None:
-    weight_view(layer.base_layer).copy_(original_weight(layer).to(layer.base_layer.weight.dtype))
+    if is_dtensor(layer.base_layer.weight):
+        restore_shard_in_place(layer)
+    else:
+        weight_view(layer.base_layer).copy_(original_weight(layer).to(layer.base_layer.weight.dtype))
 
 
 def commit(p: Plan, results: Sequence[InitResult]) -> None:

@@ -21,7 +21,8 @@ from torch import nn
 
 from .adapters.base import restore_weight, set_weight, weight_dtype, weight_view
 from .quant import is_4bit
-from .sharding import is_dtensor
+from .sharding import is_dtensor, local_rows
+from . import distributed as dist_helpers
 
 
 _IN_PLACE = contextvars.ContextVar("lowrank_offsets_in_place", default=False)
@@ -75,7 +76,9 @@ def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch
     the storage is overwritten block by block once every block is known to be finite (no ``(m, n)``
     temporary) and ``None`` is returned. A 4-bit layer gets ``quant(w0 - s B A)`` (never in place: its previous
     ``Params4bit``, an eighth of a float32 copy, is returned), its quantization error noted by :func:`set_weight`."""
-    if _IN_PLACE.get() and not is_4bit(module) and not is_dtensor(module.weight):  # a shard is written in place anyway
+    if is_dtensor(module.weight):
+        return _offset_shard(module, w0, A, B, scaling)
+    if _IN_PLACE.get() and not is_4bit(module):
         if not offset_is_finite(module, w0, A, B, scaling):
             raise FloatingPointError(f"the offset base weight W0 - s B A is not finite (the factors are too large "
                                      f"for the weight's dtype {weight_dtype(module)}); the model was not changed. Use "
@@ -91,6 +94,34 @@ def offset_weight(module: nn.Module, w0: torch.Tensor, A: torch.Tensor, B: torch
     return set_weight(module, value)
 
 
+def _offset_shard(module: nn.Module, w0: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+                  scaling: float) -> torch.Tensor | None:
+    """FSDP2: this rank's rows of ``w0 - s B A`` (``w0=None``: the current shard), written into its shard in place,
+    by the same blocks whether ``w0`` is the current weight (inject) or a gathered original (load), so both give
+    the same bits; the previous rows are returned (``None`` under :func:`offsets_in_place`: nothing kept). The
+    finite check is agreed across the ranks, so a failure is raised on every rank."""
+    local, rows = module.weight.to_local(), local_rows(module.weight)
+    src, B_rows = (local if w0 is None else w0[rows]), B[rows]
+    finite = torch.tensor([float(offset_is_finite(module, src, A, B_rows, scaling))])
+    dist_helpers.all_reduce_(finite, op=torch.distributed.ReduceOp.MIN)
+    if not bool(finite.item()):
+        raise FloatingPointError(f"the offset base weight W0 - s B A is not finite on some rank's shard (the factors "
+                                 f"are too large for the weight's dtype {weight_dtype(module)}); the model was not "
+                                 "changed. Use smaller factors")
+    old = None if _IN_PLACE.get() else local.clone()
+    for r, block in _offset_blocks(module, src, A, B_rows, scaling):  # src may be local: each block is read first
+        local[r] = block
+    return old
+
+
+@torch.no_grad()
+def restore_shard_in_place(layer: nn.Module) -> None:
+    """Undo an in-place offset of an FSDP2 shard: ``W[rows] + s B0[rows] A0``."""
+    local, rows = layer.base_layer.weight.to_local(), local_rows(layer.base_layer.weight)
+    dt = torch.promote_types(local.dtype, torch.float32)
+    local.copy_(torch.addmm(local.to(dt), layer.B0[rows].to(dt), layer.A0.to(dt), alpha=layer.scaling))
+
+
 @torch.no_grad()
 def apply_offset(layer: nn.Module, pair: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Record ``layer``'s current factors (or ``pair``, cast to the factors' dtype) as its ``A0``, ``B0`` and set
@@ -104,12 +135,14 @@ def apply_offset(layer: nn.Module, pair: tuple[torch.Tensor, torch.Tensor] | Non
         raise ValueError(f"the {layer.registry_name!r} adapter trains no (A, B) pair, so its base cannot be offset "
                          "(W = W0 - s B0 A0); use an initializer that does not offset it")
     layer.A0, layer.B0 = pair[0].detach().clone(), pair[1].detach().clone()
-    return rebuild_offset(layer, layer.base_weight())
+    current = None if is_dtensor(layer.base_layer.weight) else layer.base_weight()  # a shard: no gather
+    return rebuild_offset(layer, current)
 
 
 @torch.no_grad()
-def rebuild_offset(layer: nn.Module, w0: torch.Tensor) -> torch.Tensor | None:
-    """Set ``layer``'s base to ``w0 - s B0 A0`` from an original weight ``w0 (d_out, d_in)``; returns the old data."""
+def rebuild_offset(layer: nn.Module, w0: torch.Tensor | None) -> torch.Tensor | None:
+    """Set ``layer``'s base to ``w0 - s B0 A0`` from an original weight ``w0 (d_out, d_in)`` (``None``: the current
+    FSDP2 shard); returns the old data."""
     return offset_weight(layer.base_layer, w0, layer.A0, layer.B0, layer.scaling)
 
 

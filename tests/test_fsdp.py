@@ -66,6 +66,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             model = _sharded(mesh)
             lowrank.inject(model, _config(arm), data=data[rank::WORLD] if arm != "pissa" else None, progress=False)
             out[arm] = _layers(model)
+        model = _sharded(mesh)  # offsets written in place, no copy of the shards kept
+        lowrank.inject(model, _config("lora_ga"), data=data[rank::WORLD], progress=False, rollback="recompute")
+        out["recompute"] = _layers(model)
         # a training step after the init: adapters replicated, their gradients averaged
         model = _sharded(mesh)
         lowrank.inject(model, STEP, progress=False)
@@ -127,6 +130,13 @@ def test_fsdp_init_equals_one_process_on_the_union(ranks, arm):
         assert torch.equal(ranks[0][arm][name]["A"], ranks[1][arm][name]["A"])  # bitwise identical factors
         assert torch.equal(ranks[0][arm][name]["B"], ranks[1][arm][name]["B"])
         assert ranks[0][arm][name]["rows"] != ranks[1][arm][name]["rows"]  # each rank wrote its own shard
+
+
+def test_in_place_offsets_give_the_same_bits(ranks):
+    for r in ranks:
+        for name, got in r["recompute"].items():
+            for key in ("A", "B", "W"):
+                assert torch.equal(got[key], r["lora_ga"][name][key]), (name, key)
 
 
 def test_a_training_step_keeps_adapters_identical_and_equals_the_union_step(ranks):
