@@ -429,8 +429,11 @@ def _large_worker(arm, spec, rank, queue):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, batches = _llama(spec)
     profile = {}
-    opts = {"default": {}, "offload": {"offload": True}, "sketch": {"estimator": "sketch"},
-            "svd=full": {"svd": "full"}, "in place": {}, "sketch in place": {"estimator": "sketch"}}
+    # "default": inject's defaults (estimator and rollback "auto", chosen from the sizes); the others pin them
+    opts = {"default": {}, "dense exact": {"estimator": "dense"}, "offload": {"offload": True, "estimator": "dense"},
+            "sketch": {"estimator": "sketch"}, "svd=full": {"svd": "full", "estimator": "dense"},
+            "in place": {"estimator": "dense"}, "sketch in place": {"estimator": "sketch"}}
+    rollback = {"default": "auto", "in place": "recompute", "sketch in place": "recompute"}.get(arm, "exact")
     est = PeakMemory()  # the estimation phase alone (started and stopped inside)
     with PeakMemory() as mem:
         t0 = time.perf_counter()
@@ -466,7 +469,7 @@ def _large_worker(arm, spec, rank, queue):
 
             cfg = lowrank.LoRAConfig(rank=rank, alpha=16, scaling="rslora", targets=LLAMA_TARGETS, init="lora_ga",
                                      init_options={"progress": False, **opts[arm]})
-            p = plan(model, cfg, rollback="recompute" if "in place" in arm else "exact")  # inject's stops, timed
+            p = plan(model, cfg, rollback=rollback)  # inject's stops, timed
             init = p.initializer
             stats = init.collect(model, {s.name: s.module for s in p.layers}, batches, None,
                                  ranks={s.name: s.rank for s in p.layers})
@@ -493,7 +496,7 @@ def bench_large(args):
           f"({7 * L} layers, {n_params / 1e6:.0f}M adapted weights: a dense float32 estimate holds "
           f"{4 * n_params / 2**30:.2f} GiB), r={args.rank}, 2 batches of 2 x 64 tokens, "
           f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, {args.repeats} repeat(s)")
-    arms = (["default", "offload", "sketch", "in place", "sketch in place"] + (["svd=full"] if args.large_full else [])
+    arms = (["default", "dense exact", "offload", "sketch", "in place", "sketch in place"] + (["svd=full"] if args.large_full else [])
             + ["floor", "peft"])
     if args.large_arms is not None:
         chosen = [a.strip() for a in args.large_arms.split(",") if a.strip()]
@@ -529,7 +532,9 @@ def _large_table(args, arms):
     for k in arms:
         prof = results[k][0][2]
         parts = " / ".join(f"{prof[p]:.1f}" for p in ("estimate", "factorize", "rest")) if "rest" in prof else ""
-        label = {"default": "lowrank (default: dense, svd=auto)", "offload": "lowrank, offload=True",
+        label = {"default": "lowrank, defaults (estimator and rollback 'auto', from the sizes)",
+                 "dense exact": "lowrank, estimator='dense', rollback='exact' (the defaults before 'auto')",
+                 "offload": "lowrank, offload=True",
                  "sketch": "lowrank, estimator='sketch'", "svd=full": "lowrank, svd='full'",
                  "in place": "lowrank, rollback='recompute'",
                  "sketch in place": "lowrank, estimator='sketch', rollback='recompute'",

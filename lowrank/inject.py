@@ -28,7 +28,7 @@ from .plan import (  # noqa: F401  (public here too)
 
 def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
            loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, *, progress: bool = True,
-           rollback: str = "exact") -> nn.Module:
+           rollback: str = "auto") -> nn.Module:
     """Adapt ``model`` in place: wrap every target layer, freeze the base, run ``config.init``.
 
     Args:
@@ -37,9 +37,12 @@ def inject(model: nn.Module, config: LoRAConfig, data: Iterable | None = None,
         data: an iterable of batches, for data-driven initializers (LoRA-GA, LoRA-One, ...).
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; defaults to ``model(**batch).loss``.
         progress: show progress bars.
-        rollback: ``"exact"`` (default) keeps each replaced base weight until the injection has succeeded;
-            ``"recompute"`` writes offset base weights in place, saving one copy of the adapted weights
-            on large models (:func:`lowrank.plan.commit`). Bad input is caught before any write in both.
+        rollback: ``"exact"`` keeps each replaced base weight until the injection has succeeded (a failure
+            restores them bit for bit); ``"recompute"`` writes offset base weights in place, saving one copy of
+            the adapted weights (a failure restores ``W + s B0 A0``, exact up to one rounding;
+            :func:`lowrank.plan.commit`); ``"auto"`` (default): exact while the copies total at most
+            ``lowrank.plan.EXACT_ROLLBACK_MAX_BYTES`` (1 GiB), recompute beyond. Bad input is caught before any
+            write in all three.
 
     Returns ``model``. Raises (leaving the model exactly as it was) on any bad input.
     """

@@ -191,7 +191,22 @@ def check_untied(model: nn.Module, layers: Sequence[LayerSpec], init_name: str,
                     "lora_one, eva)")
 
 
-ROLLBACKS = ("exact", "recompute")
+ROLLBACKS = ("auto", "exact", "recompute")
+EXACT_ROLLBACK_MAX_BYTES = 1 << 30
+"""``rollback="auto"``: keep exact copies of the replaced base weights while they total at most this (1 GiB),
+write offsets in place (``"recompute"``) beyond: on a 7B model the copies would double the memory of the
+adapted weights."""
+
+
+def resolve_rollback(rollback: str, layers: Sequence[LayerSpec], init: Initializer | None) -> str:
+    """``"auto"`` as ``"exact"`` or ``"recompute"`` from the bytes an exact rollback would copy (the adapted
+    weights, when the initializer may offset them; none for one that never does)."""
+    if rollback != "auto":
+        return rollback
+    if init is not None and init.offset is False:
+        return "exact"  # nothing is replaced, nothing is copied
+    copied = sum(s.module.weight.numel() * s.module.weight.element_size() for s in layers)
+    return "exact" if copied <= EXACT_ROLLBACK_MAX_BYTES else "recompute"
 
 
 @dataclass(frozen=True)
@@ -207,6 +222,7 @@ class Plan:
     initializer: Initializer | None = field(default=None, compare=False)
     """The call's one initializer instance (``None`` when the factors come from a file)."""
     rollback: str = "exact"
+    """``"exact"`` or ``"recompute"`` (``"auto"`` resolved by :func:`resolve_rollback`)."""
     allocation: Allocation | None = field(default=None, compare=False)
     """Per-layer ranks chosen by the initializer (``rank_budget``, or EVA's ``rho``), with the config's alpha and
     scale rules for them; ``budget`` its checked bounds."""
@@ -217,7 +233,7 @@ class Plan:
         return replace(self, layers=tuple(layers))
 
 
-def plan(model: nn.Module, config: LoRAConfig, *, rollback: str = "exact", ranks: Mapping[str, int] | None = None,
+def plan(model: nn.Module, config: LoRAConfig, *, rollback: str = "auto", ranks: Mapping[str, int] | None = None,
          initializer: bool = True) -> Plan:
     """Resolve ``config`` on ``model`` and check everything that needs no data; nothing is changed.
 
@@ -241,12 +257,13 @@ def plan(model: nn.Module, config: LoRAConfig, *, rollback: str = "exact", ranks
     layers = find_targets(model, config, ranks, init)
     trainable = find_trainable(model, config.trainable, layers)
     if init is None:
-        return Plan(model, config, tuple(layers), tuple(trainable), None, rollback)
+        return Plan(model, config, tuple(layers), tuple(trainable), None, resolve_rollback(rollback, layers, None))
     allocation = config.allocation([s.name for s in layers], init)
     budget = check_layers(init, layers, config.seed, allocation)
     if init.offset:  # declared: refuse tied weights now, not after the data pass
         check_untied(model, layers, config.init)
-    return Plan(model, config, tuple(layers), tuple(trainable), init, rollback, allocation, budget)
+    return Plan(model, config, tuple(layers), tuple(trainable), init, resolve_rollback(rollback, layers, init),
+                allocation, budget)
 
 
 def check_offsets(layers: Sequence[LayerSpec], results: Sequence[InitResult], init_name: str) -> None:

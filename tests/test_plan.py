@@ -11,7 +11,7 @@ import torch
 import lowrank
 from lowrank import LoRAConfig
 from lowrank.plan import Plan, plan
-from tests.conftest import Snapshot, batches, tiny_bert, tiny_gpt2
+from tests.conftest import Snapshot, batches, tiny_bert, tiny_gpt2, tiny_llama
 
 
 class _Untouchable:
@@ -127,3 +127,18 @@ def test_one_initializer_instance_per_inject_call_and_its_warnings_each_call():
     for _ in range(2):  # standard scaling: the paper's rsLoRA warning comes once per call, not once per config
         with pytest.warns(UserWarning, match="rsLoRA scaling"):
             lowrank.inject(tiny_bert(), ga, data=batches("bert"), progress=False)
+
+
+def test_auto_rollback_is_exact_for_small_models_and_in_place_beyond_the_threshold(monkeypatch):
+    import lowrank.plan as plan_mod
+
+    cfg = LoRAConfig(rank=2, targets=["q_proj", "v_proj"], init="pissa")
+    assert plan_mod.plan(tiny_llama(), cfg).rollback == "exact"  # a few KiB of copies
+    monkeypatch.setattr(plan_mod, "EXACT_ROLLBACK_MAX_BYTES", 1000)  # below one 32x32 float32 weight (4096 B)
+    assert plan_mod.plan(tiny_llama(), cfg).rollback == "recompute"
+    assert plan_mod.plan(tiny_llama(), LoRAConfig(rank=2, targets=["q_proj"], init="kaiming")).rollback == "exact"
+    assert plan_mod.plan(tiny_llama(), cfg, rollback="exact").rollback == "exact"  # asked for: kept
+    model = tiny_llama()
+    lowrank.inject(model, cfg, progress=False)  # the in-place path end to end: the output is kept
+    x = torch.arange(7)[None]
+    torch.testing.assert_close(model(x).logits, tiny_llama()(x).logits, rtol=1e-4, atol=1e-5)

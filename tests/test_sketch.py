@@ -185,3 +185,24 @@ def test_lora_one_from_a_sketch_matches_dense():
         s = out["sketch"][n]
         ref = d.B.detach() @ d.A.detach()
         torch.testing.assert_close(s.B.detach() @ s.A.detach(), ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+def test_auto_estimator_is_dense_for_small_models_and_sketches_beyond_the_threshold(monkeypatch):
+    import lowrank.init.gradient as gradient
+
+    data = batches("bert", 2)
+
+    def layers(**opts):
+        cfg = LoRAConfig(targets=["query", "value"], rank=2, scaling="rslora", init="lora_ga",
+                         init_options={"progress": False, **opts})
+        return {n: (l.A.detach(), l.B.detach()) for n, l in
+                lowrank.adapted_layers(lowrank.inject(tiny_bert(), cfg, data=data, progress=False))}
+
+    auto, dense, sketch = layers(), layers(estimator="dense"), layers(estimator="sketch")
+    assert all(torch.equal(auto[n][0], dense[n][0]) and torch.equal(auto[n][1], dense[n][1]) for n in auto)
+    monkeypatch.setattr(gradient, "DENSE_G_MAX_BYTES", 1000)  # below one 32x32 float32 G
+    auto = layers()
+    assert all(torch.equal(auto[n][0], sketch[n][0]) and torch.equal(auto[n][1], sketch[n][1]) for n in auto)
+    mods = {n: m for n, m in tiny_bert().named_modules() if n.endswith("query")}
+    peft_variant = LoRAConfig(targets=["query"], rank=2, init="lora_ga", init_options={"variant": "peft"})
+    assert peft_variant.make_initializer().estimator_for(mods) == "dense"  # PEFT's factorizes the dense G

@@ -15,9 +15,13 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..adapters.base import weight_shape
 from .base import Initializer
 from .sketch import DEFAULT_PASSES, ESTIMATORS, sketch_gradient_svd
 from .statistics import check_needs, collect_statistics, data_options_check
+
+DENSE_G_MAX_BYTES = 1 << 30
+"""``estimator="auto"``: the dense ``G`` of all target layers up to this many bytes (1 GiB), sketched beyond."""
 
 
 def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable,
@@ -90,10 +94,13 @@ class DataInitializer(Initializer):
 class GradientOptions(DataOptions):
     """Options of gradient-based initializers: the statistics pass's, and how ``G`` is estimated."""
 
-    estimator: str = "dense"
+    estimator: str = "auto"
     """``dense``: ``G`` itself, ``(d_out, d_in)`` float32 per layer. ``sketch``: only its top singular
     triplets, from sketches in ``O((d_out + d_in) k)`` memory (``lowrank.init.sketch``), for methods that
-    need no more (LoRA-GA, LoRA-One)."""
+    need no more (LoRA-GA, LoRA-One). ``auto`` (default): ``dense`` while the dense ``G`` of all target layers
+    totals at most ``DENSE_G_MAX_BYTES`` (1 GiB: exact, and every model of the committed ablations), ``sketch``
+    beyond for the methods that can use it (on a 7B model the dense ``G`` would be another copy of the adapted
+    weights)."""
     sketch_size: int | None = None
     """Sketch width ``k`` (default four times the triplets the method needs, ``8r`` for LoRA-GA)."""
     passes: int | None = None
@@ -115,7 +122,7 @@ class GradientOptions(DataOptions):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"invalid {key}={v!r}: must be a positive int or None (the default)")
-        if self.estimator == "dense" and (self.sketch_size is not None or self.passes is not None or self.krylov):
+        if self.estimator != "sketch" and (self.sketch_size is not None or self.passes is not None or self.krylov):
             raise ValueError("sketch_size, passes and krylov apply to estimator='sketch'; set estimator='sketch' or "
                              "drop them")
 
@@ -148,9 +155,19 @@ class GradientInitializer(DataInitializer):
                              f"triplets {self.registry_name!r} needs at rank {ctx.rank} (layer {ctx.name!r}); use "
                              f"sketch_size >= {self.triplets(ctx.rank)} or the default")
 
+    def estimator_for(self, modules) -> str:
+        """The estimator the pass uses: ``options.estimator``, with ``"auto"`` resolved from the dense ``G``'s size."""
+        o = self.options
+        if o.estimator != "auto":
+            return o.estimator
+        if not self.sketchable or getattr(o, "variant", None) == "peft":
+            return "dense"
+        dense = sum(4 * weight_shape(m)[0] * weight_shape(m)[1] for m in modules.values())
+        return "sketch" if dense > DENSE_G_MAX_BYTES else "dense"
+
     def collect(self, model, modules, data, loss_fn, *, ranks):
         o = self.options
-        if o.estimator == "dense":
+        if self.estimator_for(modules) == "dense":
             return super().collect(model, modules, data, loss_fn, ranks=ranks)
         svd = sketch_gradient_svd(model, modules, data, loss_fn, k={n: self.triplets(ranks[n]) for n in modules},
                                   sketch_size=dict.fromkeys(modules, o.sketch_size) if o.sketch_size else None,

@@ -96,7 +96,7 @@ class LoRAGA(GradientInitializer):
             check_svd_options(self.svd, self.oversample, 0 if self.niter is None else self.niter)
             if self.variant not in VARIANTS:
                 raise ValueError(f"invalid variant={self.variant!r}: must be one of {VARIANTS}")
-            if self.variant == "peft" and self.estimator != "dense":
+            if self.variant == "peft" and self.estimator == "sketch":
                 raise ValueError("variant='peft' factorizes the dense gradient as PEFT does; use estimator='dense' "
                                  "(the default) or variant='paper'")
             if self.variant == "peft" and self.svd == "randomized":

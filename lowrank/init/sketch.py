@@ -41,7 +41,7 @@ from ..adapters.base import weight_shape
 from .base import layer_seed
 from .statistics import GradientSink, collect_statistics
 
-ESTIMATORS = ("dense", "sketch")
+ESTIMATORS = ("auto", "dense", "sketch")
 
 
 def _orth(M: torch.Tensor) -> torch.Tensor:
