@@ -21,7 +21,7 @@ PAIRS = [(name, adapter) for name in ALL for adapter in lowrank.list_adapters()
 
 # per adapter kind other than "factors": its initializer, with options that make every trained tensor non-zero
 OWN_INIT = {"latent": ("lora_xs", {}), "blockwise": ("gralora", {"b_std": 0.05}),
-            "random_basis": ("randlora", {"lambda_std": 0.05})}
+            "random_basis": ("randlora", {"lambda_std": 0.05}), "kasa": ("kasa", {"b_std": 0.5})}
 
 
 def adapted_bert(init="kaiming", seed=0, adapter="lora", **options):

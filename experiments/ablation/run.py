@@ -107,6 +107,15 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def _regularizer(spec: dict[str, Any]):
+    """The adapter's auxiliary training loss, ``model -> scalar`` (KaSA's ``kasa_loss``), or ``None``."""
+    if spec["arm_config"].get("adapter", "lora") == "kasa":
+        from lowrank.adapters.kasa import kasa_loss
+
+        return kasa_loss
+    return None
+
+
 def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """Run ``spec`` (one entry of ``Config.runs()``) on ``task``; return its record.
 
@@ -139,6 +148,7 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
         evals.append({"step": 0, **task.evaluate(model, val, progress=show)})
         bar = tqdm(range(1, spec["steps"] + 1), desc=f"{spec['arm']} r={spec['rank']} lr={spec['lr']:g} "
                    f"seed={spec['seed']}", disable=not show, leave=False, unit="step")
+        regularizer = _regularizer(spec)  # KaSA's auxiliary loss; None for every other adapter
         for step, batch in zip(bar, built.train):
             loss = trainer(**_to(batch, device)).loss
             if not _all_finite(loss, world):
@@ -146,7 +156,7 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
                 losses.append(float("nan"))
                 break
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if regularizer is None else loss + regularizer(model)).backward()  # logged: the task loss
             try:
                 opt.step()
             except FloatingPointError:

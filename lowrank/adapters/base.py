@@ -123,7 +123,7 @@ class Adapter(nn.Module, ABC):
     """What plug-ins it pairs with: ``"factors"`` (trainable ``A``, ``B`` around the base: LoRA, DoRA) or
     ``"latent"`` (frozen ``A``, ``B`` and a trainable ``r x r`` core: LoRA-XS), ``"blockwise"`` (GraLoRA: packed
     trainable ``A``, ``B`` paired block by block) or ``"random_basis"`` (RandLoRA: frozen shared random bases,
-    trainable scalings). An adapter PEFT can hold declares ``peft_type``, ``to_peft`` and ``from_peft``
+    trainable scalings) or ``"kasa"`` (KaSA: ``B diag(d) A`` with a trainable diagonal). An adapter PEFT can hold declares ``peft_type``, ``to_peft`` and ``from_peft``
     (:mod:`lowrank.peft.format`). Initializers and
     preconditioners list the kinds they support (``adapter_kinds``)."""
 
