@@ -46,6 +46,20 @@ def tiny_llama(dtype=torch.float32):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
+def random_base(d_out: int, d_in: int, generator: torch.Generator, conv1d: bool = False) -> torch.nn.Module:
+    """An ``nn.Linear`` (or GPT-2's ``Conv1D``) of ``(d_out, d_in)`` with standard normal weight and bias."""
+    if conv1d:
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(d_out, d_in)
+    else:
+        base = torch.nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(base.weight.shape, generator=generator))
+        base.bias.copy_(torch.randn(base.bias.shape, generator=generator))
+    return base
+
+
 # name -> (factory, targets, trainable, batch maker)
 def _cls_batch(g: torch.Generator, bsz: int = 4, seq: int = 9) -> dict:
     return {"input_ids": torch.randint(0, VOCAB, (bsz, seq), generator=g),

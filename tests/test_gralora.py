@@ -15,7 +15,7 @@ import lowrank
 from lowrank.adapters.gralora import GraLoRALayer
 from lowrank.io import AdapterFileError
 
-from .conftest import MODELS, Snapshot, batches
+from .conftest import MODELS, Snapshot, batches, random_base
 
 peft = pytest.importorskip("peft")
 
@@ -49,15 +49,7 @@ def reference_delta(A: torch.Tensor, B: torch.Tensor, k: int, h: int, s: float) 
 
 def random_layer(d_out, d_in, rank, k, h, conv1d=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    if conv1d:
-        from transformers.pytorch_utils import Conv1D
-
-        base = Conv1D(d_out, d_in)
-    else:
-        base = nn.Linear(d_in, d_out)
-    with torch.no_grad():
-        base.weight.copy_(torch.randn(base.weight.shape, generator=g))
-        base.bias.copy_(torch.randn(base.bias.shape, generator=g))
+    base = random_base(d_out, d_in, g, conv1d)
     layer = GraLoRALayer(base, rank, alpha=2.0 * rank, scaling=2.0, options=GraLoRALayer.Options(k=k, hybrid_r=h))
     with torch.no_grad():
         layer.A.copy_(torch.randn(layer.A.shape, generator=g))

@@ -16,7 +16,7 @@ import lowrank
 from lowrank.adapters.kasa import KaSALayer, kasa_loss
 from lowrank.init.base import layer_seed
 
-from .conftest import MODELS, Snapshot, batches
+from .conftest import MODELS, Snapshot, batches, random_base
 
 peft = pytest.importorskip("peft")
 from peft.tuners.lora.config import KasaConfig  # noqa: E402
@@ -46,15 +46,7 @@ class One(nn.Module):
 
 def one_layer(d_out, d_in, conv1d=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    if conv1d:
-        from transformers.pytorch_utils import Conv1D
-
-        base = Conv1D(d_out, d_in)
-    else:
-        base = nn.Linear(d_in, d_out)
-    with torch.no_grad():
-        base.weight.copy_(torch.randn(base.weight.shape, generator=g))
-        base.bias.copy_(torch.randn(base.bias.shape, generator=g))
+    base = random_base(d_out, d_in, g, conv1d)
     return One(base), torch.randn(3, 5, d_in, generator=g, dtype=torch.float64)
 
 

@@ -16,7 +16,7 @@ import lowrank
 from lowrank.adapters.randlora import RandLoRALayer
 from lowrank.io import AdapterFileError
 
-from .conftest import MODELS, Snapshot, batches
+from .conftest import MODELS, Snapshot, batches, random_base
 
 peft = pytest.importorskip("peft")
 
@@ -50,15 +50,7 @@ def reference_delta(layer: RandLoRALayer, paper_pairing: bool = False) -> torch.
 
 def random_layer(d_out, d_in, rank, conv1d=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    if conv1d:
-        from transformers.pytorch_utils import Conv1D
-
-        base = Conv1D(d_out, d_in)
-    else:
-        base = nn.Linear(d_in, d_out)
-    with torch.no_grad():
-        base.weight.copy_(torch.randn(base.weight.shape, generator=g))
-        base.bias.copy_(torch.randn(base.bias.shape, generator=g))
+    base = random_base(d_out, d_in, g, conv1d)
     layer = RandLoRALayer(base, rank, alpha=3.0 * rank, scaling=3.0)
     layer.load_tensors({k: torch.randn(t.shape, generator=g) for k, t in layer.tensors().items()})
     return layer, torch.randn(2, 5, d_in, generator=g)
