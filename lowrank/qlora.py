@@ -8,14 +8,14 @@ import torch
 from torch import nn
 
 from .plan import RECORD_ATTR, adapted_layers
-from .quant import dequantized, is_4bit, require_bitsandbytes, set_param
+from .quant import is_4bit, params4bit, relative_error, require_bitsandbytes, set_param
 
 
 @torch.no_grad()
 def quantization_errors(model: nn.Module) -> dict[str, float]:
-    """For every adapted 4-bit layer whose base was offset: ``||(W0 - s B0 A0) - deq(Q)||_F / ||W0||_F``, the
-    relative change of the effective weight that quantizing the residual caused at initialization (measured when
-    the offset was written; ``W0 = deq(Q0)``)."""
+    """For every adapted 4-bit layer whose weight lowrank wrote (an offset ``W0 - s B0 A0``, or
+    :func:`quantize_base`): ``||W - deq(Q)||_F / ||W||_F`` with ``W`` the weight it quantized, the relative change
+    of the effective weight the quantization caused (measured when it was written)."""
     return {name: float(layer.base_layer.quantization_error) for name, layer in adapted_layers(model)
             if is_4bit(layer.base_layer) and getattr(layer.base_layer, "quantization_error", None) is not None}
 
@@ -24,21 +24,15 @@ def _linear4bit(module: nn.Linear, quant_type: str, blocksize: int, compress_sta
                 compute_dtype: torch.dtype | None) -> nn.Module:
     """A ``Linear4bit`` holding ``quant(module.weight)`` (and the float bias), on the module's device."""
     bnb = require_bitsandbytes("lowrank.quantize_base")
-    from bitsandbytes.functional import quantize_4bit
-
-    w = module.weight.detach().contiguous()
+    w = module.weight.detach()
     out = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                             compute_dtype=compute_dtype or w.dtype, compress_statistics=compress_statistics,
                             quant_type=quant_type, device=w.device)
-    data, state = quantize_4bit(w, blocksize=blocksize, compress_statistics=compress_statistics,
-                                quant_type=quant_type)
-    set_param(out, bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=blocksize,
-                                     compress_statistics=compress_statistics, quant_type=quant_type, module=out,
-                                     bnb_quantized=True))
+    set_param(out, params4bit(w, out, blocksize=blocksize, compress_statistics=compress_statistics,
+                              quant_type=quant_type))
     if module.bias is not None:
         out.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-    out.quantization_error = float(torch.linalg.matrix_norm(w.float() - dequantized(out).float())
-                                   / torch.linalg.matrix_norm(w.float()).clamp_min(1e-30))
+    out.quantization_error = relative_error(w, out)
     out.train(module.training)
     return out
 

@@ -103,20 +103,34 @@ def dequantized(module: nn.Module) -> torch.Tensor:
     return dequantize_4bit(data, state).reshape(module.out_features, module.in_features)
 
 
-def quantize(module: nn.Module, w: torch.Tensor):
-    """``w`` (``(out, in)``) quantized with ``module``'s settings (block size, quant type, double quantization,
-    storage dtype) as a new ``Params4bit``; the module is not changed."""
+def params4bit(w: torch.Tensor, module: nn.Module, *, blocksize: int, compress_statistics: bool, quant_type: str,
+               quant_storage: torch.dtype = torch.uint8):
+    """``w`` quantized with these settings as a frozen ``Params4bit`` of ``module``."""
     bnb = require_bitsandbytes("writing a 4-bit weight")
     from bitsandbytes.functional import quantize_4bit
 
+    data, state = quantize_4bit(w.detach().contiguous(), blocksize=blocksize, compress_statistics=compress_statistics,
+                                quant_type=quant_type, quant_storage=quant_storage)
+    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=blocksize,
+                             compress_statistics=compress_statistics, quant_type=quant_type,
+                             quant_storage=quant_storage, module=module, bnb_quantized=True)
+
+
+def quantize(module: nn.Module, w: torch.Tensor):
+    """``w`` (``(out, in)``) quantized with ``module``'s settings (block size, quant type, double quantization,
+    storage dtype) as a new ``Params4bit``; the module is not changed."""
     old = module.weight
     _, state = _unpacked(old)
-    w = w.detach().to(dtype=state.dtype, device=old.device).contiguous()
-    data, new_state = quantize_4bit(w, blocksize=state.blocksize, compress_statistics=old.compress_statistics,
-                                    quant_type=state.quant_type, quant_storage=old.quant_storage)
-    return bnb.nn.Params4bit(data, requires_grad=False, quant_state=new_state, blocksize=state.blocksize,
-                             compress_statistics=old.compress_statistics, quant_type=state.quant_type,
-                             quant_storage=old.quant_storage, module=module, bnb_quantized=True)
+    return params4bit(w.to(dtype=state.dtype, device=old.device), module, blocksize=state.blocksize,
+                      compress_statistics=old.compress_statistics, quant_type=state.quant_type,
+                      quant_storage=old.quant_storage)
+
+
+def relative_error(target: torch.Tensor, module: nn.Module) -> float:
+    """``||target - deq(Q)||_F / ||target||_F`` for the 4-bit ``module`` made from ``target``."""
+    target = target.detach().float()
+    return float(torch.linalg.matrix_norm(target - dequantized(module).float())
+                 / torch.linalg.matrix_norm(target).clamp_min(1e-30))
 
 
 def set_param(module: nn.Module, param) -> None:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..quant import dequantized, dequantized_linear, is_4bit, quantize, set_param, stored_dtype
+from ..quant import dequantized, dequantized_linear, is_4bit, quantize, relative_error, set_param, stored_dtype
 from ..sharding import gather, is_dtensor, restore_rows, write_rows
 
 try:  # transformers is a dependency, but keep the layer importable without it
@@ -66,9 +66,7 @@ def set_weight(module: nn.Module, w_mn: torch.Tensor) -> torch.Tensor:
     if is_4bit(module):
         old, new = module.weight, quantize(module, w_mn)
         set_param(module, new)
-        target = w_mn.detach().float()
-        module.quantization_error = float(torch.linalg.matrix_norm(target - dequantized(module).float())
-                                          / torch.linalg.matrix_norm(target).clamp_min(1e-30))
+        module.quantization_error = relative_error(w_mn, module)
         return old
     new = w_mn.T if is_conv1d(module) else w_mn
     if is_dtensor(module.weight):  # FSDP2: each rank writes its own rows into its shard, in place
