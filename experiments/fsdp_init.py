@@ -4,8 +4,13 @@
     torchrun --nproc-per-node 2 -m experiments.fsdp_init --model smollm2 # the offline SmolLM2-135M
     python -m experiments.fsdp_init                                      # one process, the same steps (no sharding)
 
-Every rank prints its extra peak memory (RSS above the level before ``inject``; on CUDA peak allocated bytes) of
-the init, and the adapters' checksum after training (equal on every rank).
+Every rank prints its share of the base (bytes of its parameter shards), the extra peak memory (RSS above the
+level before; on CUDA peak allocated bytes) of the init and of the training steps after it, and the adapters'
+checksum after training (equal on every rank). ``--floor`` measures instead the statistics pass alone under the
+same sharding (forward + backward over the init batches with the gradient taps, nothing kept: what any data-driven
+init pays before lowrank keeps anything) and stops; run it as its own process (a measurement earlier in the same
+process lowers the next one's RSS peak, as freed memory stays resident); ``--vocab 8000 --batch-size 2`` with ``--hidden 4096 --layers 6`` is
+``bench_init --large 4096,11008,6``'s model and batches (there in one process).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .ablation.memory import PeakMemory
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(name: str, hidden: int, layers: int):
+def _model(name: str, hidden: int, layers: int, vocab: int):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2":
@@ -35,8 +40,22 @@ def _model(name: str, hidden: int, layers: int):
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
                       num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
-                      vocab_size=4096)
+                      vocab_size=vocab)
     return LlamaForCausalLM(cfg)
+
+
+def _floor(model, batches, rank: int) -> int:
+    """Extra peak memory of the statistics pass alone: hooks, graph, backward, nothing accumulated."""
+    from lowrank.inject import find_targets
+    from lowrank.init.statistics import collect_statistics
+
+    from .bench_init import _NullSink
+
+    modules = {t.name: t.module for t in find_targets(model, lowrank.LoRAConfig(rank=rank, targets=TARGETS))}
+    with PeakMemory() as mem:
+        collect_statistics(model, modules, batches, None, ("gradient",), progress=False,
+                           gradient_sink=_NullSink(modules))
+    return mem.extra
 
 
 def main(argv=None) -> None:
@@ -44,10 +63,13 @@ def main(argv=None) -> None:
     p.add_argument("--model", choices=["random", "smollm2"], default="random")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--floor", action="store_true", help="measure the statistics pass alone, then stop")
     p.add_argument("--batches", type=int, default=4, help="init batches in all (split across the ranks)")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--rollback", choices=["exact", "recompute"], default="exact")
+    p.add_argument("--rollback", choices=["auto", "exact", "recompute"], default="auto")
     p.add_argument("--out", default="/tmp/lowrank-fsdp-adapter")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -55,7 +77,7 @@ def main(argv=None) -> None:
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
     rank = dist.get_rank() if world > 1 else 0
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    model = _model(args.model, args.hidden, args.layers).train()
+    model = _model(args.model, args.hidden, args.layers, args.vocab).train()
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -66,8 +88,16 @@ def main(argv=None) -> None:
         fully_shard(model, mesh=mesh)
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
-    data = [{"input_ids": (ids := torch.randint(0, vocab, (4, 64), generator=g)), "labels": ids}
+    data = [{"input_ids": (ids := torch.randint(0, vocab, (args.batch_size, 64), generator=g)), "labels": ids}
             for _ in range(args.batches + args.steps * world)]
+    base = sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in model.parameters())
+    if args.floor:
+        floor = _floor(model, data[:args.batches][rank::world], args.rank)
+        print(f"rank {rank}/{world}: base share {base / 2**20:.0f} MiB, statistics pass alone {floor / 2**20:.0f} MiB",
+              flush=True)
+        if world > 1:
+            dist.destroy_process_group()
+        return
     cfg = lowrank.LoRAConfig(rank=args.rank, scaling="rslora", targets=TARGETS, init="lora_ga",
                              init_options={"progress": False, "estimator": "sketch"})
     with PeakMemory() as mem:
@@ -77,14 +107,16 @@ def main(argv=None) -> None:
     if world > 1:
         lowrank.fsdp.replicate_adapters(model)
     opt = lowrank.optim.PreconditionedOptimizer(model, "adamw", lr=1e-4)
-    for batch in data[args.batches:][rank::world][:args.steps]:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    with PeakMemory() as train_mem:
+        for batch in data[args.batches:][rank::world][:args.steps]:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
     checksum = sum(float(p.detach().double().sum()) for _, layer in lowrank.adapted_layers(model)
                    for p in layer.adapter_parameters().values())
-    print(f"rank {rank}/{world} ({args.rollback} rollback): init {seconds:.1f} s, extra peak memory {mem.extra / 2**20:.0f} MiB, "
-          f"adapter checksum {checksum:.10e}", flush=True)
+    mib = 2 ** 20
+    print(f"rank {rank}/{world} ({args.rollback} rollback): base share {base / mib:.0f} MiB, init {seconds:.1f} s, init extra peak {mem.extra / mib:.0f} MiB, training steps extra peak "
+          f"{train_mem.extra / mib:.0f} MiB, adapter checksum {checksum:.10e}", flush=True)
     if rank == 0:
         lowrank.save_adapter(model, args.out)
     if world > 1:

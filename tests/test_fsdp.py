@@ -167,3 +167,25 @@ def test_a_rank_with_another_model_is_an_error_on_every_rank(ranks):
     for r in ranks:
         for arm in ("lora_ga", "pissa"):
             assert "rank 1 has other layers than rank 0" in r[f"mismatch_{arm}"], r[f"mismatch_{arm}"]
+
+
+def test_the_documented_torchrun_example_runs_and_ends_with_the_same_adapters_on_both_ranks(tmp_path):
+    """``experiments/fsdp_init.py`` (the README's FSDP2 recipe): shard, inject, train, save, under torchrun."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "experiments.fsdp_init", "--hidden", "64", "--layers", "2", "--vocab", "97",
+                          "--steps", "2", "--out", str(tmp_path / "adapter")], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=Path(__file__).parent.parent)
+    assert run.returncode == 0, run.stderr[-4000:]
+    lines = re.findall(r"rank (\d)/2 .*base share (\d+) MiB.*adapter checksum (\S+)", run.stdout)
+    assert sorted(r for r, _, _ in lines) == ["0", "1"], run.stdout
+    assert lines[0][2] == lines[1][2]  # the adapters, bit for bit (to 11 digits), after two data-parallel steps
+    from experiments.fsdp_init import TARGETS, _model
+
+    loaded = lowrank.load_adapter(_model("random", 64, 2, 97), str(tmp_path / "adapter"))  # the saved adapter loads
+    assert len(list(lowrank.adapted_layers(loaded))) == 2 * len(TARGETS)

@@ -252,12 +252,22 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_gloo_processes_init_identically_and_one_writes_checkpoints(tmp_path):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"],
+    # accelerate's multi-process launcher (torch.distributed.run inside; with no GPU the processes use gloo on CPU;
+    # its --cpu flag would need mpirun instead)
+    "accelerate launch": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_gloo_processes_init_identically_and_one_writes_checkpoints(tmp_path, launcher):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(Path(__file__).parent.parent), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(script)], capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run([sys.executable, *LAUNCHERS[launcher], str(script)], capture_output=True, text=True,
+                         timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
