@@ -26,7 +26,9 @@ Three measurements, each side by side with PEFT in one run (PEFT version printed
 6. Sketched LoRA-GA (``--only sketch``): for 1 to 4 passes (default 3), and with ``krylov=True`` at 3
    and 4, per layer the first step's sine to ``zeta G_2r`` and its relative error's excess over the
    Eckart-Young floor, on the dense estimate's ``G`` (same batches), median / max; and the init time
-   against the dense estimator.
+   against the dense estimator. ``--draws D``: instead, the default sketch (and 4 passes, and 3 with
+   ``krylov=True``) on ``D`` held-out, disjoint draws of the batches (shuffle seed 2; the table above is on
+   seed 1), the excess's median per draw and over every (draw, layer).
 7. Large model (``--large H,I,L``, e.g. ``2048,5632,10``): a Llama built from a ``transformers`` config
    with random weights (hidden ``H``, intermediate ``I``, ``L`` layers, all seven projections, r=8,
    2 batches of 2 x 64 tokens), each arm in a fresh process: LoRA-GA with the default estimator and
@@ -55,6 +57,7 @@ import statistics
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 import lowrank
 from lowrank.init.stats import GradientSink
@@ -82,11 +85,11 @@ def load_model(num_labels: int):
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def get_batches(n_batches: int, batch_size: int):
+def get_batches(n_batches: int, batch_size: int, seed: int = 1):
     train, _ = supersense_splits(n_train=n_batches * batch_size * 2, n_eval=100)
     n = train.features["label"].num_classes
     model, tok = load_model(n)
-    return n, list(classification_batches(train, tok, batch_size, shuffle=True, seed=1))[:n_batches]
+    return n, list(classification_batches(train, tok, batch_size, shuffle=True, seed=seed))[:n_batches]
 
 
 def lowrank_lora_ga(model, batches, rank, alpha, svd="full", variant="paper"):
@@ -359,30 +362,67 @@ def bench_stats(args, n, batches):
         print(f"| {k} | {t:.2f} | {t / med['gradient']:.3f} |")
 
 
-def bench_sketch(args, n, batches):
-    from lowrank.init.sketch import DEFAULT_PASSES
+def _sketch_excess(n, batches, rank, alpha, arms):
+    """Per arm, every layer's first-step excess over the Eckart-Young floor (against the dense ``G`` of the same
+    batches), and the init time."""
     from lowrank.theory import alignment
 
     model, _ = load_model(n)
     modules = {name: mod for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
                and name.rsplit(".", 1)[-1] in TARGETS}
     G = lowrank.init.estimate_gradients(model, modules, batches, lowrank.default_loss, progress=False)
-    arms = {"dense": {}} | {f"sketch, {p} pass{'es' if p > 1 else ''}": {"estimator": "sketch", "passes": p}
-                            for p in range(1, 5)}
-    arms |= {f"sketch, {p} passes, krylov=True": {"estimator": "sketch", "passes": p, "krylov": True} for p in (3, 4)}
-    print(f"\n## 6. Sketched LoRA-GA, r={args.rank}, sketch width {8 * args.rank} (default), {len(G)} layers, "
-          f"{args.batches} x {args.batch_size} examples; default passes = {DEFAULT_PASSES}")
-    print("| estimator | sin(step, G_2r) median / max | excess over floor median / max | init time (s) |")
-    print("|---|---|---|---|")
+    out = {}
     for label, opts in arms.items():
         m, _ = load_model(n)
-        cfg = lowrank.LoRAConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS, scaling="rslora", init="lora_ga",
+        cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, targets=TARGETS, scaling="rslora", init="lora_ga",
                                  init_options={"progress": False, **opts})
         t0 = time.perf_counter()
         lowrank.inject(m, cfg, data=batches, progress=False)
         seconds = time.perf_counter() - t0
         layers = dict(lowrank.adapted_layers(m))
-        al = [alignment(*layers[k].factors(), layers[k].scaling, G[k]) for k in G]
+        out[label] = ([alignment(*layers[k].factors(), layers[k].scaling, G[k]) for k in G], seconds)
+    return out
+
+
+def bench_sketch_draws(args):
+    """The default sketch on held-out draws of the batches: is its median excess a property of the default or of
+    the one draw it was measured on?"""
+    from lowrank.init.sketch import DEFAULT_PASSES
+
+    arms = {f"sketch, {DEFAULT_PASSES} passes (default)": {"estimator": "sketch"},
+            "sketch, 4 passes": {"estimator": "sketch", "passes": 4},
+            f"sketch, {DEFAULT_PASSES} passes, krylov=True": {"estimator": "sketch", "krylov": True}}
+    per_draw = {a: [] for a in arms}
+    pooled = {a: [] for a in arms}
+    n, pool = get_batches(args.batches * args.draws, args.batch_size, seed=2)
+    for d in tqdm(range(args.draws), desc="draws"):
+        batches = pool[d * args.batches:(d + 1) * args.batches]
+        for label, (al, _) in _sketch_excess(n, batches, args.rank, args.alpha, arms).items():
+            ex = [a.excess for a in al]
+            per_draw[label].append(statistics.median(ex))
+            pooled[label] += ex
+    print(f"\n## 6b. Sketched LoRA-GA on {args.draws} held-out draws (disjoint, shuffle seed 2) of "
+          f"{args.batches} x {args.batch_size} examples, r={args.rank}, width {8 * args.rank}")
+    print("| estimator | excess median per draw | median over (draw, layer) | max over draws of the median | max |")
+    print("|---|---|---|---|---|")
+    for label in arms:
+        print(f"| {label} | {', '.join(f'{v:.1e}' for v in per_draw[label])} | {statistics.median(pooled[label]):.2e} "
+              f"| {max(per_draw[label]):.2e} | {max(pooled[label]):.2e} |")
+
+
+def bench_sketch(args, n, batches):
+    from lowrank.init.sketch import DEFAULT_PASSES
+
+    arms = {"dense": {}} | {f"sketch, {p} pass{'es' if p > 1 else ''}": {"estimator": "sketch", "passes": p}
+                            for p in range(1, 5)}
+    arms |= {f"sketch, {p} passes, krylov=True": {"estimator": "sketch", "passes": p, "krylov": True} for p in (3, 4)}
+    results = _sketch_excess(n, batches, args.rank, args.alpha, arms)
+    print(f"\n## 6. Sketched LoRA-GA, r={args.rank}, sketch width {8 * args.rank} (default), "
+          f"{len(results['dense'][0])} layers, {args.batches} x {args.batch_size} examples; default passes = "
+          f"{DEFAULT_PASSES}")
+    print("| estimator | sin(step, G_2r) median / max | excess over floor median / max | init time (s) |")
+    print("|---|---|---|---|")
+    for label, (al, seconds) in results.items():
         sines = sorted(a.rel_error_2r for a in al)
         ex = sorted(a.excess for a in al)
         print(f"| {label} | {statistics.median(sines):.2e} / {sines[-1]:.2e} | {statistics.median(ex):.2e} / "
@@ -556,6 +596,7 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=16)
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--draws", type=int, default=0, help="--only sketch: held-out draws of the batches instead")
     p.add_argument("--only", choices=["lora_ga", "pissa", "alignment", "eva", "stats", "sketch"], default=None)
     p.add_argument("--large", default=None, metavar="H,I,L",
                    help="only the large-model benchmark: a random Llama (hidden,intermediate,layers), e.g. 2048,5632,10")
@@ -577,6 +618,9 @@ def main(argv=None) -> None:
 
     print(f"# bench_init: lowrank {lowrank.__version__}, peft {peft.__version__}, torch {torch.__version__}, "
           f"{os.cpu_count()} CPUs")
+    if args.only == "sketch" and args.draws:
+        bench_sketch_draws(args)
+        return
     n, batches = get_batches(args.batches, args.batch_size)
     if args.only in (None, "lora_ga"):
         bench_lora_ga_init(args)

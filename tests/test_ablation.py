@@ -115,6 +115,8 @@ def test_diverged_run_is_recorded_and_the_sweep_continues(tmp_path):
     ({'init = "lora_ga"': 'init = "lora-ga"'}, "lora_ga"),
     ({"init_options = { progress = false }": "init_options = { sclae = 'stable' }"}, "sclae"),
     ({'name = "LoRA"\n': 'name = "LoRA"\npreconditioner = "riemanian"\n'}, "riemannian"),
+    ({'name = "LoRA"\n': 'name = "LoRA"\noptimizer = "rmsprop"\n'}, r"optimizer must be one of \['adam', 'adamw', 'sgd'\]"),
+    ({"full_finetune = true": 'full_finetune = true\noptimizer = "sgd"'}, "full fine-tuning trains with AdamW"),
     ({"# python -m experiments.ablate": "# run me"}, "first line must be the command"),
     ({"steps = 8": 'steps = "20"'}, "steps must be a positive integer, got '20'"),
     ({"steps = 8": "steps = 20.5"}, "steps must be a positive integer, got 20.5"),

@@ -229,7 +229,8 @@ def test_lm_presets_are_valid():
     assert cfg.sweep.task == "causal-lm" and cfg.sweep.lrs == "search" and cfg.sweep.seeds == [0, 1, 2]
     assert cfg.select == "val_exact_match" and cfg.higher_is_better(cfg.select)
     names = {a.name for a in cfg.arms}
-    assert {"LoRA", "PiSSA", "MiLoRA", "OLoRA", "LoRA-GA", "DoRA", "EVA", "LoRA + riemannian", "Full FT"} <= names
+    assert {"LoRA", "PiSSA", "MiLoRA", "OLoRA", "LoRA-GA", "DoRA", "EVA", "LoRA + riemannian", "Full FT", "Init[AB]",
+            "LoFT", "GraLoRA", "RandLoRA", "Orthogonal", "MiCA", "LoRA-DA", "KaSA"} <= names
     assert cfg.task["model"] == "smollm2-135m"
     assert json.dumps(cfg.task)  # the [task] table is plain data (it is part of every run's key)
 

@@ -135,6 +135,9 @@ class Arm:
     """This arm's own list of learning rates (overrides the sweep's list, search or transfer)."""
     adapter: str = "lora"
     """The adapter layer (``lowrank.list_adapters()``, e.g. ``"dora"``)."""
+    optimizer: str = "adamw"
+    """The preconditioned optimizer's base (``lowrank.optim.PreconditionedOptimizer(base=...)``: ``"adamw"``,
+    ``"sgd"``, ...); ``"sgd"`` for preconditioners that make Adam-like directions themselves (LoFT)."""
     search_start: float | None = None
     """Under a search: the centre of this arm's first grid (snapped to the ``[search]`` grid; default its
     ``start``). It saves runs; the grid still extends until the best rate is interior (or ``max_points``), so
@@ -147,8 +150,9 @@ class Arm:
         d = dataclasses.asdict(self)
         for k in ("lrs", "search_start"):
             d.pop(k)
-        if d["adapter"] == "lora":
-            d.pop("adapter")
+        for k, default in (("adapter", "lora"), ("optimizer", "adamw")):
+            if d[k] == default:
+                d.pop(k)
         return d
 
 
@@ -352,7 +356,14 @@ def _check_arm(a: Arm, sweep: Sweep, where: str) -> None:
     if a.search_start is not None:
         _check(where, "search_start", a.search_start, _is_rate, "a positive finite rate")
     if a.full_finetune:
+        if a.optimizer != "adamw":
+            raise ValueError(f"{where}: optimizer = {a.optimizer!r} with full_finetune: full fine-tuning trains with "
+                             "AdamW; remove optimizer")
         return
+    from lowrank.optim.optimizer import BASES
+
+    _check(where, "optimizer", a.optimizer, lambda v: isinstance(v, str) and v.lower() in BASES,
+           f"one of {sorted(BASES)} (the preconditioned optimizer's base)")
     for name in ("init_options", "preconditioner_options"):
         _check(where, name, getattr(a, name), lambda v: isinstance(v, dict), "a table")
     try:  # validates init, its options, the adapter, scaling and alpha

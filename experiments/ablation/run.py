@@ -80,6 +80,21 @@ def check_arms(cfg, task) -> None:
                 raise ValueError(f"{cfg.path} arm {arm.name!r} at rank {rank}: {exc}") from None
 
 
+class _Optimizers:
+    """The adapters' preconditioned optimizer and the head's own AdamW, stepped together (``step``, ``zero_grad``)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+
 def _optimizer(model, spec, built):
     arm, lr = spec["arm_config"], spec["lr"]
     head = [p for name, mod in model.named_modules() if name in built.head for p in mod.parameters()]
@@ -93,12 +108,26 @@ def _optimizer(model, spec, built):
     cfg = lora_config(arm, spec["rank"], spec["alpha"], spec["seed"], built)
     uses_data = lowrank.get_initializer(arm["init"]).uses_data
     lowrank.inject(model, cfg, data=built.init_batches if uses_data else None, progress=False)
-    opt = PreconditionedOptimizer(model, base="adamw", preconditioner=arm["preconditioner"], lr=lr,
-                                  **arm["preconditioner_options"])
-    for g in opt.param_groups:
-        if g["lowrank_role"] == "other":
-            g["lr"] = spec["head_lr"]
-    return opt
+    base = arm.get("optimizer", "adamw")
+    if base == "adamw":
+        opt = PreconditionedOptimizer(model, base=base, preconditioner=arm["preconditioner"], lr=lr,
+                                      **arm["preconditioner_options"])
+        for g in opt.param_groups:
+            if g["lowrank_role"] == "other":
+                g["lr"] = spec["head_lr"]
+        return opt
+    # another base (LoFT's SGD): the head still trains with AdamW at head_lr, as in every other arm (and as the
+    # LoFT authors' optimizer trains non-adapter parameters), so that the head is not what differs between arms
+    trained = [p for p in head if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        opt = PreconditionedOptimizer(model, base=base, preconditioner=arm["preconditioner"], lr=lr,
+                                      **arm["preconditioner_options"])
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
+    return _Optimizers(opt, torch.optim.AdamW(trained, lr=spec["head_lr"])) if trained else opt
 
 
 def _world() -> tuple[int, int]:
