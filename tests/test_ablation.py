@@ -248,3 +248,33 @@ def test_sweep_under_two_processes_writes_results_once(tmp_path, mode):
     else:  # 3 to 4 search rates per arm (seed 0), then seed 1 at the chosen rate; no run twice
         assert len({r["key"] for r in records}) == len(records) >= 2 * (3 + 1)
         assert {r["phase"] for r in records} == {"search", "final"}
+
+
+def test_an_sgd_base_arm_trains_its_adapters_by_sgd_and_the_head_by_adamw_at_head_lr():
+    """``optimizer = "sgd"`` (LoFT's arms): the head is not what differs between arms, so it keeps AdamW."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from experiments.ablation.run import _optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("body", torch.nn.Linear(6, 5))
+    model.add_module("classifier", torch.nn.Linear(5, 3))
+    built = SimpleNamespace(head=["classifier"], targets=["body"], init_batches=[])
+    arm = {"full_finetune": False, "init": "kaiming", "init_options": {}, "scaling": "rslora", "adapter": "lora",
+           "preconditioner": "loft", "preconditioner_options": {}, "optimizer": "sgd"}
+    opt = _optimizer(model, {"arm_config": arm, "lr": 0.1, "rank": 2, "alpha": 2, "seed": 0, "head_lr": 1e-3}, built)
+    adapters, head = opt.optimizers
+    assert isinstance(adapters.base, torch.optim.SGD) and isinstance(head, torch.optim.AdamW)
+    assert {id(p) for g in head.param_groups for p in g["params"]} == {id(p) for p in model.classifier.parameters()}
+    assert all(g["lr"] == 1e-3 for g in head.param_groups)
+    assert all(g["lowrank_role"] != "other" for g in adapters.param_groups)
+    assert all(p.requires_grad for p in model.classifier.parameters())  # left trainable
+    before = model.classifier.weight.detach().clone()
+    model(torch.randn(4, 6)).square().sum().backward()
+    opt.step()
+    opt.zero_grad()
+    step = (model.classifier.weight.detach() - before).abs()
+    assert torch.allclose(step, torch.full_like(step, 1e-3), rtol=1e-2)  # AdamW's first step: lr * sign(grad)
