@@ -10,7 +10,10 @@ checksum after training (equal on every rank). ``--floor`` measures instead the 
 same sharding (forward + backward over the init batches with the gradient taps, nothing kept: what any data-driven
 init pays before lowrank keeps anything) and stops; run it as its own process (a measurement earlier in the same
 process lowers the next one's RSS peak, as freed memory stays resident); ``--vocab 8000 --batch-size 2`` with ``--hidden 4096 --layers 6`` is
-``bench_init --large 4096,11008,6``'s model and batches (there in one process).
+``bench_init --large 4096,11008,6``'s model and batches (there in one process). ``--meta --dtype bfloat16`` builds
+a model larger than one process's share of memory the way such a model must be built (on the meta device, then
+each rank allocates its own shard: ``--layers 32 --vocab 32000`` is Llama-2 7B's shape); ``--shard-embeddings``
+makes the embedding and the output layer FSDP units of their own, as large-model recipes do.
 """
 
 from __future__ import annotations
@@ -30,18 +33,38 @@ from .ablation.memory import PeakMemory
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _model(name: str, hidden: int, layers: int, vocab: int):
+def _model(name: str, hidden: int, layers: int, vocab: int, dtype: torch.dtype = torch.float32, meta: bool = False):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2":
         from experiments.data.smollm2 import smollm2_path
 
-        return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype)
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
                       num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
                       vocab_size=vocab)
-    return LlamaForCausalLM(cfg)
+    if meta:  # no storage yet: each rank allocates its own shard after fully_shard (see _materialize)
+        with torch.device("meta"):
+            return LlamaForCausalLM(cfg).to(dtype)
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+@torch.no_grad()
+def _materialize(model, rank: int) -> None:
+    """Allocate a meta-built model's parameters (after ``fully_shard``: this rank's rows only) and fill them with
+    random values (weights N(0, 0.02), norms 1; a rank-dependent stream, so the global model differs from one
+    process's: use it for memory, not for comparing factors); the rotary tables are rebuilt."""
+    model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(1000 + rank)
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if local.dim() > 1:
+            local.copy_(torch.randn(local.shape, generator=g).mul_(0.02))
+        else:
+            local.fill_(1.0)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(model.config)
 
 
 def _floor(model, batches, rank: int) -> int:
@@ -70,6 +93,13 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, default=4, help="init batches in all (split across the ranks)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rollback", choices=["auto", "exact", "recompute"], default="auto")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the base's dtype")
+    p.add_argument("--meta", action="store_true",
+                   help="build the random model on the meta device and allocate only each rank's shard (a model "
+                        "larger than one process's memory)")
+    p.add_argument("--shard-embeddings", action="store_true",
+                   help="the embedding and the output layer as FSDP units of their own (else the root's, gathered "
+                        "from the forward to the backward)")
     p.add_argument("--out", default="/tmp/lowrank-fsdp-adapter")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -77,7 +107,11 @@ def main(argv=None) -> None:
         dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
     rank = dist.get_rank() if world > 1 else 0
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    model = _model(args.model, args.hidden, args.layers, args.vocab).train()
+    if args.meta and args.model != "random":
+        p.error("--meta builds the random model only")
+    if args.shard_embeddings and args.model != "random":
+        p.error("--shard-embeddings needs untied embeddings: the random model only")
+    model = _model(args.model, args.hidden, args.layers, args.vocab, getattr(torch, args.dtype), args.meta).train()
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -85,7 +119,12 @@ def main(argv=None) -> None:
         mesh = init_device_mesh("cpu", (world,))
         for block in model.model.layers:
             fully_shard(block, mesh=mesh)
+        if args.shard_embeddings:
+            fully_shard(model.model.embed_tokens, mesh=mesh)
+            fully_shard(model.lm_head, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    if args.meta:
+        _materialize(model, rank)
     g = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     data = [{"input_ids": (ids := torch.randint(0, vocab, (args.batch_size, 64), generator=g)), "labels": ids}

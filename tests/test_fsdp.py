@@ -53,6 +53,37 @@ def _layers(model) -> dict:
             for n, layer in lowrank.adapted_layers(model)}
 
 
+def _gathered_blocks_in_backward(model, data) -> dict:
+    """How many blocks hold gathered parameters (or a pending all-gather) when each block's backward starts: in a
+    plain backward (FSDP's default prefetch of the previous block) and in lowrank's statistics pass; and whether
+    FSDP's prefetch settings are back after the pass."""
+    from torch.distributed.fsdp import FSDPModule
+
+    blocks = [b for b in model.model.layers if isinstance(b, FSDPModule)]
+
+    def gathered() -> int:
+        return sum(any(g._all_gather_result is not None or g.is_unsharded for g in b._get_fsdp_state()._fsdp_param_groups)
+                   for b in blocks)
+
+    seen: dict = {"default": [], "pass": []}
+    key = ["default"]
+
+    def watch(module, args, out):
+        t = out[0] if isinstance(out, tuple) else out
+        if t.requires_grad:  # registered after FSDP's own pre-backward hook: runs once this block is gathered
+            t.register_hook(lambda g: seen[key[0]].append(gathered()))
+
+    handles = [b.register_forward_hook(watch) for b in blocks]
+    model.train()
+    model(**data[0]).loss.backward()
+    key[0] = "pass"
+    lowrank.inject(model, _config("lora_ga"), data=data, progress=False)
+    for h in handles:
+        h.remove()
+    seen["restored"] = all(b._get_fsdp_state()._states_to_backward_prefetch == [] for b in blocks)
+    return seen
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -66,6 +97,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             model = _sharded(mesh)
             lowrank.inject(model, _config(arm), data=data[rank::WORLD] if arm != "pissa" else None, progress=False)
             out[arm] = _layers(model)
+        out["gathered"] = _gathered_blocks_in_backward(_sharded(mesh), data[rank::WORLD])
         model = _sharded(mesh)  # offsets written in place, no copy of the shards kept
         lowrank.inject(model, _config("lora_ga"), data=data[rank::WORLD], progress=False, rollback="recompute")
         out["recompute"] = _layers(model)
@@ -130,6 +162,14 @@ def test_fsdp_init_equals_one_process_on_the_union(ranks, arm):
         assert torch.equal(ranks[0][arm][name]["A"], ranks[1][arm][name]["A"])  # bitwise identical factors
         assert torch.equal(ranks[0][arm][name]["B"], ranks[1][arm][name]["B"])
         assert ranks[0][arm][name]["rows"] != ranks[1][arm][name]["rows"]  # each rank wrote its own shard
+
+
+def test_the_statistics_pass_gathers_one_block_at_a_time_and_restores_fsdps_prefetch(ranks):
+    for r in ranks:
+        seen = r["gathered"]
+        assert max(seen["default"]) == 2, seen  # FSDP's default: this block and the previous one (prefetched)
+        assert seen["pass"] and max(seen["pass"]) == 1, seen  # lowrank's pass: one block at a time
+        assert seen["restored"]
 
 
 def test_in_place_offsets_give_the_same_bits(ranks):

@@ -31,7 +31,9 @@ references, train/eval modes and the global RNG, CPU and CUDA, restored, also on
 optional CPU offload of the accumulators; under ``torch.distributed`` every rank passes its
 own shard, the float32 sums and counts are all-reduced and rank 0's totals broadcast, so every
 rank holds the same bits, the mean over the union of the shards; an error on any rank is raised
-on all; a layer the data never reaches is an error that names it.
+on all; a layer the data never reaches is an error that names it. On an FSDP2-sharded model the
+pass holds one block's gathered parameters at a time (:func:`lowrank.sharding.one_block_at_a_time`:
+FSDP's backward prefetch off, its forward all-gather buffer freed per block), FSDP's settings restored.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from tqdm.auto import tqdm
 from .. import distributed as dist_helpers
 from ..quant import autograd_4bit
 from ..registry import STATISTIC_REGISTRY
+from ..sharding import one_block_at_a_time
 from .stats import GradientSink, LayerInput, Statistic
 from .stats.inputs import GRAM_BLOCK, symmetrize_, upper_gram  # noqa: F401  (re-exported)
 
@@ -303,6 +306,7 @@ def _local_pass(model, run: _Pass, data, loss_fn, mask_padding, num_batches, tra
         stack.callback(run.reset)
         for p in params:
             p.requires_grad_(False)
+        stack.enter_context(one_block_at_a_time(model))  # FSDP2: no overlap buffers (nothing to overlap here)
         model.train(train_mode)
         desc = "lowrank gradient estimate" if want_grad else "lowrank input statistics"
         bar = tqdm(total=num_batches, desc=desc, disable=not progress, leave=False)
