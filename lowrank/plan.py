@@ -61,7 +61,8 @@ def _check_not_sharded(name: str, weight: torch.Tensor) -> None:
     if is_dtensor(weight):
         if not row_sharded(weight):
             raise TypeError(f"layer {name!r} has a DTensor weight placed {weight.placements}: lowrank writes FSDP2's "
-                            "row shards (Shard(0), Replicate()) only; shard it with fully_shard, or inject first")
+                            "row shards (Shard(0), Replicate()) only; shard it with fully_shard's default placement (no "
+                            "shard_placement_fn), or inject before sharding")
         return
     if hasattr(weight, "ds_id") or hasattr(weight, "_fsdp_flattened") or weight.numel() == 0:
         raise TypeError(f"layer {name!r} has a sharded weight ({type(weight).__name__}, FSDP1 / ZeRO-3): lowrank needs "

@@ -31,7 +31,7 @@ def _config(arm: str, seed: int = 0) -> lowrank.LoRAConfig:
                               seed=seed)
 
 
-def _sharded(mesh, hidden: int | None = None):
+def _sharded(mesh, hidden: int | None = None, placement=None):
     from torch.distributed.fsdp import fully_shard
 
     model = tiny_llama()
@@ -41,7 +41,7 @@ def _sharded(mesh, hidden: int | None = None):
         model = LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=97)).eval()
     for block in model.model.layers:
-        fully_shard(block, mesh=mesh)
+        fully_shard(block, mesh=mesh, shard_placement_fn=placement)
     fully_shard(model, mesh=mesh)
     return model
 
@@ -124,6 +124,19 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 out[f"mismatch_{arm}"] = "no error"
             except Exception as exc:  # noqa: BLE001
                 out[f"mismatch_{arm}"] = f"{type(exc).__name__}: {exc}"
+        # weights split on their second dimension (not FSDP2's default rows): refused by plan, on every rank,
+        # before any batch is drawn or weight written
+        from torch.distributed.tensor import Shard
+
+        model = _sharded(mesh, placement=lambda p: Shard(1) if p.dim() == 2 else None)
+        before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+        try:
+            lowrank.inject(model, _config("lora_ga"), data=data[rank::WORLD], progress=False)
+            out["columns"] = "no error"
+        except Exception as exc:  # noqa: BLE001
+            out["columns"] = f"{type(exc).__name__}: {exc}"
+        out["columns_unchanged"] = not list(lowrank.adapted_layers(model)) and all(
+            torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -207,6 +220,14 @@ def test_a_rank_with_another_model_is_an_error_on_every_rank(ranks):
     for r in ranks:
         for arm in ("lora_ga", "pissa"):
             assert "rank 1 has other layers than rank 0" in r[f"mismatch_{arm}"], r[f"mismatch_{arm}"]
+
+
+def test_a_weight_sharded_on_its_columns_is_refused_on_every_rank_and_the_model_is_unchanged(ranks):
+    for r in ranks:
+        assert r["columns"].startswith("TypeError: layer 'model.layers.0.self_attn.q_proj' has a DTensor weight placed"), \
+            r["columns"]
+        assert "Shard(dim=1)" in r["columns"] and "fully_shard" in r["columns"], r["columns"]
+        assert r["columns_unchanged"]
 
 
 def test_the_documented_torchrun_example_runs_and_ends_with_the_same_adapters_on_both_ranks(tmp_path):
