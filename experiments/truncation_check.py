@@ -67,11 +67,12 @@ def main(argv=None) -> None:
     print(f"  base model: {base:.3f}")
     for kind in ["all", *built.targets]:
         chosen = [n for n in linears if kind == "all" or n.endswith(kind)]
+        saved = {n: linears[n].weight.data.clone() for n in chosen}
         for n in chosen:
             linears[n].weight.data -= minor[n]
         print(f"  minor triplets dropped from {kind:>9}: {_val_loss(model, built.val_batches):.3f}", flush=True)
-        for n in chosen:
-            linears[n].weight.data += minor[n]
+        for n in chosen:  # the original bits back (subtracting and adding again would round)
+            linears[n].weight.data.copy_(saved[n])
     rows.sort(reverse=True)
     print(f"layers removing the most output (output removed / weight removed, Frobenius), top {args.top}:")
     for out_removed, w_removed, n in rows[:args.top]:
