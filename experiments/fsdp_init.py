@@ -100,6 +100,9 @@ def main(argv=None) -> None:
     p.add_argument("--shard-embeddings", action="store_true",
                    help="the embedding and the output layer as FSDP units of their own (else the root's, gathered "
                         "from the forward to the backward)")
+    p.add_argument("--replicated-sketch", action="store_true",
+                   help="keep every layer's sketch state on every rank (init_options shard_state=False; default: "
+                        "split across the ranks on a sharded model)")
     p.add_argument("--out", default="/tmp/lowrank-fsdp-adapter")
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -138,7 +141,8 @@ def main(argv=None) -> None:
             dist.destroy_process_group()
         return
     cfg = lowrank.LoRAConfig(rank=args.rank, scaling="rslora", targets=TARGETS, init="lora_ga",
-                             init_options={"progress": False, "estimator": "sketch"})
+                             init_options={"progress": False, "estimator": "sketch",
+                                           **({"shard_state": False} if args.replicated_sketch else {})})
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         lowrank.inject(model, cfg, data=data[:args.batches][rank::world], progress=False, rollback=args.rollback)

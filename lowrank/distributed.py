@@ -20,6 +20,16 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _comm_device(t: torch.Tensor) -> torch.device:
     if dist.get_backend() == "nccl" and t.device.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())
@@ -86,3 +96,8 @@ def combine_sums(sums: Iterable[torch.Tensor], count: int) -> int:
 def all_reduce_(t: torch.Tensor, op=None) -> None:
     """``dist.all_reduce`` in place (``op`` default sum), also for CPU tensors under NCCL."""
     _collective(t, lambda x: dist.all_reduce(x, op=dist.ReduceOp.SUM if op is None else op))
+
+
+def reduce_(t: torch.Tensor, dst: int) -> None:
+    """``dist.reduce`` (sum) in place onto rank ``dst``; elsewhere ``t`` is left undefined (a send buffer)."""
+    _collective(t, lambda x: dist.reduce(x, dst=dst))

@@ -27,7 +27,8 @@ from .init.base import InitResult, Initializer
 from .init.budget import RankBudget
 from .init.driver import Allocation, LayerSpec, check_layers
 from .registry import INITIALIZERS, get_adapter
-from .sharding import is_dtensor, row_sharded
+from . import distributed as dist_helpers
+from .sharding import is_dtensor, local_rows, row_sharded
 from .weights import Journal, offset_is_finite, offsets_in_place, original_weight, restore_shard_in_place
 
 RECORD_ATTR = "_lowrank_record"
@@ -269,15 +270,33 @@ def plan(model: nn.Module, config: LoRAConfig, *, rollback: str = "auto", ranks:
 
 def check_offsets(layers: Sequence[LayerSpec], results: Sequence[InitResult], init_name: str) -> None:
     """Every offset base weight ``W0 - s B A`` is finite in the weight's dtype (the factors as the layer stores
-    them), before any weight is written: the check ``offset_weight`` makes, done up front."""
+    them), before any weight is written: the check ``offset_weight`` makes, done up front. An FSDP2 shard is
+    checked on its own rows (no layer is gathered) and the verdicts are agreed across the ranks in one
+    all-reduce, so a failure is raised on every rank."""
+    sharded = any(is_dtensor(s.module.weight) for s in layers)  # every rank: the same model (checked)
+    flags = []
     for spec, res in zip(layers, results):
+        ok = True
         if res.offset:
-            dt = weight_dtype(spec.module)
+            dt, w = weight_dtype(spec.module), spec.module.weight
             A0, B0 = res.subtracted()
-            if not offset_is_finite(spec.module, weight_view(spec.module), A0.to(dt), B0.to(dt), spec.scaling):
-                raise FloatingPointError(f"layer {spec.name!r} ({init_name!r}): the offset base weight W0 - s B A is "
-                                         f"not finite (the factors are too large for the weight's dtype {dt}); the "
-                                         "model was not changed. Use smaller factors")
+            if is_dtensor(w):  # the rows this rank will write (lowrank.weights._offset_shard's blocks)
+                rows = local_rows(w)
+                ok = offset_is_finite(spec.module, w.to_local(), A0.to(dt), B0[rows].to(dt), spec.scaling)
+            else:
+                ok = offset_is_finite(spec.module, weight_view(spec.module), A0.to(dt), B0.to(dt), spec.scaling)
+        flags.append(0.0 if ok else 1.0)
+        if not ok and not sharded:
+            break
+    if sharded:
+        bad = torch.tensor(flags)
+        dist_helpers.all_reduce_(bad, op=torch.distributed.ReduceOp.MAX)
+        flags = bad.tolist()
+    for spec, flag in zip(layers, flags):
+        if flag:
+            raise FloatingPointError(f"layer {spec.name!r} ({init_name!r}): the offset base weight W0 - s B A is not "
+                                     f"finite (the factors are too large for the weight's dtype "
+                                     f"{weight_dtype(spec.module)}); the model was not changed. Use smaller factors")
 
 
 def _restore_in_place(layer: Adapter) -> None:

@@ -315,6 +315,81 @@ def test_sketched_inits_are_identical_on_every_rank_and_equal_one_process(tmp_pa
         torch.testing.assert_close(B @ B.T, layer.B.detach() @ layer.B.detach().T, rtol=1e-3, atol=1e-4)
 
 
+SPLIT_ARMS = {"one pass": dict(passes=1), "subspace": dict(passes=3), "krylov": dict(passes=3, krylov=True)}
+
+
+def _split_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """The sketch with its state split across the ranks (each layer's basis and sums on one owner) against the
+    replicated sketch, on the same shards; which layers each rank's sinks held; an unreached layer."""
+    from lowrank.init import sketch
+
+    _setup(rank, init_file)
+    try:
+        shard = batches("bert", 4, seed=1)[rank::WORLD]
+        held: list[set] = []
+        real = sketch._Sketches.__init__
+
+        def spy(self, *args, **kwargs):
+            real(self, *args, **kwargs)
+            held.append({n for kind in self.accumulators for n in kind})
+
+        sketch._Sketches.__init__ = spy
+        model = tiny_bert()
+        mods = {n: m for n, m in model.named_modules() if n.endswith(("query", "value", "output.dense"))}
+        out = {"layers": sorted(mods)}
+        for arm, opts in SPLIT_ARMS.items():
+            for split in (False, True):
+                held.clear()
+                out[arm, split] = sketch.sketch_gradient_svd(model, mods, shard, lowrank.default_loss,
+                                                             k=dict.fromkeys(mods, 3), progress=False,
+                                                             shard_state=split, **opts)
+                out[arm, split, "held"] = [sorted(h) for h in held]
+        sketch._Sketches.__init__ = real
+        # a layer the loss never reaches: named on both ranks (only its owner sees its sums)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
+        data = [torch.randn(3, 6, generator=torch.Generator().manual_seed(rank))]
+        try:
+            sketch.sketch_gradient_svd(model, {"0": model[0], "1": model[1]}, data,
+                                       lambda m, x: m[0](x).pow(2).mean(), k={"0": 2, "1": 2}, progress=False,
+                                       shard_state=True)
+            out["unreached"] = "no error"
+        except Exception as exc:  # noqa: BLE001
+            out["unreached"] = f"{type(exc).__name__}: {exc}"
+        # ranks with different numbers of batches: an error on both, before the pass (not a hang in a hook)
+        try:
+            sketch.sketch_gradient_svd(model, {"0": model[0], "1": model[1]}, data * (2 - rank),
+                                       lambda m, x: m(x).pow(2).mean(), k={"0": 2, "1": 2}, progress=False,
+                                       shard_state=True)
+            out["uneven"] = "no error"
+        except Exception as exc:  # noqa: BLE001
+            out["uneven"] = f"{type(exc).__name__}: {exc}"
+        torch.save(out, os.path.join(out_dir, f"split{rank}.pt"))
+    finally:
+        _teardown()
+
+
+def test_a_sketch_split_across_ranks_holds_each_layer_once_and_equals_the_replicated_sketch(tmp_path):
+    _spawn(_split_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"split{r}.pt") for r in range(WORLD))
+    layers = set(r0["layers"])
+    for arm in SPLIT_ARMS:
+        # replicated: every rank holds every layer's sums; split: each layer on exactly one rank, every pass
+        assert all(set(h) == layers for r in (r0, r1) for h in r[arm, False, "held"])
+        for h0, h1 in zip(r0[arm, True, "held"], r1[arm, True, "held"], strict=True):
+            assert h0 and h1 and not set(h0) & set(h1) and set(h0) | set(h1) == layers, (arm, h0, h1)
+        for name in layers:
+            for x, y in zip(r0[arm, True][name], r1[arm, True][name]):
+                assert torch.equal(x, y), (arm, name)  # the owner's bits on every rank
+            (U, S, V), (U1, S1, V1) = r0[arm, True][name], r0[arm, False][name]
+            # the same sketch summed per batch rather than per pass: equal to float32 rounding
+            torch.testing.assert_close(S, S1, rtol=1e-4, atol=1e-6 * float(S1[0]))
+            torch.testing.assert_close(U @ U.T, U1 @ U1.T, rtol=0, atol=1e-4)
+            torch.testing.assert_close(V @ V.T, V1 @ V1.T, rtol=0, atol=1e-4)
+    for r in (r0, r1):
+        assert r["unreached"].startswith("ValueError") and "['1']" in r["unreached"], r["unreached"]
+        assert r["uneven"].startswith("ValueError") and "rank 0: 2, rank 1: 1" in r["uneven"], r["uneven"]
+
+
 def _different_models_worker(rank: int, init_file: str, out_dir: str) -> None:
     _setup(rank, init_file)
     try:

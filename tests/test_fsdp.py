@@ -93,10 +93,21 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         mesh = init_device_mesh("cpu", (WORLD,))
         data = batches("llama", 4, seed=1)
         out = {}
+        from lowrank.init import sketch
+
+        held, real = [], sketch._Sketches.__init__
+
+        def spy(self, *args, **kwargs):  # which layers' sketch state this rank holds, pass by pass
+            real(self, *args, **kwargs)
+            held.append(sorted({n for kind in self.accumulators for n in kind}))
+
+        sketch._Sketches.__init__ = spy
         for arm in ARMS:
             model = _sharded(mesh)
             lowrank.inject(model, _config(arm), data=data[rank::WORLD] if arm != "pissa" else None, progress=False)
             out[arm] = _layers(model)
+        sketch._Sketches.__init__ = real
+        out["sketch_held"] = held
         out["gathered"] = _gathered_blocks_in_backward(_sharded(mesh), data[rank::WORLD])
         model = _sharded(mesh)  # offsets written in place, no copy of the shards kept
         lowrank.inject(model, _config("lora_ga"), data=data[rank::WORLD], progress=False, rollback="recompute")
@@ -137,6 +148,35 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             out["columns"] = f"{type(exc).__name__}: {exc}"
         out["columns_unchanged"] = not list(lowrank.adapted_layers(model)) and all(
             torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
+        # in-place offsets (rollback="recompute") that overflow only in the last rows, which rank 1 holds: each rank
+        # checks its own rows of every layer (nothing gathered) before any write; the verdict is agreed
+        from lowrank.init.base import InitResult, Initializer
+
+        @lowrank.register_initializer("overflow_in_last_rows", override=True)
+        class Overflow(Initializer):
+            offset = True
+
+            def init_layer(self, ctx):
+                B = ctx.randn(ctx.m, ctx.rank)
+                B[-1] = 3e38  # finite, but s B A overflows float32 in that row
+                return InitResult(A=10 + ctx.zeros(ctx.rank, ctx.n), B=B, offset=True)
+
+        import lowrank.adapters.base as adapter_base
+
+        gathered, real_gather = [], adapter_base.gather
+        adapter_base.gather = lambda t: gathered.append(t.shape) or real_gather(t)  # weight_view's all-gather
+        model = _sharded(mesh)
+        before = {n: p.to_local().clone() for n, p in model.named_parameters()}
+        try:
+            lowrank.inject(model, lowrank.LoRAConfig(rank=2, targets=TARGETS, init="overflow_in_last_rows"),
+                           progress=False, rollback="recompute")
+            out["overflow"] = "no error"
+        except Exception as exc:  # noqa: BLE001
+            out["overflow"] = f"{type(exc).__name__}: {exc}"
+        adapter_base.gather = real_gather
+        out["overflow_gathered"] = len(gathered)
+        out["overflow_unchanged"] = not list(lowrank.adapted_layers(model)) and all(
+            torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -175,6 +215,15 @@ def test_fsdp_init_equals_one_process_on_the_union(ranks, arm):
         assert torch.equal(ranks[0][arm][name]["A"], ranks[1][arm][name]["A"])  # bitwise identical factors
         assert torch.equal(ranks[0][arm][name]["B"], ranks[1][arm][name]["B"])
         assert ranks[0][arm][name]["rows"] != ranks[1][arm][name]["rows"]  # each rank wrote its own shard
+
+
+def test_the_sketch_state_is_split_across_the_ranks(ranks):
+    """On a sharded model each layer's sketch basis and sums live on one rank only (default ``shard_state``)."""
+    layers = set(ranks[0]["lora_ga_sketch"])
+    h0, h1 = ranks[0]["sketch_held"], ranks[1]["sketch_held"]
+    assert len(h0) == len(h1) == 3  # the default 3 passes
+    for a, b in zip(h0, h1):
+        assert a and b and not set(a) & set(b) and set(a) | set(b) == layers, (a, b)
 
 
 def test_the_statistics_pass_gathers_one_block_at_a_time_and_restores_fsdps_prefetch(ranks):
@@ -250,3 +299,11 @@ def test_the_documented_torchrun_example_runs_and_ends_with_the_same_adapters_on
 
     loaded = lowrank.load_adapter(_model("random", 64, 2, 97), str(tmp_path / "adapter"))  # the saved adapter loads
     assert len(list(lowrank.adapted_layers(loaded))) == 2 * len(TARGETS)
+
+
+def test_an_in_place_offset_that_overflows_on_one_ranks_rows_is_an_error_on_every_rank(ranks):
+    for r in ranks:
+        assert r["overflow"].startswith("FloatingPointError") and "is not finite" in r["overflow"], r["overflow"]
+        assert "model.layers.0.self_attn.q_proj" in r["overflow"], r["overflow"]  # the first layer, named
+        assert r["overflow_unchanged"]
+        assert r["overflow_gathered"] == 0  # no layer's weight was gathered to check it

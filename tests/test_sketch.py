@@ -168,6 +168,10 @@ def test_bad_sketch_requests_are_clear_errors_and_the_model_is_unchanged():
         LoRAConfig(targets=["query"], init="lora_ga", init_options={"krylov": True})
     with pytest.raises(ValueError, match="option krylov='yes' of initializer 'lora_ga' must be true or false"):
         LoRAConfig(targets=["query"], init="lora_ga", init_options={"estimator": "sketch", "krylov": "yes"})
+    with pytest.raises(ValueError, match="shard_state='yes'"):
+        LoRAConfig(targets=["query"], init="lora_ga", init_options={"estimator": "sketch", "shard_state": "yes"})
+    with pytest.raises(ValueError, match="shard_state applies to the sketch"):
+        LoRAConfig(targets=["query"], init="lora_ga", init_options={"estimator": "dense", "shard_state": True})
     with pytest.raises(ValueError, match="train_mode=True .dropout. changes it"):
         lowrank.inject(model, LoRAConfig(targets=["query"], rank=2, scaling="rslora", init="lora_ga",
                                          init_options={"estimator": "sketch", "train_mode": True, "progress": False}),

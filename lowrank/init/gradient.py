@@ -113,6 +113,11 @@ class GradientOptions(DataOptions):
     ``(2 d_out + d_in) k`` floats per layer at the peak instead of ``(d_out + d_in) k``."""
     sketch_seed: int = 0
     """Seed of the sketches' random test matrices."""
+    shard_state: bool | None = None
+    """Sketch under torch.distributed: keep each layer's sketch state (basis and sums) on one owner rank
+    (``True``) or on every rank (``False``); ``None`` (default): split on an FSDP2-sharded model, replicated
+    otherwise. Split, a rank holds ``1/N`` of the ``(d_out + d_in) k`` floats per layer, for a broadcast and a
+    reduce per layer and batch; every rank must then run the same number of batches (``lowrank.init.sketch``)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,6 +130,11 @@ class GradientOptions(DataOptions):
         if self.estimator != "sketch" and (self.sketch_size is not None or self.passes is not None or self.krylov):
             raise ValueError("sketch_size, passes and krylov apply to estimator='sketch'; set estimator='sketch' or "
                              "drop them")
+        if self.shard_state is not None and not isinstance(self.shard_state, bool):
+            raise ValueError(f"invalid shard_state={self.shard_state!r}: must be True, False or None (the default)")
+        if self.estimator == "dense" and self.shard_state is not None:
+            raise ValueError("shard_state applies to the sketch (estimator='sketch' or 'auto'); the dense G is "
+                             "all-reduced whole: drop shard_state or use estimator='sketch'")
 
 
 class GradientInitializer(DataInitializer):
@@ -173,5 +183,6 @@ class GradientInitializer(DataInitializer):
                                   sketch_size=dict.fromkeys(modules, o.sketch_size) if o.sketch_size else None,
                                   passes=o.passes or DEFAULT_PASSES, krylov=o.krylov, seed=o.sketch_seed,
                                   num_batches=o.num_batches,
-                                  train_mode=o.train_mode, progress=o.progress, distributed=o.distributed)
+                                  train_mode=o.train_mode, progress=o.progress, distributed=o.distributed,
+                                  shard_state=o.shard_state)
         return {n: {"gradient_svd": v} for n, v in svd.items()}

@@ -26,6 +26,15 @@ Every pass must see the same ``G``: ``eval()`` mode and the same batches; a batc
 from the first pass's beyond rounding is an error naming it. ``Omega`` and ``Psi`` are seeded per layer
 (``layer_seed(seed, name)``); under torch.distributed the sketches are all-reduced after every pass, so
 the result equals one process on the union of the shards, the same bits on every rank.
+
+Split state (``shard_state``, on by default for an FSDP2-sharded model under torch.distributed): each layer's
+sketch state (its basis and accumulator) lives on one *owner* rank only (:class:`Owners`, balanced by bytes),
+so a rank holds ``1/N`` of the ``(d_out + d_in) k`` floats per layer instead of all of them. A layer's basis is
+broadcast from its owner when a hook needs it and dropped after use, each batch's contribution is summed onto
+the owner (``reduce``) as soon as the hook computes it, the owner factorizes its layers, and the final triplets
+(``k`` wide, not the sketch width) are broadcast. Every rank must then run the same number of batches (as FSDP2
+already needs: its forward all-gathers are collectives too). The sum over ranks is taken per batch instead of
+per pass: the result equals the replicated one to float32 rounding.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from torch import nn
 
 from .. import distributed as dist_helpers
 from ..adapters.base import weight_shape
+from ..sharding import is_dtensor
 from .base import layer_seed
 from .statistics import GradientSink, collect_statistics
 
@@ -49,43 +59,133 @@ def _orth(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(M.double()).Q
 
 
+class Owners:
+    """Which rank holds each layer's sketch state when it is split across ranks (``shard_state``).
+
+    Layers go, largest first, to the rank holding the fewest bytes so far (``(d_out + d_in) * width`` floats
+    each): the same assignment on every rank, since every rank has the same layers (checked before the pass).
+    The collectives below are called by every rank for the same layer in the same order: the statistics pass's
+    hooks fire in the model's order, the same on every rank."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], width: Mapping[str, int], world: int, rank: int):
+        self.rank, self.world = rank, world
+        self.load = [0] * world
+        self.owner: dict[str, int] = {}
+        for n in sorted(shapes, key=lambda n: -(shapes[n][0] + shapes[n][1]) * width[n]):  # stable: ties in order
+            r = min(range(world), key=lambda i: self.load[i])
+            self.owner[n] = r
+            self.load[r] += (shapes[n][0] + shapes[n][1]) * width[n] * 4
+
+    def mine(self, name: str) -> bool:
+        return self.owner[name] == self.rank
+
+    def share(self, name: str, held: Mapping[str, torch.Tensor] | None, shape: tuple[int, int],
+              device: torch.device) -> torch.Tensor:
+        """The owner's ``held[name]`` on every rank (a broadcast; a non-owner gets a new tensor, to drop after use)."""
+        t = held[name] if self.mine(name) else torch.empty(shape, dtype=torch.float32, device=device)
+        dist_helpers.broadcast_([t], src=self.owner[name])
+        return t
+
+    def reduce(self, name: str, part: torch.Tensor) -> torch.Tensor | None:
+        """The sum of every rank's ``part`` on the owner (``None`` elsewhere)."""
+        part = part.contiguous()
+        dist_helpers.reduce_(part, dst=self.owner[name])
+        return part if self.mine(name) else None
+
+
 class _Sketches(GradientSink):
     """One pass's sketches: per layer, ``G @ right[name]`` and/or ``left[name]^T @ G`` (as ``G^T left``).
 
     A pass with only a right sketch keeps ``x @ right`` (``T x k``) from the forward instead of the layer
-    input ``x`` (``T x d_in``): the backward needs nothing else of it."""
+    input ``x`` (``T x d_in``): the backward needs nothing else of it. With ``owners`` (split state), the test
+    matrices and the accumulators exist only for this rank's layers; the others' bases are broadcast by their
+    owners when a hook needs them, and each contribution is reduced onto its owner at once."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int]], device: torch.device,
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], width: Mapping[str, int], device: torch.device,
                  right: Mapping[str, torch.Tensor] | None = None, left: Mapping[str, torch.Tensor] | None = None,
-                 corange: Mapping[str, torch.Tensor] | None = None):
-        self.right, self.left, self.corange = right, left, corange
+                 corange: Mapping[str, torch.Tensor] | None = None, owners: Owners | None = None):
+        self.right, self.left, self.corange, self.owners = right, left, corange, owners
+        self.shapes, self.width, self.device = shapes, width, device
         self.project = right is not None and left is None and corange is None
+        mine = [n for n in shapes if owners is None or owners.mine(n)]
         f32 = lambda *s: torch.zeros(*s, dtype=torch.float32, device=device)  # noqa: E731
         self.accumulators = []
         if right is not None:
-            self.Y = {n: f32(shapes[n][0], right[n].shape[1]) for n in shapes}  # G Omega (m, k)
+            self.Y = {n: f32(shapes[n][0], width[n]) for n in mine}  # G Omega (m, k)
             self.accumulators.append(self.Y)
         if left is not None:
-            self.Z = {n: f32(shapes[n][1], left[n].shape[1]) for n in shapes}  # G^T Q (n, k)
+            self.Z = {n: f32(shapes[n][1], width[n]) for n in mine}  # G^T Q (n, k)
             self.accumulators.append(self.Z)
         if corange is not None:
-            self.W = {n: f32(corange[n].shape[0], shapes[n][1]) for n in shapes}  # Psi G (l, n)
+            self.W = {n: f32(2 * width[n] + 1, shapes[n][1]) for n in mine}  # Psi G (l, n)
             self.accumulators.append(self.W)
 
+    @property
+    def sums(self) -> list[dict[str, torch.Tensor]]:  # type: ignore[override]
+        # split state: reduced per batch onto the owners, nothing left for the pass to all-reduce or check
+        return [] if self.owners else self.accumulators
+
+    def _get(self, kind: str, name: str) -> torch.Tensor:
+        held = getattr(self, kind)
+        if self.owners is None:
+            return held[name]
+        m, n = self.shapes[name]
+        shape = {"right": (n, self.width[name]), "left": (m, self.width[name]),
+                 "corange": (2 * self.width[name] + 1, m)}[kind]
+        return self.owners.share(name, held, shape, self.device)
+
+    def _add(self, acc: Mapping[str, torch.Tensor], name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``acc[name] += a @ b``, summed over the ranks onto the owner with split state."""
+        if self.owners is None:
+            acc[name].addmm_(a, b)
+            return
+        part = self.owners.reduce(name, a @ b)
+        if part is not None:
+            acc[name].add_(part)
+
     def hold(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return x.float() @ self.right[name] if self.project else x
+        return x.float() @ self._get("right", name) if self.project else x
 
     def accumulate(self, name: str, g: torch.Tensor, x: torch.Tensor) -> None:
         if self.project:
-            self.Y[name].addmm_(g.T, x)  # x is already x @ right
+            self._add(self.Y, name, g.T, x)  # x is already x @ right
             return
         x = x.float()
         if self.right is not None:
-            self.Y[name].addmm_(g.T, x @ self.right[name])
+            self._add(self.Y, name, g.T, x @ self._get("right", name))
         if self.left is not None:
-            self.Z[name].addmm_(x.T, g @ self.left[name])
+            self._add(self.Z, name, x.T, g @ self._get("left", name))
         if self.corange is not None:
-            self.W[name].addmm_(self.corange[name] @ g.T, x)
+            self._add(self.W, name, self._get("corange", name) @ g.T, x)
+
+    def reached(self, name: str) -> bool:
+        return True if self.owners else super().reached(name)
+
+    def result(self, name: str, n_batches: int) -> dict[str, torch.Tensor]:
+        for kind in self.accumulators:
+            if name in kind:
+                kind[name].div_(n_batches)
+        return {}
+
+    def check_split(self, names: list[str]) -> None:
+        """Split state: every layer reached and finite, agreed on every rank (one all-reduce of two flags per
+        layer), since only the owner sees a layer's sums."""
+        flags = torch.zeros(len(names), 2, device=self.device)
+        for i, n in enumerate(names):
+            if self.owners.mine(n):
+                flags[i, 0] = float(any(bool(kind[n].any()) for kind in self.accumulators))
+                flags[i, 1] = float(not all(bool(torch.isfinite(kind[n]).all()) for kind in self.accumulators))
+        dist_helpers.all_reduce_(flags)
+        bad = [n for i, n in enumerate(names) if flags[i, 1] > 0]
+        if bad:
+            raise FloatingPointError(f"non-finite gradient sketch for layer {bad[0]!r}"
+                                     + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+                                     + ": check the data or loss_fn for inf/nan")
+        unreached = [n for i, n in enumerate(names) if flags[i, 0] == 0]
+        if unreached:
+            raise ValueError(f"the data does not reach {len(unreached)} target layer(s), their gradient is zero or "
+                             f"missing: {unreached[:5]}{' ...' if len(unreached) > 5 else ''}; remove them from "
+                             "targets or fix loss_fn / the data")
 
 
 def default_sketch_size(k: int, m: int, n: int) -> int:
@@ -104,12 +204,15 @@ def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data
                         sketch_size: Mapping[str, int] | None = None, passes: int = DEFAULT_PASSES,
                         krylov: bool = False, seed: int = 0,
                         num_batches: int | None = None, train_mode: bool = False, progress: bool = True,
-                        distributed: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                        distributed: bool = True, shard_state: bool | None = None
+                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer the top ``k[name]`` singular triplets ``(U (m, k), S (k,), V (n, k))`` of the mean gradient,
     float32, from ``passes`` passes over ``data`` with sketches of width ``sketch_size[name]`` (default
     :func:`default_sketch_size`). ``data`` must be re-iterable for ``passes > 1`` (a list, a DataLoader).
     ``krylov``: with several passes, factorize every block of the last side (block Krylov) rather than the
-    last block alone (subspace iteration)."""
+    last block alone (subspace iteration). ``shard_state``: split the sketch state across ranks (see the module
+    docstring); ``None`` (default): when ``model`` is FSDP2-sharded and ``distributed`` applies; ``True`` needs
+    every rank to run the same number of batches."""
     if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
         raise ValueError(f"invalid passes={passes!r}: must be an int >= 1")
     if passes > 1 and train_mode:
@@ -118,20 +221,60 @@ def sketch_gradient_svd(model: nn.Module, modules: Mapping[str, nn.Module], data
     if passes > 1 and iter(data) is data:
         raise ValueError(f"passes={passes} go over the data {passes} times, but data is a one-shot iterator "
                          f"({type(data).__name__}); pass re-iterable data (a list or a DataLoader) or passes=1")
+    split = distributed and dist_helpers.active() and (
+        shard_state if shard_state is not None else any(is_dtensor(m.weight) for m in modules.values()))
+    if split:
+        _check_same_batch_count(data, num_batches)
     run = _SketchRun(model, modules, data, loss_fn, k, sketch_size, seed,
                      dict(num_batches=num_batches, train_mode=train_mode, progress=progress, distributed=distributed,
-                          mask_padding=False))
+                          mask_padding=False), split)
     if passes == 1:
-        return _single_pass(run)
-    kept, side = _subspace_iteration(run, passes, krylov)
-    return {n: _factor_kept(run, n, kept.pop(n), side) for n in list(modules)}
+        out = _single_pass(run)
+    else:
+        kept, side = _subspace_iteration(run, passes, krylov)
+        out = {n: _factor_kept(run, n, kept.pop(n), side) for n in run.mine}
+    return out if run.owners is None else _share_triplets(run, out)
+
+
+def _check_same_batch_count(data: Iterable, num_batches: int | None) -> None:
+    """Split state: a collective per layer and batch, so every rank must run as many batches; where each rank
+    can tell its count (``len(data)``, ``num_batches``), a difference is an error on every rank, before the pass,
+    not a hang inside it."""
+    import torch.distributed as dist
+
+    try:
+        n = len(data)  # type: ignore[arg-type]
+        n = n if num_batches is None else min(n, num_batches)
+    except TypeError:
+        n = num_batches
+    counts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, n)
+    known = [(r, c) for r, c in enumerate(counts) if c is not None]
+    if len({c for _, c in known}) > 1:
+        raise ValueError(f"the ranks have different numbers of batches ({', '.join(f'rank {r}: {c}' for r, c in known)})"
+                         "; the sketch with its state split across the ranks (and an FSDP2-sharded model) needs the same "
+                         "number on every rank: drop the remainder (e.g. DataLoader(drop_last=True) with a "
+                         "DistributedSampler) or, on an unsharded model, init_options shard_state=False")
+
+
+def _share_triplets(run: "_SketchRun", out: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Split state: every layer's triplets on every rank, broadcast by its owner (the same bits everywhere)."""
+    full = {}
+    for n in run.modules:
+        (m, d), k = run.shapes[n], run.k[n]
+        mine = out.pop(n) if run.owners.mine(n) else None
+        U, S, V = mine if mine is not None else (torch.empty(m, k, device=run.device), torch.empty(k, device=run.device),
+                                                 torch.empty(d, k, device=run.device))
+        dist_helpers.broadcast_([U, S, V], src=run.owners.owner[n])
+        full[n] = (U, S, V)
+    return full
 
 
 class _SketchRun:
     """What every pass of one sketched estimate shares: the layers, their sketch widths and seeded test matrices,
     and the first pass's batch losses (every later pass must see the same data)."""
 
-    def __init__(self, model, modules, data, loss_fn, k, sketch_size, seed, options):
+    def __init__(self, model, modules, data, loss_fn, k, sketch_size, seed, options, split=False):
         self.model, self.modules, self.data, self.loss_fn, self.k, self.options = model, modules, data, loss_fn, k, \
             options
         self.shapes = {n: weight_shape(m) for n, m in modules.items()}
@@ -145,6 +288,8 @@ class _SketchRun:
         self.device = next(iter(modules.values())).weight.device
         self.seeds = {n: layer_seed(seed, f"sketch:{n}") for n in modules}
         self.first: list[float] = []
+        self.owners = Owners(self.shapes, self.width, dist_helpers.world_size(), dist_helpers.rank()) if split else None
+        self.mine = [n for n in modules if self.owners is None or self.owners.mine(n)]
 
     def test_matrices(self, n: str, psi: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``Omega (d_in, k)`` (unit-scaled columns) and, for one pass, ``Psi (2k + 1, d_out)``: the same bits
@@ -158,6 +303,8 @@ class _SketchRun:
         seen: list[float] = []
         collect_statistics(self.model, self.modules, self.data, self.loss_fn, ("gradient",), gradient_sink=sink,
                            losses=self.first if index == 0 else seen, **self.options)
+        if self.owners is not None:
+            sink.check_split(list(self.modules))
         if index > 0:
             error = None
             try:
@@ -172,12 +319,12 @@ class _SketchRun:
 
 def _single_pass(run: _SketchRun) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Tropp et al.'s Alg. 7: ``Y = G Omega`` and ``W = Psi G`` in one pass, ``G ~ Q (Psi Q)^+ W``."""
-    pairs = {n: run.test_matrices(n, psi=True) for n in run.modules}
-    sink = _Sketches(run.shapes, run.device, right={n: o for n, (o, _) in pairs.items()},
-                     corange={n: p for n, (_, p) in pairs.items()})
+    pairs = {n: run.test_matrices(n, psi=True) for n in run.mine}
+    sink = _Sketches(run.shapes, run.width, run.device, right={n: o for n, (o, _) in pairs.items()},
+                     corange={n: p for n, (_, p) in pairs.items()}, owners=run.owners)
     run.one_pass(sink, 0)
     out = {}
-    for n in run.modules:
+    for n in run.mine:
         Q = _orth(sink.Y[n])  # (m, k)
         X = torch.linalg.lstsq(pairs[n][1].double() @ Q, sink.W[n].double()).solution  # (k, n)
         Ub, S, Vh = torch.linalg.svd(X, full_matrices=False)
@@ -194,18 +341,18 @@ def _subspace_iteration(run: _SketchRun, passes: int, krylov: bool) -> tuple[dic
     per layer (the current basis and its sketch), plus d_out k at 3 passes with ``krylov``; a right-side pass
     keeps x @ basis, not the layer input x. Returns the kept ``(basis or None, Q, R)`` blocks per layer and the
     side the last pass's basis was on."""
-    kept: dict[str, list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]] = {n: [] for n in run.modules}
-    basis = {n: run.test_matrices(n)[0] for n in run.modules}
+    kept: dict[str, list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]] = {n: [] for n in run.mine}
+    basis = {n: run.test_matrices(n)[0] for n in run.mine}
     side = "right"
     for p in range(passes):
-        sink = _Sketches(run.shapes, run.device, right=basis if side == "right" else None,
-                         left=basis if side == "left" else None)
+        sink = _Sketches(run.shapes, run.width, run.device, right=basis if side == "right" else None,
+                         left=basis if side == "left" else None, owners=run.owners)
         run.one_pass(sink, p)
         images = sink.Y if side == "right" else sink.Z
         # Only the side the last pass applies G (or G^T) to is factorized at the end: keep just its blocks.
         keep = p == passes - 1 or (krylov and (passes - 1 - p) % 2 == 0)
         nxt = {}
-        for n in run.modules:
+        for n in run.mine:
             Qn, Rn = torch.linalg.qr(images[n].double())  # image = Qn Rn; Qn is the next basis
             nxt[n] = Qn.float()
             if keep:  # Omega too, with krylov (as None: regenerated): G Omega is known, more directions are cheap
