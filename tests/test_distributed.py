@@ -348,21 +348,18 @@ def _split_worker(rank: int, init_file: str, out_dir: str) -> None:
         # a layer the loss never reaches: named on both ranks (only its owner sees its sums)
         model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 4))
         data = [torch.randn(3, 6, generator=torch.Generator().manual_seed(rank))]
-        try:
-            sketch.sketch_gradient_svd(model, {"0": model[0], "1": model[1]}, data,
-                                       lambda m, x: m[0](x).pow(2).mean(), k={"0": 2, "1": 2}, progress=False,
-                                       shard_state=True)
-            out["unreached"] = "no error"
-        except Exception as exc:  # noqa: BLE001
-            out["unreached"] = f"{type(exc).__name__}: {exc}"
+
+        def outcome(batches, loss_fn) -> str:
+            try:
+                sketch.sketch_gradient_svd(model, {"0": model[0], "1": model[1]}, batches, loss_fn,
+                                           k={"0": 2, "1": 2}, progress=False, shard_state=True)
+                return "no error"
+            except Exception as exc:  # noqa: BLE001
+                return f"{type(exc).__name__}: {exc}"
+
+        out["unreached"] = outcome(data, lambda m, x: m[0](x).pow(2).mean())
         # ranks with different numbers of batches: an error on both, before the pass (not a hang in a hook)
-        try:
-            sketch.sketch_gradient_svd(model, {"0": model[0], "1": model[1]}, data * (2 - rank),
-                                       lambda m, x: m(x).pow(2).mean(), k={"0": 2, "1": 2}, progress=False,
-                                       shard_state=True)
-            out["uneven"] = "no error"
-        except Exception as exc:  # noqa: BLE001
-            out["uneven"] = f"{type(exc).__name__}: {exc}"
+        out["uneven"] = outcome(data * (2 - rank), lambda m, x: m(x).pow(2).mean())
         torch.save(out, os.path.join(out_dir, f"split{rank}.pt"))
     finally:
         _teardown()
