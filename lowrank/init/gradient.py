@@ -117,7 +117,9 @@ class GradientOptions(DataOptions):
     """Sketch under torch.distributed: keep each layer's sketch state (basis and sums) on one owner rank
     (``True``) or on every rank (``False``); ``None`` (default): split on an FSDP2-sharded model, replicated
     otherwise. Split, a rank holds ``1/N`` of the ``(d_out + d_in) k`` floats per layer, for a broadcast and a
-    reduce per layer and batch; every rank must then run the same number of batches (``lowrank.init.sketch``)."""
+    reduce per layer and batch; every rank must then run the same number of batches, and an error on one rank
+    mid-pass halts the others instead of reaching them (``lowrank.init.sketch``): on an unsharded model, opt in
+    only with even, checked shards."""
 
     def __post_init__(self):
         super().__post_init__()

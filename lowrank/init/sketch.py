@@ -33,8 +33,10 @@ so a rank holds ``1/N`` of the ``(d_out + d_in) k`` floats per layer instead of 
 broadcast from its owner when a hook needs it and dropped after use, each batch's contribution is summed onto
 the owner (``reduce``) as soon as the hook computes it, the owner factorizes its layers, and the final triplets
 (``k`` wide, not the sketch width) are broadcast. Every rank must then run the same number of batches (as FSDP2
-already needs: its forward all-gathers are collectives too). The sum over ranks is taken per batch instead of
-per pass: the result equals the replicated one to float32 rounding.
+already needs: its forward all-gathers are collectives too; a difference each rank can count is an error before
+the pass), and an error raised on one rank in the middle of a pass (a non-finite loss) stops the others in their
+next collective rather than reaching them as an error, as it does under FSDP2 anyway. The sum over ranks is taken
+per batch instead of per pass: the result equals the replicated one to float32 rounding.
 """
 
 from __future__ import annotations
