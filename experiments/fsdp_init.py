@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -135,8 +136,9 @@ def main(argv=None) -> None:
     base = sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in model.parameters())
     if args.floor:
         floor = _floor(model, data[:args.batches][rank::world], args.rank)
-        print(f"rank {rank}/{world}: base share {base / 2**20:.0f} MiB, statistics pass alone {floor / 2**20:.0f} MiB",
-              flush=True)
+        sys.stdout.write(f"rank {rank}/{world}: base share {base / 2**20:.0f} MiB, statistics pass alone "
+                         f"{floor / 2**20:.0f} MiB\n")  # one write: the ranks' lines stay whole in a shared pipe
+        sys.stdout.flush()
         if world > 1:
             dist.destroy_process_group()
         return
@@ -158,8 +160,10 @@ def main(argv=None) -> None:
     checksum = sum(float(p.detach().double().sum()) for _, layer in lowrank.adapted_layers(model)
                    for p in layer.adapter_parameters().values())
     mib = 2 ** 20
-    print(f"rank {rank}/{world} ({args.rollback} rollback): base share {base / mib:.0f} MiB, init {seconds:.1f} s, init extra peak {mem.extra / mib:.0f} MiB, training steps extra peak "
-          f"{train_mem.extra / mib:.0f} MiB, adapter checksum {checksum:.10e}", flush=True)
+    sys.stdout.write(f"rank {rank}/{world} ({args.rollback} rollback): base share {base / mib:.0f} MiB, init "
+                     f"{seconds:.1f} s, init extra peak {mem.extra / mib:.0f} MiB, training steps extra peak "
+                     f"{train_mem.extra / mib:.0f} MiB, adapter checksum {checksum:.10e}\n")  # one write: whole lines
+    sys.stdout.flush()
     if rank == 0:
         lowrank.save_adapter(model, args.out)
     if world > 1:
