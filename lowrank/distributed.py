@@ -101,3 +101,13 @@ def all_reduce_(t: torch.Tensor, op=None) -> None:
 def reduce_(t: torch.Tensor, dst: int) -> None:
     """``dist.reduce`` (sum) in place onto rank ``dst``; elsewhere ``t`` is left undefined (a send buffer)."""
     _collective(t, lambda x: dist.reduce(x, dst=dst))
+
+
+def balance(costs: list[int], world: int) -> list[int]:
+    """The rank given each item: largest cost first, each to the least-loaded rank, ties to the lower rank (and,
+    among equal costs, the earlier item first); the same answer on every rank."""
+    load, out = [0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        out[i] = min(range(world), key=lambda r: (load[r], r))
+        load[out[i]] += costs[i]
+    return out

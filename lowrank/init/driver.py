@@ -220,12 +220,8 @@ def initialize_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, 
 def owners(layers: Sequence[LayerSpec], world: int) -> list[int]:
     """The rank that factorizes each layer: largest layers first, each to the least-loaded rank (cost
     ``m n min(m, n)``, an SVD's), ties to the lower rank; the same answer on every rank."""
-    cost = [weight_shape(s.module)[0] * weight_shape(s.module)[1] * min(weight_shape(s.module)) for s in layers]
-    load, out = [0] * world, [0] * len(layers)
-    for i in sorted(range(len(layers)), key=lambda i: (-cost[i], i)):
-        out[i] = min(range(world), key=lambda r: (load[r], r))
-        load[out[i]] += cost[i]
-    return out
+    return dist_helpers.balance([weight_shape(s.module)[0] * weight_shape(s.module)[1] * min(weight_shape(s.module))
+                                 for s in layers], world)
 
 
 def _split_across_ranks(initializer: Initializer, layers: Sequence[LayerSpec], seed: int,

@@ -51,7 +51,7 @@ from .. import distributed as dist_helpers
 from ..adapters.base import weight_shape
 from ..sharding import is_dtensor
 from .base import layer_seed
-from .statistics import GradientSink, collect_statistics
+from .statistics import GradientSink, collect_statistics, unreached_error
 
 ESTIMATORS = ("auto", "dense", "sketch")
 
@@ -64,19 +64,16 @@ def _orth(M: torch.Tensor) -> torch.Tensor:
 class Owners:
     """Which rank holds each layer's sketch state when it is split across ranks (``shard_state``).
 
-    Layers go, largest first, to the rank holding the fewest bytes so far (``(d_out + d_in) * width`` floats
-    each): the same assignment on every rank, since every rank has the same layers (checked before the pass).
+    Layers go, largest first, to the rank holding the fewest floats so far (``(d_out + d_in) * width`` each,
+    :func:`lowrank.distributed.balance`): the same assignment on every rank, since every rank has the same layers (checked before the pass).
     The collectives below are called by every rank for the same layer in the same order: the statistics pass's
     hooks fire in the model's order, the same on every rank."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, int]], width: Mapping[str, int], world: int, rank: int):
-        self.rank, self.world = rank, world
-        self.load = [0] * world
-        self.owner: dict[str, int] = {}
-        for n in sorted(shapes, key=lambda n: -(shapes[n][0] + shapes[n][1]) * width[n]):  # stable: ties in order
-            r = min(range(world), key=lambda i: self.load[i])
-            self.owner[n] = r
-            self.load[r] += (shapes[n][0] + shapes[n][1]) * width[n] * 4
+        self.rank = rank
+        names = list(shapes)
+        ranks = dist_helpers.balance([(shapes[n][0] + shapes[n][1]) * width[n] for n in names], world)
+        self.owner: dict[str, int] = dict(zip(names, ranks))
 
     def mine(self, name: str) -> bool:
         return self.owner[name] == self.rank
@@ -185,9 +182,7 @@ class _Sketches(GradientSink):
                                      + ": check the data or loss_fn for inf/nan")
         unreached = [n for i, n in enumerate(names) if flags[i, 0] == 0]
         if unreached:
-            raise ValueError(f"the data does not reach {len(unreached)} target layer(s), their gradient is zero or "
-                             f"missing: {unreached[:5]}{' ...' if len(unreached) > 5 else ''}; remove them from "
-                             "targets or fix loss_fn / the data")
+            raise unreached_error(unreached, backward=True)
 
 
 def default_sketch_size(k: int, m: int, n: int) -> int:

@@ -234,10 +234,15 @@ class _Pass:
         unreached = [n for n in self.modules if (local and not self.calls[n]) or not all(s.reached(n)
                                                                                           for s in self.stats)]
         if unreached:
-            what = "their gradient is zero or missing" if self.backward else "they never receive an input"
-            raise ValueError(f"the data does not reach {len(unreached)} target layer(s), {what}: "
-                             f"{unreached[:5]}{' ...' if len(unreached) > 5 else ''}; remove them from targets or fix "
-                             "loss_fn / the data")
+            raise unreached_error(unreached, backward=bool(self.backward))
+
+
+def unreached_error(unreached: Sequence[str], backward: bool) -> ValueError:
+    """The error for target layers the data never reached (named, the first five)."""
+    what = "their gradient is zero or missing" if backward else "they never receive an input"
+    return ValueError(f"the data does not reach {len(unreached)} target layer(s), {what}: "
+                      f"{list(unreached[:5])}{' ...' if len(unreached) > 5 else ''}; remove them from targets or fix "
+                      "loss_fn / the data")
 
 
 def input_svd(stats: Mapping[str, torch.Tensor], *, centred: bool = False, k: int | None = None,
