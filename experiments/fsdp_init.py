@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 
 import lowrank
-import lowrank.fsdp
 
 from .ablation.memory import PeakMemory
 
@@ -149,8 +148,6 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         lowrank.inject(model, cfg, data=data[:args.batches][rank::world], progress=False, rollback=args.rollback)
         seconds = time.perf_counter() - t0
-    if world > 1:
-        lowrank.fsdp.replicate_adapters(model)
     opt = lowrank.optim.PreconditionedOptimizer(model, "adamw", lr=1e-4)
     with PeakMemory() as train_mem:
         for batch in data[args.batches:][rank::world][:args.steps]:

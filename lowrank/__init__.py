@@ -18,6 +18,7 @@ from .registry import (
     list_initializers,
     list_preconditioners,
     list_statistics,
+    load_plugins,
     register_adapter,
     register_initializer,
     register_preconditioner,
@@ -32,6 +33,10 @@ from .model_ops import merge, rank_allocation, summary, trainable_parameters, un
 from .io import AdapterFileError, load_adapter, save_adapter
 from .qlora import quantization_errors, quantize_base
 from . import optim, peft, quant, theory  # noqa: E402  (subpackages; none of them imports peft the library)
+from .registry import _lowrank_imported
+
+_lowrank_imported()  # last: the built-in packages' modules (they may import the names above), then plug-ins
+del _lowrank_imported
 
 __all__ = [
     "__version__",
@@ -39,7 +44,7 @@ __all__ = [
     "AdapterFileError",
     "register_initializer", "get_initializer", "list_initializers",
     "register_preconditioner", "get_preconditioner", "list_preconditioners",
-    "register_adapter", "get_adapter", "list_adapters", "register_statistic", "list_statistics",
+    "register_adapter", "get_adapter", "list_adapters", "register_statistic", "list_statistics", "load_plugins",
     "inject", "adapted_layers", "default_loss", "merge", "unmerge", "unload",
     "trainable_parameters", "summary", "rank_allocation", "save_adapter", "load_adapter",
     "quantize_base", "quantization_errors",

@@ -9,6 +9,7 @@ error on one rank an error on all ranks instead of a hang in the next collective
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -111,3 +112,57 @@ def balance(costs: list[int], world: int) -> list[int]:
         out[i] = min(range(world), key=lambda r: (load[r], r))
         load[out[i]] += costs[i]
     return out
+
+
+_HOOK = "_lowrank_grad_average"  # on a parameter: (hook handle, process group) of its averaging hook
+
+
+def average_gradients(params: Iterable[torch.Tensor], process_group=None) -> list:
+    """Average each parameter's gradient over the ranks of ``process_group`` right after it is accumulated in each
+    backward (``register_post_accumulate_grad_hook``); returns the hook handles. Idempotent: a parameter keeps one
+    hook (another ``process_group`` replaces its hook)."""
+    world = dist.get_world_size(process_group)
+
+    def average(p: torch.Tensor) -> None:
+        dist.all_reduce(p.grad, group=process_group)
+        p.grad.div_(world)
+
+    handles = []
+    for p in params:
+        old = getattr(p, _HOOK, None)
+        if old is not None and _active(p, old[0]) and old[1] is process_group:
+            handles.append(old[0])
+            continue
+        if old is not None:
+            old[0].remove()
+        handle = p.register_post_accumulate_grad_hook(average)
+        setattr(p, _HOOK, (handle, process_group))
+        handles.append(handle)
+    return handles
+
+
+def replicated(p: torch.Tensor) -> bool:
+    """Whether ``p``'s gradient is averaged over the ranks by :func:`average_gradients`."""
+    old = getattr(p, _HOOK, None)
+    return old is not None and _active(p, old[0])
+
+
+def _active(p: torch.Tensor, handle) -> bool:
+    return handle.id in (getattr(p, "_post_accumulate_grad_hooks", None) or {})
+
+
+def average_over_mesh(params: list[torch.Tensor], meshes: list) -> None:
+    """Called by :func:`lowrank.plan.commit` on an FSDP2-sharded base (``meshes``: the device meshes of the adapted
+    weights): FSDP does not manage the new adapters, so in a process group of several ranks their gradients are
+    averaged (:func:`average_gradients`) over the weights' mesh when it spans every rank. A mesh over a subset of
+    the ranks (e.g. FSDP inside tensor parallelism) cannot be guessed: a warning names the call to make."""
+    if not meshes or not active() or not params:
+        return
+    mesh = meshes[0]
+    if mesh.size() != world_size() or any(m != mesh for m in meshes):
+        warnings.warn(f"the adapters' gradients are not averaged across ranks: the base's device mesh ({mesh}) does "
+                      f"not span the {world_size()} ranks of the default group; call "
+                      "lowrank.fsdp.replicate_adapters(model, process_group=<your data-parallel group>) before "
+                      "training, or every rank's adapters will differ", stacklevel=4)
+        return
+    average_gradients(params, mesh.get_group() if mesh.ndim == 1 else None)

@@ -276,6 +276,12 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
             raise AdapterFileError(f"{cfg_path}: trainable module {name!r} {'is' if hit == name else 'contains'} the "
                                    f"adapted layer {hit!r}; loading it would overwrite or unfreeze that layer's base "
                                    "weight. The file was edited or is corrupted")
+    for pattern in config.trainable or ():  # the config's patterns too: load re-plans with them
+        hit = next((n for n in layers if matches_targets([pattern], n)), None)
+        if hit is not None:
+            raise AdapterFileError(f"{cfg_path}: the config's trainable pattern {pattern!r} names the adapted layer "
+                                   f"{hit!r}; loading would train that layer's base weight in full. The file was "
+                                   "edited or is corrupted")
     adapter_cls = get_adapter(config.adapter)  # config_from_file checked it is installed
     expected = {k for name, info in layers.items()
                 for k in _check_layer_info(config, origin, adapter_cls, name, info, tensors, cfg_path, w_path)}
@@ -412,7 +418,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                     f"the model's has alpha {layer.alpha:g} (scaling {layer.scaling:.6g}); load into the original "
                     "model (the file's config is then used), or inject with the file's alpha and scaling")
     else:
-        p = plan(model, config, ranks={n: info["rank"] for n, info in meta["layers"].items()}, initializer=False)
+        try:  # what the file's config asks of this model (targets, trainable modules, ...)
+            p = plan(model, config, ranks={n: info["rank"] for n, info in meta["layers"].items()}, initializer=False)
+        except (ValueError, TypeError) as exc:
+            raise AdapterFileError(f"{Path(path) / CONFIG_NAME}: the file's config does not fit "
+                                   f"{type(model).__name__}: {exc}") from exc
         _check_fit(model, meta, tensors, {s.name: s.module for s in p.layers})
         # the file's alphas and scales (checked against the method's rules when it is installed)
         p = p.with_layers([replace(s, alpha=float(meta["layers"][s.name]["alpha"]),

@@ -348,6 +348,10 @@ def commit(p: Plan, results: Sequence[InitResult]) -> None:
             for q in module.parameters():
                 q.requires_grad_(True)
         setattr(model, RECORD_ATTR, InjectionRecord(config, flags))
+        meshes = [spec.module.weight.device_mesh for spec in p.layers if is_dtensor(spec.module.weight)]
+        if meshes:  # FSDP2 does not manage the new adapters: their gradients averaged across its ranks
+            dist_helpers.average_over_mesh([q for _, layer in adapted_layers(model)
+                                            for q in layer.adapter_parameters().values() if q.requires_grad], meshes)
     except BaseException:
         journal.rollback()
         raise

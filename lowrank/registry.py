@@ -8,7 +8,13 @@ suggests the closest names and says how to list them all.
 
 Third-party packages register through the entry-point group ``lowrank.plugins``: each entry
 point names a module (importing it runs its ``@register_*`` decorators) or a callable (called
-with no arguments). Plugins load lazily, on the first lookup or listing of any registry.
+with no arguments). Plugins load lazily, on the first lookup or listing of any registry once ``import lowrank``
+has finished (never during it, so a plug-in may import anything from ``lowrank``); a plug-in that fails warns
+with its name and error and is retried by :func:`load_plugins`.
+
+The built-in packages (``lowrank.init``, ``lowrank.adapters``, ...) register their modules with
+:func:`import_package`; while ``lowrank`` itself is importing, those imports wait until its top-level names are
+bound, so a module dropped into ``lowrank/init/`` may write ``from lowrank import InitResult``.
 """
 
 from __future__ import annotations
@@ -25,22 +31,54 @@ from typing import Any, Callable, Mapping, TypeVar
 T = TypeVar("T")
 
 PLUGIN_GROUP = "lowrank.plugins"
-_plugins_loaded = False
+_ready = False  # set when ``import lowrank`` has finished (``_lowrank_imported``); plug-ins load only after
+_plugins_loaded = False  # every entry point has been tried once (the automatic load runs once)
+_loaded: set[str] = set()  # entry points imported successfully
+_failed: dict[str, str] = {}  # entry point -> its error, until load_plugins() imports it
+_deferred: list[tuple[str, list[str]]] = []  # built-in packages waiting for lowrank's import to finish
+
+
+def _entry_name(ep) -> str:
+    return f"{ep.name} ({ep.value})"
+
+
+def load_plugins() -> dict[str, str]:
+    """Import the ``lowrank.plugins`` entry points not imported yet, retrying the ones that failed (e.g. after
+    fixing or installing what they lacked). Returns ``{"name (module)": error}`` for those that still fail; each
+    failure also warns with the plug-in's name and error. Lookups and listings call this once by themselves."""
+    global _plugins_loaded
+    _plugins_loaded = True  # set first: a plug-in that looks something up while loading must not recurse
+    for ep in metadata.entry_points(group=PLUGIN_GROUP):
+        key = _entry_name(ep)
+        if key in _loaded:
+            continue
+        try:
+            obj = ep.load()
+            if callable(obj) and not isinstance(obj, type):
+                obj()
+        except Exception as exc:  # noqa: BLE001 - report and go on, the built-ins still work
+            _failed[key] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"lowrank plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}; fix it, then call "
+                          "lowrank.load_plugins() to retry", stacklevel=3)
+        else:
+            _loaded.add(key)
+            _failed.pop(key, None)
+    return dict(_failed)
 
 
 def _load_plugins() -> None:
-    """Import every ``lowrank.plugins`` entry point once. A broken plugin warns, never breaks lowrank."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True  # set first: a plugin that looks something up must not recurse
-    for ep in metadata.entry_points(group=PLUGIN_GROUP):
-        try:
-            obj = ep.load()
-            if callable(obj):
-                obj()
-        except Exception as exc:  # noqa: BLE001 - report and go on, the built-ins still work
-            warnings.warn(f"lowrank plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}", stacklevel=2)
+    """The automatic load: once, and only after ``import lowrank`` has finished."""
+    if _ready and not _plugins_loaded:
+        load_plugins()
+
+
+def _lowrank_imported() -> None:
+    """Called last by ``lowrank/__init__.py``: import the built-in packages' modules (their top-level names are
+    bound now), then let plug-ins load on the next lookup."""
+    global _ready
+    while _deferred:
+        _import_all(*_deferred.pop(0))
+    _ready = True
 
 
 @dataclass(frozen=True)
@@ -104,9 +142,11 @@ class Registry:
             return self._entries[folded[0]].obj
         close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        failed = (f"; plug-ins that failed to load: {', '.join(f'{k}: {e}' for k, e in _failed.items())} (fix them, then "
+                  "call lowrank.load_plugins())") if _failed else ""
         raise KeyError(
             f"unknown {self.kind} {name!r}; {hint}(see lowrank.list_{self.kind}s() for all "
-            f"{len(self._entries)} registered)"
+            f"{len(self._entries)} registered){failed}"
         ) from None
 
     def canonical(self, name: str) -> str:
@@ -225,7 +265,15 @@ def _statistic_caps(cls) -> dict[str, Any]:
 
 def import_package(name: str, path) -> None:
     """Import every module of package ``name`` (``path`` its ``__path__``), so that a new plug-in is one new
-    file: its ``@register_*`` decorator runs without any list to edit."""
+    file: its ``@register_*`` decorator runs without any list to edit. While ``import lowrank`` is still running
+    the imports wait for its end (``_lowrank_imported``), so such a file may import from the top-level ``lowrank``."""
+    if _ready:
+        _import_all(name, list(path))
+    else:
+        _deferred.append((name, list(path)))
+
+
+def _import_all(name: str, path: list[str]) -> None:
     import importlib
     import pkgutil
 

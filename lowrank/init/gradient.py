@@ -74,9 +74,16 @@ class DataInitializer(Initializer):
 
     def __init_subclass__(cls, **kwargs: Any):
         super().__init_subclass__(**kwargs)
+        if not (isinstance(cls.needs, tuple) and all(isinstance(n, str) and n for n in cls.needs)):
+            raise TypeError(f"initializer {cls.__name__}: needs must be a tuple of statistic names, e.g. "
+                            f"('gradient',), got {cls.needs!r}")
         if cls.needs:
-            check_needs(cls.needs, f"initializer {cls.__name__}")
             cls.uses_data = True
+
+    def __init__(self, **options: Any):
+        # checked when built, not at class definition: a plug-in's statistic may register after its initializer
+        check_needs(self.needs, f"initializer {self.registry_name!r}")
+        super().__init__(**options)
 
     def collect(self, model: nn.Module, modules: Mapping[str, nn.Module], data: Iterable | None,
                 loss_fn: Callable | None, *, ranks: Mapping[str, int]) -> dict[str, dict[str, Any]]:

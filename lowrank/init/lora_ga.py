@@ -19,14 +19,15 @@ Directions (index sets over the top ``2r``): ``ArB2r`` (default) ``I_A = 0..r-1`
 Unlike PEFT's ``lora_ga``, ``B`` is not multiplied by singular values and both factors are
 scaled, so the alignment theorem holds exactly; ``random`` never reuses an index.
 
-``variant="peft"`` is PEFT's ``preprocess_loraga`` + ``get_peft_model`` (PEFT 0.21, ``LoraLayer.lora_ga_init``), to
+``variant="peft"`` is PEFT's ``preprocess_loraga`` + ``get_peft_model`` (``LoraLayer.lora_ga_init``, PEFT 0.21 and 0.22), to
 compare against "LoRA-GA in PEFT" inside one framework: the same ``G`` (the mean gradient over the batches), its
 top ``2r`` triplets from ``torch.svd_lowrank(G, q=min(4r, m, n), niter=4)`` (seeded from the layer's generator,
 the global RNG untouched; ``svd="full"`` takes the exact SVD instead), and
 
     A = V[:, I_A]^T,   B = U[:, I_B] diag(S[I_B]) * f,    W = W0 - s B A
 
-with ``f = m^(1/4) / sqrt(gamma)`` (``stable``), ``sigma_1(W0) / S[I_B][0]`` (``weight``; PEFT's ``weight_svd``, the
+with ``f = m^(1/4) / sqrt(gamma)`` (``stable``; ``m = d_out``, but ``d_in`` on a ``Conv1D`` layer before PEFT 0.22:
+option ``peft_version``, default the installed PEFT's), ``sigma_1(W0) / S[I_B][0]`` (``weight``; PEFT's ``weight_svd``, the
 first from ``svd_lowrank(W0, q=r, niter=4)``), 1 (``unit``); ``gd`` (PEFT's ``gd_scale``) divides ``A`` and ``B``
 by ``s``. ``random`` draws one set of ``r`` indices for both (``I_A = I_B``), as PEFT does. Its first step is
 ``-lr s^2 (f^2 U_B S_B^2 U_B^T G + G V_A V_A^T)``, not proportional to ``G_2r`` (``docs/methods.md``).
@@ -34,8 +35,10 @@ by ``s``. ``random`` draws one set of ``r`` indices for both (``I_A = I_B``), as
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 
 import torch
 
@@ -87,6 +90,10 @@ class LoRAGA(GradientInitializer):
         of the Eckart-Young floor there, ``lowrank.init.svd.AUTO_FULL_MAX``)."""
         variant: str = "paper"
         """``paper`` (Algorithm 1, the theorem exact) or ``peft`` (PEFT's ``lora_ga``; module docstring)."""
+        peft_version: str | None = None
+        """``variant="peft"``: the PEFT release whose ``lora_ga`` to reproduce (``"0.21"``, ``"0.22.0"``, ...);
+        ``None``: the installed PEFT's, or the newest behaviour known here when PEFT is not installed. Releases
+        differ on GPT-2 ``Conv1D`` layers only (``docs/methods.md``)."""
 
         def __post_init__(self):
             super().__post_init__()
@@ -99,6 +106,8 @@ class LoRAGA(GradientInitializer):
             if self.variant == "peft" and self.estimator == "sketch":
                 raise ValueError("variant='peft' factorizes the dense gradient as PEFT does; use estimator='dense' "
                                  "(the default) or variant='paper'")
+            if self.peft_version is not None:
+                peft_release(self.peft_version)  # validates
             if self.variant == "peft" and self.svd == "randomized":
                 raise ValueError("variant='peft' takes PEFT's torch.svd_lowrank (svd='auto', the default) or the exact "
                                  "SVD (svd='full'); svd='randomized' is lowrank's own")
@@ -144,6 +153,36 @@ def _svd_lowrank(X: torch.Tensor, q: int, generator: torch.Generator):
         return torch.svd_lowrank(X, q=q, niter=4)
 
 
+PEFT_CONV1D_OUT_FEATURES = (0, 22)
+"""The first PEFT release whose stable scale takes ``out_features`` on a ``Conv1D`` layer (0.21 and earlier take
+the stored weight's first dimension, ``d_in``)."""
+
+
+def peft_release(version: str) -> tuple[int, int]:
+    """``(major, minor)`` of a PEFT version string (``"0.22.0"``, ``"0.21"``, ``"0.23.0.dev0"``)."""
+    parts = re.match(r"^\s*(\d+)\.(\d+)", str(version))
+    if parts is None:
+        raise ValueError(f"invalid peft_version={version!r}: expected a release such as '0.21' or '0.22.0'")
+    return int(parts[1]), int(parts[2])
+
+
+def installed_peft() -> str | None:
+    """The installed PEFT's version, or ``None`` (read from the package metadata; PEFT is not imported)."""
+    try:
+        return metadata.version("peft")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def peft_stable_dim(ctx: LayerContext, version: str | None) -> int:
+    """The ``m`` of PEFT's stable scale ``m^(1/4) / sqrt(gamma)``: ``d_out`` from PEFT 0.22 on; before, the stored
+    weight's first dimension, which is ``d_in`` on a GPT-2 ``Conv1D`` layer (its weight is stored ``(d_in, d_out)``)."""
+    version = version if version is not None else installed_peft()
+    if version is None or peft_release(version) >= PEFT_CONV1D_OUT_FEATURES:
+        return ctx.m
+    return ctx.module.weight.shape[0]
+
+
 def peft_factors(ctx: LayerContext, o) -> InitResult:
     """PEFT's ``lora_ga`` factors (module docstring, ``variant="peft"``)."""
     r, G = ctx.rank, ctx.gradient().float()  # (m, n)
@@ -158,8 +197,8 @@ def peft_factors(ctx: LayerContext, o) -> InitResult:
     else:
         ia, ib = split_indices(o.direction, r)
     A, B, s_b = V[:, ia].T, U[:, ib] * S[ib], S[ib]  # (r, n), (m, r)
-    if o.scale == "stable":  # PEFT takes m from the stored weight's first dimension: d_in for a Conv1D layer
-        B = B * (ctx.module.weight.shape[0] ** 0.25 / o.stable_gamma ** 0.5)
+    if o.scale == "stable":
+        B = B * (peft_stable_dim(ctx, o.peft_version) ** 0.25 / o.stable_gamma ** 0.5)
     elif o.scale == "weight":
         sigma = (torch.linalg.svdvals(ctx.weight.float())[:1] if o.svd == "full"
                  else _svd_lowrank(ctx.weight.float(), r, ctx.generator)[1])
