@@ -37,6 +37,7 @@ BLOCKS = {
     "initializers": lambda: registry.INITIALIZERS.table() + "\n\n" + _shared_options(),
     "preconditioners": lambda: registry.PRECONDITIONERS.table(),
     "adapters": lambda: registry.ADAPTERS.table(),
+    "chains": lambda: registry.CHAINS.table(),
 }
 
 

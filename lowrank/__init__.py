@@ -12,14 +12,17 @@ Quickstart::
 from ._version import __version__
 from .registry import (
     get_adapter,
+    get_chain,
     get_initializer,
     get_preconditioner,
     list_adapters,
+    list_chains,
     list_initializers,
     list_preconditioners,
     list_statistics,
     load_plugins,
     register_adapter,
+    register_chain,
     register_initializer,
     register_preconditioner,
     register_statistic,
@@ -32,6 +35,7 @@ from .inject import adapted_layers, default_loss, inject
 from .model_ops import merge, rank_allocation, summary, trainable_parameters, unload, unmerge
 from .io import AdapterFileError, load_adapter, save_adapter
 from .qlora import quantization_errors, quantize_base
+from .chains import Chain, ChainRun, start_chain
 from . import optim, peft, quant, theory  # noqa: E402  (subpackages; none of them imports peft the library)
 from .registry import _lowrank_imported
 
@@ -48,4 +52,5 @@ __all__ = [
     "inject", "adapted_layers", "default_loss", "merge", "unmerge", "unload",
     "trainable_parameters", "summary", "rank_allocation", "save_adapter", "load_adapter",
     "quantize_base", "quantization_errors",
+    "Chain", "ChainRun", "start_chain", "register_chain", "get_chain", "list_chains",
 ]

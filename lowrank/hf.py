@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .config import LoRAConfig
@@ -309,4 +309,32 @@ class LowRankTrainer(LowRankMixin, Trainer):
     """A ``transformers.Trainer`` that injects, optimizes and checkpoints lowrank adapters (:class:`LowRankMixin`)."""
 
 
-__all__ = ["LowRankTrainer", "LowRankMixin", "differences", "preserved_rng"]
+class ChainCallback(TrainerCallback):
+    """Run a chain (``lowrank.list_chains()``: COLA, RAC-LoRA, XGBLoRA) in a ``Trainer``:
+    ``LowRankTrainer(..., callbacks=[ChainCallback("cola", links=3)])``. The chain starts when training begins
+    (on the Trainer's optimizer, over ``state.max_steps`` optimizer steps) and ends a link at each of its knots
+    (``on_step_end``: after the optimizer step, gradient accumulation counted as the Trainer counts it).
+    ``data`` / ``loss_fn``: batches for a data-driven link initializer (``init="lora_ga"``). ``run`` is the
+    :class:`lowrank.ChainRun` once training has begun. Resuming a chained run from a checkpoint is refused (the
+    chain's position is not in the checkpoint)."""
+
+    def __init__(self, chain: str, *, data: Any = None, loss_fn: Callable | None = None, **options: Any):
+        from .registry import get_chain
+
+        self.chain = get_chain(chain)(**options)  # options checked now, not when training starts
+        self.data, self.loss_fn, self.run = data, loss_fn, None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from .chains import ChainRun
+
+        if state.global_step > 0:
+            raise ValueError(f"ChainCallback: training resumes at step {state.global_step}, but a chain's position is "
+                             "not saved in checkpoints; start the chained run from the beginning")
+        self.run = ChainRun(unwrap(model), self.chain, optimizer=optimizer, total_steps=state.max_steps,
+                            data=self.data, loss_fn=self.loss_fn)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.run.step()
+
+
+__all__ = ["LowRankTrainer", "LowRankMixin", "ChainCallback", "differences", "preserved_rng"]

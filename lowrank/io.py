@@ -87,6 +87,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         layers[name] = {"rank": layer.rank, "alpha": layer.alpha, "scaling": layer.scaling, "d_out": layer.d_out,
                         "d_in": layer.d_in, "offset": layer.offset,
                         "dtype": str(next(iter(own.values())).dtype).removeprefix("torch.")}
+        if layer.offset and layer.A0.shape[0] != layer.rank:  # a chain's record of the links it merged
+            layers[name]["offset_rank"] = int(layer.A0.shape[0])
         for key, t in own.items():
             tensors[f"layers.{name}.{key}"] = t.detach()
     trainable = [n for n, _ in find_trainable(model, record.config.trainable, [])]
@@ -325,6 +327,9 @@ def _check_layer_info(config: LoRAConfig, origin, adapter_cls, name: str, info: 
                           ("dtype", lambda v: isinstance(v, str), "a dtype name")):
         if key not in info or not ok(info[key]):
             raise AdapterFileError(f"{where}: {key} must be {what}, got {info.get(key, '<missing>')!r}")
+    if "offset_rank" in info and not (info["offset"] and _is_int(info["offset_rank"]) and info["offset_rank"] > 0):
+        raise AdapterFileError(f"{where}: offset_rank must be a positive integer on an offset layer, got "
+                               f"{info['offset_rank']!r} (offset={info['offset']!r})")
     if not matches_targets(config.targets, name):
         raise AdapterFileError(f"{where} is not matched by the config's targets {config.targets!r}")
     rank = info["rank"] if config.allocates_ranks or origin else config.rank_for(name)  # allocated: below

@@ -1,5 +1,5 @@
-"""Name -> class registries for the extension points (initializer, preconditioner, adapter, and the statistics a
-data-driven initializer's pass collects).
+"""Name -> class registries for the extension points (initializer, preconditioner, adapter, chain, and the
+statistics a data-driven initializer's pass collects).
 
 Modelled on timm's registry: entries are registered where they are defined, listed with
 wildcards, and looked up by name (case-insensitively: ``"LoRA_GA"`` finds ``lora_ga``). Differences: a duplicate
@@ -200,7 +200,8 @@ class Registry:
 
 TABLE_COLUMNS = {"initializer": (("uses_data", "data"), ("adapter_kinds", "adapters"), ("allocates_ranks", "ranks"),
                                  ("offset", "offset")),
-                 "preconditioner": (("stateful", "state"),), "adapter": (("kind", "kind"),)}
+                 "preconditioner": (("stateful", "state"),), "adapter": (("kind", "kind"),),
+                 "chain": (("freezes_factors", "freezes factors"),)}
 
 
 def _cell(value: Any, key: str = "") -> str:
@@ -259,6 +260,11 @@ def _adapter_caps(cls) -> dict[str, Any]:
     return {"kind": getattr(cls, "kind", None)}
 
 
+def _chain_caps(cls) -> dict[str, Any]:
+    return {"freezes_factors": bool(getattr(cls, "freezes_factors", False)),
+            "reinit_first": bool(getattr(cls, "reinit_first", False))}
+
+
 def _statistic_caps(cls) -> dict[str, Any]:
     return {"uses_backward": bool(getattr(cls, "uses_backward", False)), "provides": tuple(getattr(cls, "provides", ()))}
 
@@ -285,6 +291,7 @@ INITIALIZERS = Registry("initializer", _initializer_caps)
 PRECONDITIONERS = Registry("preconditioner", _preconditioner_caps)
 ADAPTERS = Registry("adapter", _adapter_caps)
 STATISTIC_REGISTRY = Registry("statistic", _statistic_caps)
+CHAINS = Registry("chain", _chain_caps)
 
 
 def _api(reg: Registry) -> tuple[Callable, Callable, Callable]:
@@ -307,3 +314,4 @@ register_initializer, get_initializer, list_initializers = _api(INITIALIZERS)
 register_preconditioner, get_preconditioner, list_preconditioners = _api(PRECONDITIONERS)
 register_adapter, get_adapter, list_adapters = _api(ADAPTERS)
 register_statistic, get_statistic, list_statistics = _api(STATISTIC_REGISTRY)
+register_chain, get_chain, list_chains = _api(CHAINS)

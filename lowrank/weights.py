@@ -140,6 +140,24 @@ def apply_offset(layer: nn.Module, pair: tuple[torch.Tensor, torch.Tensor] | Non
 
 
 @torch.no_grad()
+def extend_offset(layer: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor | None:
+    """``W <- W - s B A`` and the offset record grows by the pair: ``A0 <- [A0; A]``, ``B0 <- [B0, B]`` (so
+    ``W = W0 - s B0 A0`` still holds, at rank ``R0 + k``). A chain (``lowrank.chains``) folds a finished link
+    into the base with ``(A, -B)`` and offsets the next link's initial factors with ``(A0', B0')``. The product is
+    formed as :func:`offset_weight` forms it (float32, one block of rows at a time); an FSDP2 shard is updated in
+    place from its current rows. Returns the previous weight data, for rollback."""
+    A = A.detach().to(layer.A.dtype)
+    B = B.detach().to(layer.B.dtype)
+    current = None if is_dtensor(layer.base_layer.weight) else layer.base_weight()
+    old = offset_weight(layer.base_layer, current, A, B, layer.scaling)
+    if layer.A0 is None:
+        layer.A0, layer.B0 = A.clone(), B.clone()
+    else:
+        layer.A0, layer.B0 = torch.cat([layer.A0, A.to(layer.A0)]), torch.cat([layer.B0, B.to(layer.B0)], dim=1)
+    return old
+
+
+@torch.no_grad()
 def rebuild_offset(layer: nn.Module, w0: torch.Tensor | None) -> torch.Tensor | None:
     """Set ``layer``'s base to ``w0 - s B0 A0`` from an original weight ``w0 (d_out, d_in)`` (``None``: the current
     FSDP2 shard); returns the old data."""

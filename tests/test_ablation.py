@@ -140,6 +140,12 @@ def test_diverged_run_is_recorded_and_the_sweep_continues(tmp_path):
      "not a metric of this task"),
     ({"lrs = [1e-2]": 'lrs = "transfer"', 'reference = "LoRA"': 'reference = "Base"'},
      "reference arm 'Base' is not one of the arms.*transfers the reference arm's searched rate"),
+    ({'name = "LoRA"\n': 'name = "LoRA"\nchain = "colla"\n'}, "unknown chain 'colla'; did you mean 'cola'"),
+    ({'name = "LoRA"\n': 'name = "LoRA"\nchain = "cola"\nchain_options = { link_steps = 8 }\n'},
+     r"link_steps=8 is not shorter than the run \(8 steps\)"),
+    ({'name = "LoRA"\n': 'name = "LoRA"\nchain_options = { links = 2 }\n'}, "chain_options without a chain"),
+    ({'name = "LoRA"\n': 'name = "LoRA"\nchain = "xgblora"\nchain_options = { links = 4 }\n'}, r"arm 'LoRA' at rank 2: xgblora trains rank-1 boosters"),
+    ({"full_finetune = true": 'full_finetune = true\nchain = "cola"'}, "full fine-tuning has no adapters to chain"),
 ])
 def test_bad_config_is_rejected_before_anything_runs(tmp_path, capsys, change, message):
     cfg_path, results = write(tmp_path, **change)
@@ -164,7 +170,7 @@ def test_presets_are_valid_and_the_demo_is_small():
     assert all(chosen[a.name] for a in demo.arms)
     assert {a.name: a.lrs for a in demo.arms} == {a.name: [chosen[a.name]] for a in demo.arms}
     assert all(a.identity() == next(f for f in fair.arms if f.name == a.name).identity() for a in demo.arms)
-    assert fair.sweep.lrs == "search" and fair.sweep.seeds == [0, 1, 2] and len(fair.arms) == 25
+    assert fair.sweep.lrs == "search" and fair.sweep.seeds == [0, 1, 2] and len(fair.arms) == 28
     assert {"LoRA", "LoRA-GA", "LoRA-GA + riemannian", "EVA", "CorDA", "GoRA", "LoRA-GA (PEFT's)", "Orthogonal",
             "Init[AB]", "MiCA", "LoRA-DA", "GraLoRA", "RandLoRA", "KaSA", "LoFT", "Full FT"} <= {a.name for a in fair.arms}
     assert load(root / "fair-ablation-transfer.toml").sweep.lrs == "transfer"
@@ -278,3 +284,14 @@ def test_an_sgd_base_arm_trains_its_adapters_by_sgd_and_the_head_by_adamw_at_hea
     opt.zero_grad()
     step = (model.classifier.weight.detach() - before).abs()
     assert torch.allclose(step, torch.full_like(step, 1e-3), rtol=1e-2)  # AdamW's first step: lr * sign(grad)
+
+
+def test_chain_arms_run_and_their_records_count_the_links(tmp_path):
+    arms = ARMS + ('[[arm]]\nname = "COLA"\nchain = "cola"\nchain_options = {{ links = 2 }}\n'
+                   '[[arm]]\nname = "XGBLoRA"\nchain = "xgblora"\nranks = [1]\nchain_options = {{ links = 4, layers = 1 }}\n')
+    cfg_path, results = write(tmp_path, arms=arms)
+    assert main([str(cfg_path), "--no-progress"]) == 0
+    records = {(r["arm"], r["seed"]): r for r in read_records(results)}
+    assert records[("COLA", 0)]["links"] == 2 and records[("XGBLoRA", 1)]["links"] == 4
+    assert records[("XGBLoRA", 0)]["rank"] == 1 and "links" not in records[("LoRA", 0)]
+    assert all(r["status"] == "ok" for r in records.values())

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_readme_method_tables_are_generated_and_current():
     text = README.read_text()
-    assert text.count("<!-- begin generated: ") == 3
+    assert text.count("<!-- begin generated: ") == 4
     assert render(text) == text, "stale: run python -m experiments.gen_docs"
 
 
@@ -30,7 +30,7 @@ def test_a_new_registration_makes_the_readme_stale():
         registry.INITIALIZERS.unregister("docs_probe_init")
 
 
-@pytest.mark.parametrize("reg", [registry.INITIALIZERS, registry.PRECONDITIONERS, registry.ADAPTERS])
+@pytest.mark.parametrize("reg", [registry.INITIALIZERS, registry.PRECONDITIONERS, registry.ADAPTERS, registry.CHAINS])
 def test_docs_methods_has_a_row_for_every_registered_method(reg):
     methods = (ROOT / "docs" / "methods.md").read_text()
     import re

@@ -138,6 +138,14 @@ class Arm:
     optimizer: str = "adamw"
     """The preconditioned optimizer's base (``lowrank.optim.PreconditionedOptimizer(base=...)``: ``"adamw"``,
     ``"sgd"``, ...); ``"sgd"`` for preconditioners that make Adam-like directions themselves (LoFT)."""
+    chain: str | None = None
+    """A chain run beside the training (``lowrank.list_chains()``: ``"cola"``, ``"rac_lora"``, ``"xgblora"``); each
+    run's record then says how many links ran (``links``)."""
+    chain_options: dict[str, Any] = field(default_factory=dict)
+    """The chain's options (``links``, ``link_steps``, ``init``, ...)."""
+    ranks: list[int] | None = None
+    """This arm's own ranks (overrides the sweep's ``ranks``; e.g. XGBLoRA's rank-1 boosters). Its verdict is
+    against the reference arm at the reference's first rank when they differ."""
     search_start: float | None = None
     """Under a search: the centre of this arm's first grid (snapped to the ``[search]`` grid; default its
     ``start``). It saves runs; the grid still extends until the best rate is interior (or ``max_points``), so
@@ -150,7 +158,8 @@ class Arm:
         d = dataclasses.asdict(self)
         for k in ("lrs", "search_start"):
             d.pop(k)
-        for k, default in (("adapter", "lora"), ("optimizer", "adamw")):
+        for k, default in (("adapter", "lora"), ("optimizer", "adamw"), ("chain", None), ("chain_options", {}),
+                           ("ranks", None)):
             if d[k] == default:
                 d.pop(k)
         return d
@@ -168,7 +177,7 @@ class Config:
     plugins: tuple[str, ...] = ()
 
     def ranks_of(self, arm: Arm) -> list[int | None]:
-        return [None] if arm.full_finetune else list(self.sweep.ranks)
+        return [None] if arm.full_finetune else list(arm.ranks or self.sweep.ranks)
 
     def mode(self, arm: Arm) -> str:
         """``"list"``, ``"search"`` or ``"transfer"`` (the reference arm is searched under transfer)."""
@@ -356,6 +365,9 @@ def _check_arm(a: Arm, sweep: Sweep, where: str) -> None:
     if a.search_start is not None:
         _check(where, "search_start", a.search_start, _is_rate, "a positive finite rate")
     if a.full_finetune:
+        if a.chain is not None or a.ranks is not None:
+            raise ValueError(f"{where}: chain / ranks with full_finetune: full fine-tuning has no adapters to chain or "
+                             "rank; remove them")
         if a.optimizer != "adamw":
             raise ValueError(f"{where}: optimizer = {a.optimizer!r} with full_finetune: full fine-tuning trains with "
                              "AdamW; remove optimizer")
@@ -373,5 +385,16 @@ def _check_arm(a: Arm, sweep: Sweep, where: str) -> None:
         raise ValueError(f"{where}: {exc}") from None
     try:
         lowrank.get_preconditioner(a.preconditioner)(**a.preconditioner_options)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if a.ranks is not None:
+        _check_int_list(where, "ranks", a.ranks, positive=True)
+    if a.chain is None:
+        if a.chain_options:
+            raise ValueError(f"{where}: chain_options without a chain; set chain = one of {lowrank.list_chains()}")
+        return
+    _check(where, "chain_options", a.chain_options, lambda v: isinstance(v, dict), "a table")
+    try:  # the chain, its options and its knots over the sweep's steps
+        lowrank.get_chain(a.chain)(**a.chain_options).knots(sweep.steps)
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from None

@@ -75,7 +75,9 @@ def check_arms(cfg, task) -> None:
         for rank in cfg.ranks_of(arm):
             lc = lora_config(arm.identity(), rank, cfg.sweep.alpha, 0, built)
             try:
-                plan(built.model, lc)  # inject's data-free checks, the initializer's per-layer ones included
+                p = plan(built.model, lc)  # inject's data-free checks, the initializer's per-layer ones included
+                if arm.chain is not None:  # the chain's own checks on the layers (XGBLoRA's rank)
+                    lowrank.get_chain(arm.chain)(**arm.chain_options).check({s.name: s for s in p.layers})
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"{cfg.path} arm {arm.name!r} at rank {rank}: {exc}") from None
 
@@ -130,6 +132,15 @@ def _optimizer(model, spec, built):
     return _Optimizers(opt, torch.optim.AdamW(trained, lr=spec["head_lr"])) if trained else opt
 
 
+def _chain(model, opt, spec, built):
+    """The arm's chain (``chain = "cola"`` ...) started on the run's optimizer, or ``None``."""
+    arm = spec["arm_config"]
+    if not arm.get("chain"):
+        return None
+    return lowrank.start_chain(model, arm["chain"], optimizer=opt, total_steps=spec["steps"], data=built.init_batches,
+                               **arm.get("chain_options", {}))
+
+
 def _world() -> tuple[int, int]:
     if dist_helpers.active():
         return dist.get_rank(), dist.get_world_size()
@@ -170,6 +181,7 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
     status = "ok"
     with PeakMemory() as mem:
         opt = _optimizer(model, spec, built)
+        chain = _chain(model, opt, spec, built)  # COLA, RAC-LoRA, XGBLoRA: links merged at their knots
         trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         model.train()
         val = [_to(b, device) for b in built.val_batches]
@@ -191,6 +203,8 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
             except FloatingPointError:
                 status = "diverged"
                 break
+            if chain is not None:
+                chain.step()
             losses.append(_mean_over_ranks(loss, world))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if step % spec["eval_every"] == 0 or step == spec["steps"]:
@@ -208,7 +222,8 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
             intruders = None
     return {**spec, "status": status, "intruders": intruders, "loss_curve": losses, "eval": evals, "val": final_val, "test": final_test,
             "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra, "world_size": world,
-            "lowrank_version": lowrank.__version__, "torch_version": torch.__version__}
+            "lowrank_version": lowrank.__version__, "torch_version": torch.__version__,
+            **({"links": chain.links} if chain is not None else {})}
 
 
 INTRUDER_TOP_K, INTRUDER_EPSILON = 10, 0.5

@@ -86,14 +86,20 @@ class LoRALayer(Adapter):
 
     @classmethod
     def tensor_shapes(cls, info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """``offset_rank`` (saved when it is not ``rank``): the rank of the offset record ``A0``, ``B0``, which a chain
+        grows by each link it folds into the base (``lowrank.chains``)."""
         A, B = (info["rank"], info["d_in"]), (info["d_out"], info["rank"])
-        return {"A": A, "B": B, **({"A0": A, "B0": B} if info["offset"] else {})}
+        r0 = info.get("offset_rank", info["rank"])
+        return {"A": A, "B": B, **({"A0": (r0, info["d_in"]), "B0": (info["d_out"], r0)} if info["offset"] else {})}
 
     @classmethod
     def init_result(cls, tensors: dict[str, torch.Tensor]):
         from ..init.base import InitResult
 
         offset = "A0" in tensors
+        if offset and tensors["A0"].shape != tensors["A"].shape:  # a chain's record: the base offset by A0, B0
+            return InitResult(A=tensors["A"], B=tensors["B"], offset=True,
+                              offset_factors=(tensors["A0"], tensors["B0"]))
         return InitResult(A=tensors["A0" if offset else "A"], B=tensors["B0" if offset else "B"], offset=offset)
 
     @torch.no_grad()

@@ -157,6 +157,17 @@ class PreconditionedOptimizer(torch.optim.Optimizer):
                 layer.A.requires_grad_(False)
                 layer.A.grad = None
 
+    def reset_state(self, params) -> None:
+        """Forget what this optimizer holds for ``params``: the base optimizer's state (Adam's moments and step
+        count) and the preconditioner's state of the layers they belong to (rebuilt from the current factors), as
+        for a newly built optimizer. A chain (``lowrank.chains``) calls it when a link ends."""
+        ids = {id(p) for p in params}
+        for p in [p for p in self.base.state if id(p) in ids]:
+            del self.base.state[p]
+        for name, layer in self.layers:
+            if id(layer.A) in ids or id(layer.B) in ids:
+                self.layer_state[name] = self.preconditioner.init_state(layer.A.detach(), layer.B.detach())
+
     def restore_requires_grad(self) -> None:
         """Undo what building this optimizer did to the model: a preconditioner that fixes ``A`` (LoRA-FA)
         turns ``A.requires_grad`` off so no gradient is computed for it; this turns it back on (e.g.

@@ -26,11 +26,13 @@ PREFIX = "base_model.model."
 def rank_2r(A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, rank: int, alpha: float,
             rslora: bool) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """The trained ``(A, B)`` on an offset base ``W0 - s B0 A0`` as one LoRA on ``W0``: ``A' = [A; A0]``,
-    ``B' = [B, -B0]``, ``r' = 2r`` and ``alpha'`` such that ``s' = s`` (``2 alpha`` for ``s = alpha / r``,
-    ``sqrt(2) alpha`` for rsLoRA's ``alpha / sqrt(r)``). ``rslora`` is the scaling rule, passed, never inferred
-    from the numbers (at ``r = 1`` both rules give the same ``s`` but different ``alpha'``)."""
-    factor = math.sqrt(2.0) if rslora else 2.0
-    return torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1), 2 * rank, factor * alpha
+    ``B' = [B, -B0]``, ``r' = r + R0`` (``2r`` for an offset initializer; a chain's record ``R0`` grows by every
+    link it folded into the base) and ``alpha'`` such that ``s' = s`` (``2 alpha`` for ``s = alpha / r`` at
+    ``R0 = r``, ``sqrt(2) alpha`` for rsLoRA's ``alpha / sqrt(r)``). ``rslora`` is the scaling rule, passed, never
+    inferred from the numbers (at ``r = 1`` both rules give the same ``s`` but different ``alpha'``)."""
+    total = rank + A0.shape[0]
+    factor = math.sqrt(total / rank) if rslora else total / rank
+    return torch.cat([A, A0.to(A)], dim=0), torch.cat([B, -B0.to(B)], dim=1), total, factor * alpha
 
 
 def exact_key(name: str) -> str:
