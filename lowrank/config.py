@@ -82,8 +82,10 @@ class LoRAConfig:
     """Total rank summed over the target layers, allocated per layer by an initializer that supports it
     (EVA, GoRA) from its statistics. ``None``: fixed ranks, except for an initializer that always allocates
     (EVA with ``rho > 1``), whose budget is then ``rank`` (and ``rank_pattern``) summed over the targets."""
-    rank_min: int = 1
-    """Smallest rank an allocation may give a layer."""
+    rank_min: int | None = None
+    """Smallest rank an allocation may give a layer (``None``: the method's own minimum, 1 for EVA and GoRA's
+    rules, 0 for HeteroLoRA); 0 lets it leave a layer without an adapter (the layer stays the plain base module;
+    save, load, merge and the PEFT export cover the adapted ones only)."""
     rank_max: int | None = None
     """Largest rank an allocation may give a layer (``None``: what the method and the layer's shape allow)."""
 
@@ -153,10 +155,13 @@ class LoRAConfig:
                 fits = INITIALIZERS.list(allocates_ranks=True)
                 raise ValueError(f"initializer {self.init!r} cannot allocate ranks under rank_budget={self.rank_budget}; "
                                  f"use one that can ({fits}) or drop rank_budget for fixed ranks")
-        _check_rank("rank_min", self.rank_min)
+        if self.rank_min is not None and (not isinstance(self.rank_min, int) or isinstance(self.rank_min, bool)
+                                          or self.rank_min < 0):
+            raise ValueError(f"invalid rank_min={self.rank_min!r}: must be an int >= 0 or None (0: an allocating "
+                             "initializer may leave a layer without an adapter, e.g. heterolora)")
         if self.rank_max is not None:
             _check_rank("rank_max", self.rank_max)
-            if self.rank_max < self.rank_min:
+            if self.rank_min is not None and self.rank_max < self.rank_min:
                 raise ValueError(f"invalid rank_max={self.rank_max} < rank_min={self.rank_min}")
         return initializer
 
@@ -191,7 +196,8 @@ class LoRAConfig:
             return None
         from .init.driver import Allocation
 
-        total = self.rank_budget if self.rank_budget is not None else sum(self.rank_for(n) for n in names)
+        total = self.rank_budget if self.rank_budget is not None else initializer.default_budget(
+            [self.rank_for(n) for n in names])
         return Allocation(total, self.rank_min, self.rank_max, alpha=lambda n, r: self.alpha_for(n, r, initializer),
                           scaling=lambda n, r: self.scaling_for(n, r, initializer))
 

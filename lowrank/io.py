@@ -290,7 +290,8 @@ def _check_structure(meta: dict[str, Any], tensors: dict[str, torch.Tensor], cfg
     if config.allocates_ranks:  # ranks chosen by the initializer: within the bounds, summing to the budget
         ranks = {n: info["rank"] for n, info in layers.items()}
         total = config.rank_budget if config.rank_budget is not None else sum(config.rank_for(n) for n in layers)
-        out = [n for n, r in ranks.items() if r < config.rank_min or (config.rank_max is not None and r > config.rank_max)]
+        out = [n for n, r in ranks.items() if r < (config.rank_min or 1) or (config.rank_max is not None
+                                                                              and r > config.rank_max)]
         if out or sum(ranks.values()) != total:
             raise AdapterFileError(f"{cfg_path}: allocated ranks {ranks} do not fit the config's budget {total} "
                                    f"(rank_min={config.rank_min}, rank_max={config.rank_max}); the file was edited or "
@@ -428,6 +429,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         except (ValueError, TypeError) as exc:
             raise AdapterFileError(f"{Path(path) / CONFIG_NAME}: the file's config does not fit "
                                    f"{type(model).__name__}: {exc}") from exc
+        if config.allocates_ranks:  # a target allocated rank 0 has no adapter (heterolora) and is not in the file
+            p = p.with_layers([s for s in p.layers if s.name in meta["layers"]])
         _check_fit(model, meta, tensors, {s.name: s.module for s in p.layers})
         # the file's alphas and scales (checked against the method's rules when it is installed)
         p = p.with_layers([replace(s, alpha=float(meta["layers"][s.name]["alpha"]),

@@ -98,7 +98,7 @@ def test_bad_budgets_through_inject_leave_the_model_unchanged():
     _inject_fails(r"rank_budget=40 is larger", rank_budget=40, init_options={"rho": 100, "progress": False},
                   rank_max=5)
     with pytest.raises(ValueError, match=r"initializer 'pissa' cannot allocate ranks under rank_budget=8; use one "
-                                         r"that can \(\['eva', 'gora'\]\)"):
+                                         r"that can \(\['eva', 'gora', 'heterolora'\]\)"):
         LoRAConfig(targets=["query"], init="pissa", rank_budget=8)
     with pytest.raises(ValueError, match="invalid rank_max=1 < rank_min=2"):
         LoRAConfig(targets=["query"], init="eva", rank_min=2, rank_max=1)
@@ -175,7 +175,7 @@ def test_rank_allocation_is_a_protocol_of_its_own():
             return lowrank.InitResult(A=ctx.randn(ctx.rank, ctx.n), B=ctx.zeros(ctx.m, ctx.rank))
 
     try:
-        assert lowrank.list_initializers(allocates_ranks=True) == sorted(["eva", "gora", "test_first_gets_more"])
+        assert lowrank.list_initializers(allocates_ranks=True) == sorted(["eva", "gora", "heterolora", "test_first_gets_more"])
         model = lowrank.inject(tiny_bert(), LoRAConfig(rank=2, targets=["query"], init="test_first_gets_more",
                                                        rank_budget=6), progress=False)
         ranks = list(lowrank.rank_allocation(model).values())
@@ -190,5 +190,5 @@ def test_rank_allocation_is_a_protocol_of_its_own():
                 raise AssertionError
     assert not hasattr(lowrank.get_initializer("pissa"), "allocate")
     with pytest.raises(ValueError, match=r"cannot allocate ranks under rank_budget=6; use one that can \(\['eva', "
-                                         r"'gora'\]\)"):
+                                         r"'gora', 'heterolora'\]\)"):
         LoRAConfig(rank=2, targets=["query"], init="pissa", rank_budget=6)

@@ -215,6 +215,15 @@ class RankAllocation:
         """The smallest rank an allocation may give the layer (with ``LoRAConfig.rank_min``, the larger wins)."""
         return 1
 
+    def default_budget(self, ranks: Sequence[int]) -> int:
+        """The budget when the config gives no ``rank_budget`` (``ranks``: the config's rank of every target);
+        default their sum."""
+        return sum(ranks)
+
+    def check_budget(self, budget: "RankBudget") -> None:
+        """Raise ``ValueError`` (naming the value and the fix) when the budget's bounds or total do not suit the
+        method; called before the data pass. Default: nothing to check."""
+
     def scale_alpha(self, alpha: float, rank: int, allocated: int) -> float:
         """The alpha of a layer allocated rank ``allocated`` instead of the config's ``rank`` (default: unchanged)."""
         return alpha

@@ -94,7 +94,8 @@ class Allocation:
 
     total: int
     """The rank budget: the sum of the allocated ranks."""
-    rank_min: int = 1
+    rank_min: int | None = None
+    """``None``: each layer's minimum is the initializer's (``RankAllocation.min_rank``)."""
     rank_max: int | None = None
     alpha: Callable[[str, int], float] | None = None
     """``alpha(layer name, rank)``: the layer's alpha at an allocated rank (``None``: unchanged)."""
@@ -103,7 +104,7 @@ class Allocation:
 
     def budget(self, initializer: RankAllocation, layers: Sequence[LayerSpec], seed: int) -> RankBudget:
         ctxs = {s.name: context(s, seed) for s in layers}
-        lo = {n: max(self.rank_min, initializer.min_rank(c)) for n, c in ctxs.items()}
+        lo = {n: max(self.rank_min or 0, initializer.min_rank(c)) for n, c in ctxs.items()}
         hi = {n: min(initializer.max_rank(c), self.rank_max or initializer.max_rank(c)) for n, c in ctxs.items()}
         return RankBudget(self.total, lo, hi)
 
@@ -125,7 +126,9 @@ def check_layers(initializer: Initializer, layers: Sequence[LayerSpec], seed: in
     if not isinstance(initializer, RankAllocation):
         raise ValueError(f"initializer {initializer.registry_name!r} cannot allocate ranks under a budget; drop "
                          "rank_budget or use one that can (EVA, GoRA)")
-    return allocation.budget(initializer, layers, seed)
+    budget = allocation.budget(initializer, layers, seed)
+    initializer.check_budget(budget)
+    return budget
 
 
 def collect_layers(initializer: Initializer, layers: Sequence[LayerSpec], *, model: nn.Module | None,
@@ -163,10 +166,13 @@ def init_layers(initializer: Initializer, layers: Sequence[LayerSpec], stats: Ma
             box = [ranks]  # rank 0's allocation everywhere: an ulp of difference must not change a layer's shape
             dist.broadcast_object_list(box, src=0)
             ranks = box[0]
+        # a layer allocated rank 0 gets no adapter (rank_min=0, e.g. heterolora): it leaves the plan here
         layers = [LayerSpec(s.name, s.module, ranks[s.name],
                             allocation.alpha(s.name, ranks[s.name]) if allocation and allocation.alpha else s.alpha,
                             allocation.scaling(s.name, ranks[s.name]) if allocation and allocation.scaling
-                            else s.scaling) for s in layers]
+                            else s.scaling) for s in layers if ranks[s.name] > 0]
+        if not layers:
+            raise ValueError(f"initializer {name!r} allocated rank 0 to every target layer; raise rank_budget")
         for spec in layers:
             initializer.check_layer(context(spec, seed))
     sharded = dist_helpers.active() and any(is_dtensor(s.module.weight) for s in layers)
