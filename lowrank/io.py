@@ -89,6 +89,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
                         "dtype": str(next(iter(own.values())).dtype).removeprefix("torch.")}
         if layer.offset and layer.A0.shape[0] != layer.rank:  # a chain's record of the links it merged
             layers[name]["offset_rank"] = int(layer.A0.shape[0])
+        layers[name].update(layer.layer_info())
         for key, t in own.items():
             tensors[f"layers.{name}.{key}"] = t.detach()
     trainable = [n for n, _ in find_trainable(model, record.config.trainable, [])]

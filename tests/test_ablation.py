@@ -170,7 +170,7 @@ def test_presets_are_valid_and_the_demo_is_small():
     assert all(chosen[a.name] for a in demo.arms)
     assert {a.name: a.lrs for a in demo.arms} == {a.name: [chosen[a.name]] for a in demo.arms}
     assert all(a.identity() == next(f for f in fair.arms if f.name == a.name).identity() for a in demo.arms)
-    assert fair.sweep.lrs == "search" and fair.sweep.seeds == [0, 1, 2] and len(fair.arms) == 29
+    assert fair.sweep.lrs == "search" and fair.sweep.seeds == [0, 1, 2] and len(fair.arms) == 30
     assert {"LoRA", "LoRA-GA", "LoRA-GA + riemannian", "EVA", "CorDA", "GoRA", "LoRA-GA (PEFT's)", "Orthogonal",
             "Init[AB]", "MiCA", "LoRA-DA", "GraLoRA", "RandLoRA", "KaSA", "LoFT", "Full FT"} <= {a.name for a in fair.arms}
     assert load(root / "fair-ablation-transfer.toml").sweep.lrs == "transfer"
@@ -295,3 +295,30 @@ def test_chain_arms_run_and_their_records_count_the_links(tmp_path):
     assert records[("COLA", 0)]["links"] == 2 and records[("XGBLoRA", 1)]["links"] == 4
     assert records[("XGBLoRA", 0)]["rank"] == 1 and "links" not in records[("LoRA", 0)]
     assert all(r["status"] == "ok" for r in records.values())
+
+
+def test_a_lora2_arm_prunes_its_triplets_and_adds_its_orthogonality_term(tmp_path, monkeypatch):
+    from lowrank.adapters import lora2
+
+    calls = {"loss": 0, "budgets": []}
+    real_loss, real_step = lora2.lora2_loss, lora2.LoRA2Pruner.step
+
+    def loss(model, coef=None):
+        calls["loss"] += 1
+        return real_loss(model, coef)
+
+    def step(self):
+        out = real_step(self)
+        calls["budgets"].append(out)
+        return out
+
+    monkeypatch.setattr(lora2.LoRA2Layer, "auxiliary_loss", staticmethod(loss))
+    monkeypatch.setattr(lora2.LoRA2Pruner, "step", step)
+    arms = ARMS + ('[[arm]]\nname = "LoRA2"\nadapter = "lora2"\ninit = "lora2"\ninit_options = {{ k = 2 }}\n'
+                   'adapter_options = {{ k = 2, target_rank = 1, mask_interval = 1 }}\n')
+    cfg_path, results = write(tmp_path, arms=arms)
+    assert main([str(cfg_path), "--no-progress"]) == 0
+    records = {(r["arm"], r["seed"]): r for r in read_records(results)}
+    assert records[("LoRA2", 0)]["status"] == "ok"
+    assert calls["loss"] == 16  # 8 steps x 2 seeds
+    assert calls["budgets"][-1] == 2  # the target: 1 triplet for each of the 2 layers

@@ -135,6 +135,8 @@ class Arm:
     """This arm's own list of learning rates (overrides the sweep's list, search or transfer)."""
     adapter: str = "lora"
     """The adapter layer (``lowrank.list_adapters()``, e.g. ``"dora"``)."""
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+    """The adapter's options (``LoRAConfig.adapter_options``, e.g. LoRA²'s ``target_rank``)."""
     optimizer: str = "adamw"
     """The preconditioned optimizer's base (``lowrank.optim.PreconditionedOptimizer(base=...)``: ``"adamw"``,
     ``"sgd"``, ...); ``"sgd"`` for preconditioners that make Adam-like directions themselves (LoFT)."""
@@ -158,8 +160,8 @@ class Arm:
         d = dataclasses.asdict(self)
         for k in ("lrs", "search_start"):
             d.pop(k)
-        for k, default in (("adapter", "lora"), ("optimizer", "adamw"), ("chain", None), ("chain_options", {}),
-                           ("ranks", None)):
+        for k, default in (("adapter", "lora"), ("adapter_options", {}), ("optimizer", "adamw"), ("chain", None),
+                           ("chain_options", {}), ("ranks", None)):
             if d[k] == default:
                 d.pop(k)
         return d
@@ -376,11 +378,11 @@ def _check_arm(a: Arm, sweep: Sweep, where: str) -> None:
 
     _check(where, "optimizer", a.optimizer, lambda v: isinstance(v, str) and v.lower() in BASES,
            f"one of {sorted(BASES)} (the preconditioned optimizer's base)")
-    for name in ("init_options", "preconditioner_options"):
+    for name in ("init_options", "preconditioner_options", "adapter_options"):
         _check(where, name, getattr(a, name), lambda v: isinstance(v, dict), "a table")
     try:  # validates init, its options, the adapter, scaling and alpha
         lowrank.LoRAConfig(rank=sweep.ranks[0], alpha=sweep.alpha, scaling=a.scaling, targets=["x"], init=a.init,
-                           init_options=a.init_options, adapter=a.adapter)
+                           init_options=a.init_options, adapter=a.adapter, adapter_options=a.adapter_options)
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from None
     try:

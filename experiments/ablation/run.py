@@ -57,7 +57,7 @@ def prepare(model, spec: dict[str, Any], device: torch.device):
 def lora_config(arm: dict[str, Any], rank: int, alpha: float, seed: int, built) -> lowrank.LoRAConfig:
     return lowrank.LoRAConfig(rank=rank, alpha=alpha, scaling=arm["scaling"], targets=built.targets, trainable=built.head,
                               init=arm["init"], init_options=arm["init_options"], seed=seed,
-                              adapter=arm.get("adapter", "lora"))
+                              adapter=arm.get("adapter", "lora"), adapter_options=arm.get("adapter_options", {}))
 
 
 def check_arms(cfg, task) -> None:
@@ -148,12 +148,14 @@ def _world() -> tuple[int, int]:
 
 
 def _regularizer(spec: dict[str, Any]):
-    """The adapter's auxiliary training loss, ``model -> scalar`` (KaSA's ``kasa_loss``), or ``None``."""
-    if spec["arm_config"].get("adapter", "lora") == "kasa":
-        from lowrank.adapters.kasa import kasa_loss
+    """The adapter's auxiliary training loss, ``model -> scalar`` (``Adapter.auxiliary_loss``: KaSA's, LoRA²'s),
+    or ``None``."""
+    return lowrank.get_adapter(spec["arm_config"].get("adapter", "lora")).auxiliary_loss
 
-        return kasa_loss
-    return None
+
+def _training_hook(model, spec: dict[str, Any]):
+    """The adapter's per-step hook (``Adapter.training_hook``: LoRA²'s pruning), or ``None``."""
+    return lowrank.get_adapter(spec["arm_config"].get("adapter", "lora")).training_hook(model, spec["steps"])
 
 
 def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, Any]:
@@ -189,7 +191,8 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
         evals.append({"step": 0, **task.evaluate(model, val, progress=show)})
         bar = tqdm(range(1, spec["steps"] + 1), desc=f"{spec['arm']} r={spec['rank']} lr={spec['lr']:g} "
                    f"seed={spec['seed']}", disable=not show, leave=False, unit="step")
-        regularizer = _regularizer(spec)  # KaSA's auxiliary loss; None for every other adapter
+        regularizer = _regularizer(spec)  # KaSA's, LoRA²'s auxiliary loss; None for the other adapters
+        hook = None if spec["arm_config"]["full_finetune"] else _training_hook(model, spec)  # LoRA²'s pruning
         for step, batch in zip(bar, built.train):
             loss = trainer(**_to(batch, device)).loss
             if not _all_finite(loss, world):
@@ -205,6 +208,8 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
                 break
             if chain is not None:
                 chain.step()
+            if hook is not None:
+                hook.step()
             losses.append(_mean_over_ranks(loss, world))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if step % spec["eval_every"] == 0 or step == spec["steps"]:

@@ -186,6 +186,21 @@ class Adapter(nn.Module, ABC):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a saved adapter holds for this layer (trained state and what rebuilds the base)."""
 
+    auxiliary_loss: ClassVar[Any] = None
+    """``model -> scalar``: a term the adapter's method adds to the task loss (KaSA's, LoRA²'s regularizers), or
+    ``None``; the ablation runner adds it for arms of this adapter."""
+
+    @classmethod
+    def training_hook(cls, model: nn.Module, total_steps: int) -> Any:
+        """An object whose ``step()`` runs after every optimizer step of a run of ``total_steps`` steps (LoRA²'s
+        pruning), or ``None`` (the default); the ablation runner calls it."""
+        return None
+
+    def layer_info(self) -> dict[str, Any]:
+        """Fields the saved layer record carries beside rank, shape and scale, for :meth:`tensor_shapes` (e.g.
+        LoRA²'s inner rank ``k``); default none."""
+        return {}
+
     @classmethod
     @abstractmethod
     def tensor_shapes(cls, info: dict[str, Any]) -> dict[str, tuple[int, ...]]:

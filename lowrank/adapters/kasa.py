@@ -176,3 +176,6 @@ def kasa_loss(model: nn.Module, beta: float | None = None, gamma: float | None =
                          "with LoRAConfig(adapter='kasa', init='kasa'), or leave it out of the loss for other adapters")
     terms = [layer.regularization(beta, gamma).float() for layer in layers]
     return sum(terms[1:], terms[0])
+
+
+KaSALayer.auxiliary_loss = staticmethod(kasa_loss)
