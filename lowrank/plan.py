@@ -333,6 +333,7 @@ def commit(p: Plan, results: Sequence[InitResult]) -> None:
             elif res.offset:
                 journal.overwritten(lambda layer=layer: _restore_in_place(layer))
             journal.swap(spec.name, layer)
+        adapter_cls.connect(dict(adapted_layers(model)))  # cross-layer links of the adapter's own (ResLoRA)
         for q in model.parameters():
             q.requires_grad_(False)
         frozen = INITIALIZERS.entry(config.init).capabilities["frozen"]  # e.g. MiCA's B, kept as initialized

@@ -170,7 +170,7 @@ def test_presets_are_valid_and_the_demo_is_small():
     assert all(chosen[a.name] for a in demo.arms)
     assert {a.name: a.lrs for a in demo.arms} == {a.name: [chosen[a.name]] for a in demo.arms}
     assert all(a.identity() == next(f for f in fair.arms if f.name == a.name).identity() for a in demo.arms)
-    assert fair.sweep.lrs == "search" and fair.sweep.seeds == [0, 1, 2] and len(fair.arms) == 30
+    assert fair.sweep.lrs == "search" and fair.sweep.seeds == [0, 1, 2] and len(fair.arms) == 31
     assert {"LoRA", "LoRA-GA", "LoRA-GA + riemannian", "EVA", "CorDA", "GoRA", "LoRA-GA (PEFT's)", "Orthogonal",
             "Init[AB]", "MiCA", "LoRA-DA", "GraLoRA", "RandLoRA", "KaSA", "LoFT", "Full FT"} <= {a.name for a in fair.arms}
     assert load(root / "fair-ablation-transfer.toml").sweep.lrs == "transfer"

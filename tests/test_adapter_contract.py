@@ -65,7 +65,8 @@ def test_inject_identity_train_merge_unload(adapter):
     assert any(layer.delta_weight().abs().sum() > 0 for _, layer in lowrank.adapted_layers(model))
     y = logits(model)
     lowrank.merge(model)
-    torch.testing.assert_close(logits(model), y, rtol=1e-4, atol=1e-5)
+    if all(layer.merge_exact for _, layer in lowrank.adapted_layers(model)):  # ResLoRA's shortcuts: approximated
+        torch.testing.assert_close(logits(model), y, rtol=1e-4, atol=1e-5)
     lowrank.unmerge(model)
     torch.testing.assert_close(logits(model), y, rtol=1e-4, atol=1e-5)
     merged = lowrank.unload(lowrank.inject(factory(), cfg, progress=False), merge=False)
@@ -121,7 +122,8 @@ def test_bad_input_leaves_the_model_unchanged(adapter):
     with pytest.raises(ValueError, match="matched no module"):
         lowrank.inject(model, cfg.replace(targets=["nothing_here"]), progress=False)
     snap.assert_unchanged()
-    wrong_init = "kaiming" if lowrank.get_adapter(adapter).kind != "factors" else "lora_xs"
+    kind = lowrank.get_adapter(adapter).kind
+    wrong_init = next(n for n in lowrank.list_initializers() if kind not in lowrank.get_initializer(n).adapter_kinds)
     with pytest.raises(ValueError, match=f"initializer '{wrong_init}' does not support adapter '{adapter}'"):
         cfg.replace(init=wrong_init, init_options={})
 

@@ -186,6 +186,12 @@ class Adapter(nn.Module, ABC):
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors a saved adapter holds for this layer (trained state and what rebuilds the base)."""
 
+    @property
+    def merge_exact(self) -> bool:
+        """Whether :meth:`merge` reproduces the layer's training-time output (ResLoRA's input and middle shortcuts
+        are merged by an approximation: ``False``)."""
+        return True
+
     auxiliary_loss: ClassVar[Any] = None
     """``model -> scalar``: a term the adapter's method adds to the task loss (KaSA's, LoRA²'s regularizers), or
     ``None``; the ablation runner adds it for arms of this adapter."""
@@ -195,6 +201,11 @@ class Adapter(nn.Module, ABC):
         """An object whose ``step()`` runs after every optimizer step of a run of ``total_steps`` steps (LoRA²'s
         pruning), or ``None`` (the default); the ablation runner calls it."""
         return None
+
+    @classmethod
+    def connect(cls, layers: dict[str, "Adapter"]) -> None:
+        """Called once the model's adapter layers are in place (``{dotted name: layer}``, in model order), for an
+        adapter whose layers refer to each other (ResLoRA's shortcut to the previous block); default nothing."""
 
     def layer_info(self) -> dict[str, Any]:
         """Fields the saved layer record carries beside rank, shape and scale, for :meth:`tensor_shapes` (e.g.

@@ -17,6 +17,7 @@ class Kaiming(Initializer):
     """Vanilla LoRA: kaiming-uniform A, zero B (the default)."""
 
     offset = False
+    adapter_kinds = ("factors", "reslora")  # ResLoRA's layers start as vanilla LoRA
 
     def init_layer(self, ctx: LayerContext) -> InitResult:
         bound = 1.0 / math.sqrt(ctx.n)  # gain sqrt(2 / (1 + 5)) * sqrt(3 / fan_in)

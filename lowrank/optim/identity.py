@@ -11,7 +11,7 @@ class Identity(Preconditioner):
     """No preconditioning: ``(grad_A, grad_B)`` unchanged; with AdamW, bitwise equal to plain AdamW."""
 
     transforms_gradients = False
-    adapter_kinds = ("factors", "latent", "blockwise", "random_basis", "kasa", "lora2")  # nothing to transform: any adapter
+    adapter_kinds = ("factors", "latent", "blockwise", "random_basis", "kasa", "lora2", "reslora")  # nothing to transform: any adapter
 
     def update(self, grad_A, grad_B, A, B, scaling, state):
         return grad_A, grad_B
