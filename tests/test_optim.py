@@ -21,7 +21,8 @@ PAIRS = [(name, adapter) for name in ALL for adapter in lowrank.list_adapters()
 
 # per adapter kind other than "factors": its initializer, with options that make every trained tensor non-zero
 OWN_INIT = {"latent": ("lora_xs", {}), "blockwise": ("gralora", {"b_std": 0.05}),
-            "random_basis": ("randlora", {"lambda_std": 0.05}), "kasa": ("kasa", {"b_std": 0.5})}
+            "random_basis": ("randlora", {"lambda_std": 0.05}), "kasa": ("kasa", {"b_std": 0.5}),
+            "lora2": ("lora2", {"std": 0.3, "e_std": 0.5}), "reslora": ("kaiming", {})}  # ResLoRA: B = 0, A moves from step 2
 
 
 def adapted_bert(init="kaiming", seed=0, adapter="lora", **options):
@@ -31,6 +32,11 @@ def adapted_bert(init="kaiming", seed=0, adapter="lora", **options):
     lowrank.inject(model, lowrank.LoRAConfig(rank=4, alpha=8, targets=["query", "value", "dense"],
                                              trainable=["classifier"], init=init, seed=seed, adapter=adapter,
                                              init_options=options))
+    if adapter == "reslora":  # its only initializer is kaiming (B = 0): a random B so A gets gradients at once
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in lowrank.adapted_layers(model):
+                layer.B.copy_(0.05 * torch.randn(layer.B.shape, generator=g))
     return model.train()
 
 
