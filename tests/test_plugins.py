@@ -48,6 +48,10 @@ USE = textwrap.dedent('''
     B0 = layer.B.detach().clone()
     opt.step()
     torch.testing.assert_close(layer.B.detach(), B0 - 0.01 * grad_B.sign())  # signSGD on the factors
+    small = lowrank.inject(nn.Sequential(nn.Linear(64, 8)), lowrank.LoRAConfig(
+        rank=4, targets=["0"], init="scaled_kaiming", init_options={"factor": 0.25}))
+    A = dict(lowrank.adapted_layers(small))["0"].A
+    assert float(A.abs().max()) <= 0.25 / 8 and float(A.abs().max()) > 0.2 / 8   # U(-f/sqrt(n), f/sqrt(n)), n = 64
     print("PLUGIN-OK")
 ''')
 
