@@ -26,7 +26,6 @@ switched-on modules are initialized as vanilla LoRA (kaiming ``A``, ``B = 0``); 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +34,9 @@ from ..registry import register_initializer
 from .base import InitResult, LayerContext, RankAllocation
 from .budget import RankBudget
 from .gradient import GradientInitializer, GradientOptions
+from .kaiming import kaiming_A
 
 PROXIES = ("grad_norm", "constant")
-
-
-def kaiming_A(ctx: LayerContext) -> torch.Tensor:
-    """Vanilla LoRA's ``A``: ``U(-1/sqrt(d_in), 1/sqrt(d_in))``, ``(r, d_in)``, from the layer's generator."""
-    return (2.0 * ctx.rand(ctx.rank, ctx.n) - 1.0) / math.sqrt(ctx.n)
 
 
 @register_initializer("heterolora")

@@ -12,6 +12,12 @@ from ..registry import register_initializer
 from .base import InitResult, Initializer, LayerContext
 
 
+def kaiming_A(ctx: LayerContext):
+    """Vanilla LoRA's ``A``: ``U(-1/sqrt(d_in), 1/sqrt(d_in))``, ``(r, d_in)``, from the layer's generator."""
+    bound = 1.0 / math.sqrt(ctx.n)  # gain sqrt(2 / (1 + 5)) * sqrt(3 / fan_in)
+    return (2.0 * ctx.rand(ctx.rank, ctx.n) - 1.0) * bound
+
+
 @register_initializer("kaiming")
 class Kaiming(Initializer):
     """Vanilla LoRA: kaiming-uniform A, zero B (the default)."""
@@ -20,6 +26,4 @@ class Kaiming(Initializer):
     adapter_kinds = ("factors", "reslora")  # ResLoRA's layers start as vanilla LoRA
 
     def init_layer(self, ctx: LayerContext) -> InitResult:
-        bound = 1.0 / math.sqrt(ctx.n)  # gain sqrt(2 / (1 + 5)) * sqrt(3 / fan_in)
-        A = (2.0 * ctx.rand(ctx.rank, ctx.n) - 1.0) * bound  # (r, n)
-        return InitResult(A=A, B=ctx.zeros(ctx.m, ctx.rank))
+        return InitResult(A=kaiming_A(ctx), B=ctx.zeros(ctx.m, ctx.rank))
