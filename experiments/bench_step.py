@@ -5,6 +5,16 @@
 
 ``--adapter dora`` compares lowrank's ``dora`` adapter with PEFT's DoRA (``use_dora=True``).
 
+``--grid`` (SmolLM2, the RunLoRA question): for each dtype and rank, the *floor* (every weight frozen, the
+embeddings' output requiring grad: the forward plus the input-gradient backward any adapter step pays),
+lowrank and PEFT at each dropout rate, steps interleaved in one process; prints per arm the median and
+minimum step time, the ratios of the medians to the floor and to PEFT at the same dropout, and the bytes
+saved for backward (unique storages). Each library at its defaults: PEFT keeps a bf16 base's adapters in
+float32 (``autocast_adapter_dtype``), lowrank in the base's dtype.
+
+    python -m experiments.bench_step --grid --batch-size 16 --repeats 5 [--seq-len 64] [--ranks 8 64 128]
+        [--dropouts 0 0.05] [--dtypes float32 bfloat16] [--json FILE]
+
 ``--model minilm`` (default): MiniLM + a 41-way head, LoRA r=8 on all 37 linear layers (PEFT's
 ``target_modules`` list ``query, key, value, dense``; the pooler's ``dense`` included on both sides),
 AdamW, the same WordNet batches. ``--model smollm2``: the offline SmolLM2-135M decoder LM, LoRA on all
@@ -35,7 +45,7 @@ from experiments.data.wordnet import supersense_splits
 MINILM = (["query", "key", "value", "dense"], ["classifier"])
 
 
-def _load(kind: str, num_labels: int):
+def _load(kind: str, num_labels: int, dtype: torch.dtype = torch.float32):
     """``(model, targets, head)`` for ``kind`` (``"minilm"`` or ``"smollm2"``)."""
     if kind == "smollm2":
         from transformers import AutoModelForCausalLM
@@ -43,23 +53,32 @@ def _load(kind: str, num_labels: int):
         from experiments.ablation.tasks.causal_lm import PROJECTIONS
         from experiments.data.smollm2 import smollm2_path
 
-        return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32), PROJECTIONS, []
+        return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype), PROJECTIONS, []
     return load_minilm_classifier(num_labels)[0], *MINILM
 
 
-def make_lowrank(num_labels, rank, alpha, adapter="lora", kind="minilm"):
-    model, targets, head = _load(kind, num_labels)
-    cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, targets=targets, trainable=head, init="kaiming", adapter=adapter)
+def make_lowrank(num_labels, rank, alpha, adapter="lora", kind="minilm", dropout=0.0, dtype=torch.float32):
+    model, targets, head = _load(kind, num_labels, dtype)
+    cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, targets=targets, trainable=head, init="kaiming", adapter=adapter,
+                             dropout=dropout)
     return lowrank.inject(model, cfg, progress=False)
 
 
-def make_peft(num_labels, rank, alpha, adapter="lora", kind="minilm"):
+def make_peft(num_labels, rank, alpha, adapter="lora", kind="minilm", dropout=0.0, dtype=torch.float32):
     import peft
 
-    model, targets, head = _load(kind, num_labels)
+    model, targets, head = _load(kind, num_labels, dtype)
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, modules_to_save=head or None,
-                          lora_dropout=0.0, use_dora=adapter == "dora")
+                          lora_dropout=dropout, use_dora=adapter == "dora")
     return peft.get_peft_model(model, cfg)
+
+
+def make_floor(kind="smollm2", dtype=torch.float32):
+    """The model with every weight frozen and the embeddings' output requiring grad."""
+    model = _load(kind, 0, dtype)[0]
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    return model
 
 
 def lm_batches(n: int, batch_size: int) -> list[dict]:
@@ -75,8 +94,18 @@ def lm_batches(n: int, batch_size: int) -> list[dict]:
     return [next(stream) for _ in range(n)]
 
 
-def step_cost(model, opt, batch) -> tuple[float, int]:
-    """Run one training step; return (seconds, bytes held by the step)."""
+def pad_to(batch: dict, length: int) -> dict:
+    """Right-pad a causal-LM batch to ``length`` tokens (padding masked out and not scored), as a fixed shape."""
+    n = length - batch["input_ids"].shape[1]
+    if n <= 0:
+        return {k: v[:, :length] for k, v in batch.items()}
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {k: torch.cat([v, v.new_full((v.shape[0], n), fill[k])], 1) for k, v in batch.items()}
+
+
+def step_cost(model, opt, batch, saved_only: bool = False) -> tuple[float, int]:
+    """Run one training step; return (seconds, bytes held by the step) (``saved_only``: the bytes saved for
+    backward alone, on any device). ``opt`` None: no optimizer step (the floor)."""
     device = next(model.parameters()).device
     saved: dict[int, int] = {}
 
@@ -92,9 +121,15 @@ def step_cost(model, opt, batch) -> tuple[float, int]:
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**batch).loss
-    opt.zero_grad(set_to_none=True)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
     loss.backward()
-    opt.step()
+    if opt is not None:
+        opt.step()
+    if saved_only:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, sum(saved.values())
     if device.type == "cuda":
         torch.cuda.synchronize()
         return time.perf_counter() - t0, torch.cuda.max_memory_allocated() - base
@@ -103,6 +138,46 @@ def step_cost(model, opt, batch) -> tuple[float, int]:
     state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     params = sum(2 * p.numel() * p.element_size() for p in trainable)  # weights + grads
     return seconds, sum(saved.values()) + params + state
+
+
+def grid(args) -> list[dict]:
+    """The floor, lowrank and PEFT per (dtype, rank, dropout), interleaved; returns one row per arm."""
+    batches = [{k: v.to(args.device) for k, v in pad_to(b, args.seq_len).items()}
+               for b in lm_batches(args.warmup + args.repeats, args.batch_size)]
+    rows = []
+    for dname in args.dtypes:
+        dtype = getattr(torch, dname)
+        for rank in args.ranks:
+            arms = {"floor": make_floor("smollm2", dtype)}
+            for p in args.dropouts:
+                arms[f"lowrank p={p:g}"] = make_lowrank(0, rank, args.alpha, kind="smollm2", dropout=p, dtype=dtype)
+                arms[f"peft p={p:g}"] = make_peft(0, rank, args.alpha, kind="smollm2", dropout=p, dtype=dtype)
+            opts, times, saved = {}, {k: [] for k in arms}, {}
+            for name, model in arms.items():
+                model.to(args.device).train()
+                params = [q for q in model.parameters() if q.requires_grad]
+                opts[name] = torch.optim.AdamW(params, lr=1e-4) if params else None
+            for i, batch in enumerate(batches):
+                names = list(arms)
+                names = names[i % len(names):] + names[:i % len(names)]  # rotate who goes first
+                for name in names:
+                    sec, mem = step_cost(arms[name], opts[name], batch, saved_only=True)
+                    if i >= args.warmup:
+                        times[name].append(sec)
+                        saved[name] = mem
+            floor = statistics.median(times["floor"])
+            for name in arms:
+                med = statistics.median(times[name])
+                lib, _, p = name.partition(" ")
+                peft_med = statistics.median(times[f"peft {p}"]) if lib != "floor" else float("nan")
+                rows.append({"dtype": dname, "rank": rank, "arm": name, "median_s": med, "min_s": min(times[name]),
+                             "vs_floor": med / floor, "vs_peft": med / peft_med, "saved_mib": saved[name] / 2**20})
+                r = rows[-1]
+                print(f"{dname:8s} r={rank:<4d} {name:16s} median {med:6.2f} s  min {r['min_s']:6.2f} s  "
+                      f"x floor {r['vs_floor']:5.2f}  x PEFT {r['vs_peft']:5.2f}  saved {r['saved_mib']:7.0f} MiB",
+                      flush=True)
+            del arms, opts
+    return rows
 
 
 def main(argv=None) -> None:
@@ -115,7 +190,24 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--adapter", choices=["lora", "dora"], default="lora")
     p.add_argument("--model", choices=["minilm", "smollm2"], default="minilm")
+    p.add_argument("--grid", action="store_true", help="SmolLM2: floor / lowrank / PEFT over ranks, dropouts, dtypes")
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 128])
+    p.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.05])
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    p.add_argument("--seq-len", type=int, default=64, help="--grid: batches padded to this many tokens")
+    p.add_argument("--json", help="--grid: also write the rows to this file")
     args = p.parse_args(argv)
+    if args.grid:
+        torch.manual_seed(0)
+        rows = grid(args)
+        if args.json:
+            import json
+
+            with open(args.json, "w") as f:
+                json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+                           "seq_len": args.seq_len,
+                           "steps": args.repeats, "rows": rows}, f, indent=1)
+        return
 
     n_batches = args.repeats + args.warmup
     if args.model == "smollm2":

@@ -6,6 +6,11 @@ with ``s = alpha / r`` or ``alpha / sqrt(r)`` (rsLoRA). Wraps ``nn.Linear`` and 
 ``Conv1D`` alike. When an initializer starts from ``B0 A0 != 0`` the framework offsets the base,
 ``W = W0 - s B0 A0`` (:func:`lowrank.weights.apply_offset`), recording ``A0``, ``B0`` on the layer so the
 original ``W0`` can be restored and a saved adapter can rebuild the fine-tuned model from the original base.
+
+In training with dropout, and at ranks where forming ``B A`` is cheaper, the product goes through
+:func:`lowrank.adapters.product.lora_product`: the same mathematics, without a dropped copy of ``x`` kept for
+backward, in the order of products that costs least for the layer's shapes (that module's docstring gives the
+counts). Without dropout at the usual ranks it is the two ``F.linear`` calls below, as PEFT computes it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 from ..registry import register_adapter
 from ..weights import apply_offset, original_weight, rebuild_offset
 from .base import Adapter, weight_dtype, weight_shape
+from .product import choose_order, lora_product
 
 
 @register_adapter("lora")
@@ -37,15 +43,19 @@ class LoRALayer(Adapter):
         dt = weight_dtype(base_layer)  # a 4-bit layer's packed weight is uint8
         self.A = nn.Parameter(torch.zeros(self.rank, self.d_in, dtype=dt, device=w.device))  # (r, n)
         self.B = nn.Parameter(torch.zeros(self.d_out, self.rank, dtype=dt, device=w.device))  # (m, r)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.p = float(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # for subclasses' own forwards
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged:
             return y
-        h = self.dropout(x).to(self.A.dtype)
-        return y + (F.linear(F.linear(h, self.A), self.B) * self.scaling).to(y.dtype)  # (..., r) -> (..., m)
+        h = x.to(self.A.dtype)
+        p = self.p if self.training else 0.0
+        if p == 0 and choose_order(h.numel() // self.d_in, self.d_in, self.d_out, self.rank) == "factored":
+            return y + (F.linear(F.linear(h, self.A), self.B) * self.scaling).to(y.dtype)  # (..., r) -> (..., m)
+        return y + lora_product(h, self.A, self.B, self.scaling, p).to(y.dtype)
 
     # -- weights --------------------------------------------------------------------------------
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
