@@ -89,6 +89,9 @@ class Sweep:
     """``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward (Hugging Face models' ``gradient_checkpointing_enable``)."""
+    equivalence_margin: float | None = None
+    """A difference in the headline metric small enough to call two arms equivalent: each arm's verdict then also
+    says ``equivalent`` (its 95% paired interval inside ``(-m, m)``), ``better``, ``worse`` or ``undecided``."""
 
     def training(self) -> dict[str, Any]:
         """The settings beyond the defaults that change a run's numbers (part of its key; the device is not)."""
@@ -286,6 +289,9 @@ def load(path: str | Path) -> Config:
     _check(where, "dtype", sweep.dtype, lambda v: v in DTYPES, f"one of {list(DTYPES)}")
     _check(where, "device", sweep.device, lambda v: v in DEVICES, f"one of {list(DEVICES)}")
     _check(where, "gradient_checkpointing", sweep.gradient_checkpointing, lambda v: isinstance(v, bool), "true or false")
+    if sweep.equivalence_margin is not None:
+        _check(where, "equivalence_margin", sweep.equivalence_margin, _is_rate,
+               "a positive finite number (in the headline metric's units)")
     if sweep.device == "cuda":
         import torch
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from .config import Config
 from .search import ArmPlan, final_records, full_search
-from .stats import Interval, mean_ci, paired, verdict
+from .stats import Interval, equivalence, mdd, mean_ci, paired, verdict
 
 WINDOW = 10
 
@@ -77,6 +77,9 @@ def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> 
             f"val_{metric}": _num(mean_ci([r["val"][metric] for r in ok]).mean),
             "delta_vs_reference": _num(diff.mean), "delta_ci": diff.ci, "delta_n": diff.n,
             "verdict": "reference" if is_ref else verdict(diff, higher),
+            "mdd": None if is_ref else _num(mdd(diff)),
+            "equivalence": None if is_ref or cfg.sweep.equivalence_margin is None
+            else equivalence(diff, cfg.sweep.equivalence_margin, higher),
             "steps_to_reference_loss": _num(st.mean), "steps_ci": st.ci,
             "steps_never": len(steps) - len(reached),
             "speed_up": (statistics.fmean(ref_steps) / st.mean) if ref_steps and st.n else None,
@@ -103,17 +106,28 @@ def _ci(mean, ci, spec=".3f") -> str:
     return f"{mean:{spec}}" + ("" if ci is None else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
 
 
+def _verdict_cell(r: dict[str, Any]) -> str:
+    """The verdict; a "no difference" also says what its interval rules out (no difference larger than the
+    interval's farthest end from 0)."""
+    if r["verdict"] == "no difference" and r["delta_ci"]:
+        return f"no difference larger than {max(abs(r['delta_ci'][0]), abs(r['delta_ci'][1])):.3f}"
+    return r["verdict"]
+
+
 def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]], rs: list[dict[str, Any]]) -> str:
     metric = rs[0]["metric"] if rs else "loss"
     extra = metric != "loss"  # classification: accuracy and loss; regression: loss once
     ref = cfg.sweep.reference
+    margin = cfg.sweep.equivalence_margin
     lines = [f"Each arm at its chosen learning rate (chosen on validation `{cfg.select}`); test metrics, mean and "
              f"95% t-interval over seeds; Δ = paired difference to {ref} (same seeds and batches).", "",
              f"| arm | rank | lr | interior | runs to choose lr | seeds | test {metric} |" + (" test loss |" if extra else "")
-             + f" Δ test {metric} vs {ref} | verdict | steps to {ref}'s final train loss | speed-up | time (s) |"
+             + f" Δ test {metric} vs {ref} | verdict | detectable Δ (80% power) |"
+             + (f" within ±{margin:g} |" if margin is not None else "")
+             + f" steps to {ref}'s final train loss | speed-up | time (s) |"
              + (" intruder dims |" if any("intruders" in r for r in rs) else ""),
-             "|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|---|---|"
-             + ("---|" if any("intruders" in r for r in rs) else "")]
+             "|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|---|---|" + ("---|" if margin is not None else "")
+             + "---|---|---|" + ("---|" if any("intruders" in r for r in rs) else "")]
     for r in rs:
         rank = "full" if r["rank"] is None else r["rank"]
         interior = {True: "yes", False: "**no**", None: "n/a"}[r["lr_interior"]]
@@ -127,7 +141,9 @@ def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]],
                      f"{r['n_seeds']}{div} | {_ci(r['test_metric'], r['test_metric_ci'])} | "
                      + (f"{_f(r['test_loss'])} | " if extra else "") +
                      f"{_ci(r['delta_vs_reference'], r['delta_ci'], '+.3f') if r['verdict'] != 'reference' else '0'} | "
-                     f"{r['verdict']} | {steps} | {_f(r['speed_up'], '.2f') + 'x' if r['speed_up'] else 'n/a'} | "
+                     f"{_verdict_cell(r)} | {_f(r['mdd'])} | "
+                     + (f"{r['equivalence'] or ''} | " if margin is not None else "")
+                     + f"{steps} | {_f(r['speed_up'], '.2f') + 'x' if r['speed_up'] else 'n/a'} | "
                      f"{_f(r['time_s'], '.0f')} |"
                      + ((f" {_ci(r.get('intruders'), r.get('intruders_ci'), '.1f')} |")
                         if any("intruders" in x for x in rs) else ""))
@@ -137,6 +153,12 @@ def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]],
     elif 1 < n < 5:
         lines += ["", f"With {n} seeds the t-intervals are wide (t_0.975 = {_t(n):.2f}); 'no difference' means the "
                       "interval contains 0, not that the arms are equal."]
+    if n > 1:
+        lines += ["", "'No difference larger than X': X is the 95% paired interval's end farthest from 0, what the data "
+                      "rule out. Detectable Δ: the smallest true difference the paired t-test (5% level) finds with "
+                      "probability 0.8 at the observed spread of the per-seed differences and this many seeds."
+                  + (f" Within ±{margin:g}: 'equivalent' when the 95% interval lies inside (-{margin:g}, {margin:g}) "
+                     "(two one-sided tests), else better / worse / undecided." if margin is not None else "")]
     lines += ["", "Learning rates tried (validation " + cfg.select.removeprefix("val_") + ", mean over search seeds; "
               "chosen rate in bold):", ""]
     for p in plans:
