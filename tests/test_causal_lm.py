@@ -183,3 +183,41 @@ def test_field_names_and_chat_template_are_options(tiny_lm_dir, tmp_path):
     text = t.tok.decode(p)
     assert text.startswith("<|im_start|>") and text.endswith("<|im_start|>assistant\n")  # one user turn
     assert t.tok.decode(r) .startswith("Reply ") and "|#" in answer
+
+
+def test_separate_test_source_is_never_trained_on(tiny_lm_dir, tmp_path, capsys, monkeypatch):
+    # train on one source, test on another (GSM8K-shaped: question / answer ending in '#### N'); five test
+    # prompts also occur in the training source and must be dropped from training and validation
+    train = write_jsonl(tmp_path / "train.jsonl", n=60)
+    rows = [{"question": f"What is {a} plus {a + 3}?", "answer": f"{a} + {a + 3} = {2 * a + 3}\n#### {2 * a + 3}"}
+            for a in list(range(100, 115)) + list(range(0, 5))]
+    test_path = tmp_path / "gsm.jsonl"
+    test_path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    t = make_task("causal-lm", {"model": tiny_lm_dir, "data": str(train), "n_train": 100, "n_val": 8, "n_test": 20,
+                                "test_data": str(test_path), "test_prompt_field": "question",
+                                "test_response_field": "answer", "test_answer_pattern": r"#### (\S+)",
+                                "max_length": 64, "max_new_tokens": 4, "eval_batch_size": 7})
+    assert "dropped 5 training/validation example(s)" in capsys.readouterr().err and t.test_overlap_dropped == 5
+    prompt = lambda row: t.tok.decode(row[0], skip_special_tokens=True)  # noqa: E731
+    test_prompts = {prompt(r) for r in t.test_set}
+    assert len(t.test_set) == 20 and len(t.val_set) == 8 and len(t.train_set) == 60 - 8 - 5
+    assert not test_prompts & {prompt(r) for r in t.train_set + t.val_set}
+    # reference answers reduced by the test pattern: GSM8K's worked solution -> its '#### N'
+    assert {r[2] for r in t.test_set} == {str(2 * a + 3) for a in list(range(100, 115)) + list(range(0, 5))}
+    built = t.build(seed=0, batch_size=4)
+    assert all("answer_pattern" in b for b in built.test_batches)
+    assert not any("answer_pattern" in b for b in built.val_batches)
+    # generations are read with the test rule ('#### N'), not the training source's first line
+    monkeypatch.setattr(t, "generate", lambda model, b: [f"so\n#### {a}" for a in b["answers"]])
+    assert t.evaluate(built.model, built.test_batches)["exact_match"] == 1.0
+    assert t.evaluate(built.model, [dict(b, answer_pattern=None) for b in built.test_batches])["exact_match"] == 0.0
+
+
+def test_test_source_options_need_test_data(tiny_lm_dir, tmp_path):
+    with pytest.raises(ValueError, match="test_data is not"):
+        make_task("causal-lm", {"model": tiny_lm_dir, "data": str(write_jsonl(tmp_path / "d.jsonl")),
+                                "test_answer_pattern": "#### (.+)"})
+    with pytest.raises(ValueError, match="fewer than n_test"):
+        make_task("causal-lm", {"model": tiny_lm_dir, "data": str(write_jsonl(tmp_path / "d.jsonl")),
+                                "test_data": str(write_jsonl(tmp_path / "t.jsonl", n=3, start=500)), "n_test": 10,
+                                "n_val": 5})

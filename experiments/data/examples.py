@@ -150,6 +150,9 @@ def _split_generator(data: str, fields: Fields, n: tuple[int, int, int], seed: i
     for block, count in ((0, n[2]), (1, n[1]), (2, n[0])):  # test, validation, train
         s = seed * 3 * STRIDE + block * STRIDE
         got: list[Example] = []
+        if count == 0:
+            splits.append(got)
+            continue
         for i, row in _items(name, s, options, MAX_DRAWS * count + 100):
             ex = _example(row, fields, f"{data} seed {s} #{i}")
             if ex.prompt not in seen:
@@ -182,3 +185,26 @@ def load_splits(data: str, fields: Fields, n_train: int, n_val: int, n_test: int
     if prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2]:
         raise AssertionError("a prompt is in two splits")  # cannot happen by construction: the check guards it
     return train, val, test
+
+
+def load_test_source(data: str, fields: Fields, n_test: int, seed: int, options: dict[str, Any] | None = None,
+                     exclude: tuple[list[Example], ...] = ()) -> tuple[list[Example], tuple[list[Example], ...], int]:
+    """A test split from its own source (``test_data``): ``n_test`` distinct prompts (a file's, shuffled by
+    ``seed``; a generator's, drawn from its test block), and the ``exclude`` splits with every example whose
+    prompt is in the test split removed. Returns ``(test, cleaned splits, number removed)``."""
+    check_source(data)
+    if is_generator(data):
+        test = _split_generator(data, fields, (0, 0, n_test), seed, dict(options or {}))[2]
+    else:
+        if options:
+            raise ValueError(f"test_data_options {options} only apply to a generator; test_data = {data!r} is a file")
+        seen: set[str] = set()
+        unique = [ex for ex in read_jsonl(data, fields) if not (ex.prompt in seen or seen.add(ex.prompt))]
+        if len(unique) < n_test:
+            raise ValueError(f"test_data = {data!r} has {len(unique)} distinct prompts, fewer than n_test = {n_test}; "
+                             "lower n_test or add examples")
+        random.Random(seed).shuffle(unique)
+        test = unique[:n_test]
+    prompts = {e.prompt for e in test}
+    cleaned = tuple([e for e in split if e.prompt not in prompts] for split in exclude)
+    return test, cleaned, sum(len(a) - len(b) for a, b in zip(exclude, cleaned))

@@ -11,12 +11,17 @@ GSM8K in LoRA-GA, arXiv 2407.05000; here by default the offline SmolLM2-135M on 
   ``answer_pattern`` (default: the first line) and compared as ``experiments.ablation.answers`` says.
 - Every batch is a dict in the Hugging Face convention (``input_ids``, ``attention_mask``, ``labels``);
   evaluation batches also carry ``prompt_ids`` / ``prompt_mask`` (left-padded) and ``answers``.
-- Data: a ``.jsonl`` file or a generator (``experiments.data.examples``); splits disjoint by prompt.
+- Data: a ``.jsonl`` file or a generator (``experiments.data.examples``); splits disjoint by prompt. With
+  ``test_data`` the test split comes from that source (its own fields, answer pattern and generator options),
+  as the paper trains on MetaMathQA and tests on GSM8K; training and validation are carved from ``data``, and
+  any of their examples whose prompt is in the test split is dropped (the count is printed and kept as
+  ``test_overlap_dropped``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -58,6 +63,17 @@ class CausalLM(Task):
         answer_pattern: str | None = None
         """A regex whose first group is the answer in the generation (default: its first line)."""
         chat_template: bool = False
+        test_data: str | None = None
+        """A separate test source (``.jsonl`` or a generator); default: the test split is carved from ``data``."""
+        test_data_options: dict = field(default_factory=dict)
+        """The test generator's options (as ``data_options``)."""
+        test_prompt_field: str | None = None
+        test_response_field: str | None = None
+        test_answer_field: str | None = None
+        """The test source's field names (defaults as for ``data``, by its kind)."""
+        test_answer_pattern: str | None = None
+        """The answer pattern on test generations (default: ``answer_pattern``); a test reference answer it
+        matches is reduced to its match too (GSM8K's ``answer`` field is a worked solution ending ``#### N``)."""
         targets: list[str] | str = field(default_factory=lambda: list(PROJECTIONS))
         eval_batch_size: int = 64
 
@@ -78,6 +94,17 @@ class CausalLM(Task):
             if not ok:
                 raise ValueError(f"targets must be a module-name list or one regex, got {self.targets!r}")
             compile_pattern(self.answer_pattern)
+            compile_pattern(self.test_answer_pattern)
+            if self.test_data is not None:
+                if not isinstance(self.test_data, str) or not self.test_data:
+                    raise ValueError(f"test_data must be a .jsonl file or a generator, got {self.test_data!r}")
+                check_source(self.test_data)
+            elif self.test_data_options or any(getattr(self, k) is not None for k in (
+                    "test_prompt_field", "test_response_field", "test_answer_field", "test_answer_pattern")):
+                raise ValueError("test_data_options / test_*_field / test_answer_pattern are set but test_data is "
+                                 "not: set test_data = \"<file.jsonl>\" or drop them")
+            if not isinstance(self.test_data_options, dict):
+                raise ValueError(f"test_data_options must be a table, got {self.test_data_options!r}")
 
     metrics = {"loss": "min", "exact_match": "max"}
     headline = "exact_match"
@@ -87,7 +114,7 @@ class CausalLM(Task):
     def __init__(self, options):
         from transformers import AutoTokenizer
 
-        from experiments.data.examples import Fields, default_fields, load_splits
+        from experiments.data.examples import Fields, default_fields, load_splits, load_test_source
 
         super().__init__(options)
         o = options
@@ -100,7 +127,24 @@ class CausalLM(Task):
         self.pattern = compile_pattern(o.answer_pattern)
         d = default_fields(o.data)
         fields = Fields(o.prompt_field or d.prompt, o.response_field or d.response, o.answer_field or d.answer)
-        splits = load_splits(o.data, fields, o.n_train, o.n_val, o.n_test, o.split_seed, o.data_options)
+        self.test_pattern = self.pattern
+        self.test_overlap_dropped = 0
+        if o.test_data is None:
+            splits = load_splits(o.data, fields, o.n_train, o.n_val, o.n_test, o.split_seed, o.data_options)
+        else:
+            train, val, _ = load_splits(o.data, fields, o.n_train, o.n_val, 0, o.split_seed, o.data_options)
+            t = default_fields(o.test_data)
+            tf = Fields(o.test_prompt_field or t.prompt, o.test_response_field or t.response,
+                        o.test_answer_field or t.answer)
+            test, (train, val), self.test_overlap_dropped = load_test_source(
+                o.test_data, tf, o.n_test, o.split_seed, o.test_data_options, exclude=(train, val))
+            if self.test_overlap_dropped:
+                print(f"causal-lm: dropped {self.test_overlap_dropped} training/validation example(s) whose prompt "
+                      f"is in the test source {o.test_data!r}", file=sys.stderr)
+            if o.test_answer_pattern is not None:
+                self.test_pattern = compile_pattern(o.test_answer_pattern)
+                test = [_reference(e, self.test_pattern) for e in test]
+            splits = (train, val, test)
         self.train_set, self.val_set, self.test_set = ([self._encode(e) for e in s] for s in splits)
 
     # --- tokenization -------------------------------------------------------------------------------------
@@ -145,10 +189,14 @@ class CausalLM(Task):
             pmask[i, length - len(p):] = 1
         return {**b, "prompt_ids": pids, "prompt_mask": pmask, "answers": tuple(a for _, _, a in rows)}
 
-    def _eval_batches(self, rows) -> list[dict[str, Any]]:
+    def _eval_batches(self, rows, pattern=None) -> list[dict[str, Any]]:
         order = sorted(rows, key=lambda r: (len(r[0]), len(r[1])))  # similar lengths together: less padding
         n = self.options.eval_batch_size
-        return [self.eval_batch(order[i:i + n]) for i in range(0, len(order), n)]
+        batches = [self.eval_batch(order[i:i + n]) for i in range(0, len(order), n)]
+        if pattern is not None and pattern is not self.pattern:
+            for b in batches:
+                b["answer_pattern"] = pattern  # the test source's rule for its own generations
+        return batches
 
     def _stream(self, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         g = torch.Generator().manual_seed(seed)
@@ -171,7 +219,8 @@ class CausalLM(Task):
         init = self._stream(seed + 10_000, batch_size)
         return Built(model=model, targets=self.options.targets, head=[], train=self._stream(seed, batch_size),
                      init_batches=[next(init) for _ in range(self.options.init_batches)],
-                     val_batches=self._eval_batches(self.val_set), test_batches=self._eval_batches(self.test_set))
+                     val_batches=self._eval_batches(self.val_set),
+                     test_batches=self._eval_batches(self.test_set, self.test_pattern))
 
     def generate(self, model, batch: dict[str, Any]) -> list[str]:
         """Greedy completions of the batch's prompts (decoded, special tokens dropped)."""
@@ -194,7 +243,8 @@ class CausalLM(Task):
                 nll += out.loss.float().item() * k
                 tokens += k
                 texts = self.generate(model, b)
-                correct += sum(matches(extract(t, self.pattern), a) for t, a in zip(texts, b["answers"]))
+                pattern = b.get("answer_pattern", self.pattern)
+                correct += sum(matches(extract(t, pattern), a) for t, a in zip(texts, b["answers"]))
                 total += len(texts)
                 bar.set_postfix(exact_match=f"{correct / total:.3f}")
         return {"loss": nll / tokens, "exact_match": correct / total}
@@ -206,6 +256,14 @@ class CausalLM(Task):
         model = smollm2.LABEL if options.model == smollm2.NAME else options.model.rstrip("/").rsplit("/", 1)[-1]
         data = options.data.rsplit("/", 1)[-1]
         return f"{data}, {model}"
+
+
+def _reference(ex, pattern):
+    """``ex`` with its answer reduced to what ``pattern`` extracts from it, when it matches."""
+    import dataclasses
+
+    got = extract(ex.answer, pattern)
+    return ex if got is None else dataclasses.replace(ex, answer=got)
 
 
 @contextlib.contextmanager
