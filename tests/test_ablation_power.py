@@ -10,10 +10,9 @@ import pytest
 from scipy import stats
 
 from experiments.ablation.config import load
-from experiments.ablation.search import plan
 from experiments.ablation.stats import Interval, equivalence, mdd, mean_ci, paired, power
 from experiments.ablation.summary import markdown, rows
-from tests.test_ablation_search import CONFIG, record
+from tests.test_ablation_search import CONFIG, drive
 
 
 def _rejection_rate(delta: float, sd: float, n: int, sims: int = 40_000, seed: int = 0) -> float:
@@ -67,17 +66,9 @@ def test_margin_is_validated(tmp_path):
 
 def test_summary_carries_mdd_and_equivalence(tmp_path):
     cfg = _config(tmp_path, "equivalence_margin = 0.05")
-    done = {}
-    for _ in range(30):
-        plans = plan(cfg, done)
-        todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]
-        if not todo:
-            break
-        for r in todo:  # GA's test loss differs from LoRA's by 0.01 +- 0.01 over seeds: within the margin
-            ga = r["arm"] == "GA"
-            val = abs(math.log(r["lr"] / 0.01))
-            done[r["key"]] = record(r, val, 0.5 + 0.01 * (r["seed"] - 1) * ga + 0.01 * ga)
-    plans = plan(cfg, done)
+    # GA's test loss differs from LoRA's by 0.01 +- 0.01 over seeds: within the margin
+    plans, done = drive(cfg, lambda arm, lr: abs(math.log(lr / 0.01)),
+                        test_of_run=lambda r: 0.5 + (0.01 * (r["seed"] - 1) + 0.01) * (r["arm"] == "GA"))
     out = {r["arm"]: r for r in rows(cfg, plans, done)}
     ga, ref = out["GA"], out["LoRA"]
     assert ref["mdd"] is None and ref["equivalence"] is None

@@ -66,8 +66,9 @@ def record(spec, val_loss, test_loss=None, curve=None, status="ok"):
             "wall_time_s": 1.0}
 
 
-def drive(cfg, val_of, test_of=None, diverges=lambda lr: False):
-    """Answer every run the plan asks for with hand-made metrics until nothing is pending."""
+def drive(cfg, val_of, test_of=None, diverges=lambda lr: False, test_of_run=None):
+    """Answer every run the plan asks for with hand-made metrics until nothing is pending (``test_of_run``: the
+    test metric from the whole run spec, seed included)."""
     done = {}
     for _ in range(100):
         plans = plan(cfg, done)
@@ -76,8 +77,8 @@ def drive(cfg, val_of, test_of=None, diverges=lambda lr: False):
             return plans, done
         for r in todo:
             bad = diverges(r["lr"])
-            done[r["key"]] = record(r, val_of(r["arm"], r["lr"]), test_of(r["arm"], r["lr"]) if test_of else None,
-                                    status="diverged" if bad else "ok")
+            test = test_of_run(r) if test_of_run else test_of(r["arm"], r["lr"]) if test_of else None
+            done[r["key"]] = record(r, val_of(r["arm"], r["lr"]), test, status="diverged" if bad else "ok")
     raise AssertionError("the plan did not terminate")
 
 
