@@ -89,9 +89,9 @@ def dropped(x: torch.Tensor, pos: torch.Tensor | None, c: float) -> torch.Tensor
 
 SKINNY_RANK = 64
 """Below this rank the ``(N, r)`` and ``(m, r)`` results are computed as their transposes, ``r`` rows long
-(``hT = A x~^T``, ``(gB)^T = B^T g^T``, ``dB^T = h^T g``): the same sums, and on the CPU BLAS measured here 3-4x
-faster for ``r = 8`` in float32 (the module docstring's note); at ``r >= 64`` the plain forms are as fast or
-faster."""
+(``hT = A x~^T``, ``(gB)^T = B^T g^T``, ``dB^T = h^T g``): the same sums in another BLAS layout. Measured on a
+2-core CPU (torch 2.13, float32, 1024 x 576 inputs, r = 8): ``g B`` 0.12 ms against 0.36 ms, ``dB`` 0.10 ms against
+0.36 ms; at r = 128 the plain forms were as fast or up to 15% faster; bfloat16 ties except ``dB`` (2.5x)."""
 
 
 class _LoRAProduct(torch.autograd.Function):
