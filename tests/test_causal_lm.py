@@ -147,7 +147,7 @@ def test_reasoning_gym_splits_use_separate_seed_blocks():
 @pytest.mark.parametrize("change,message", [
     ({"answer_pattern": "(unclosed"}, "answer_pattern '\\(unclosed' is not a valid regular expression"),
     ({"answer_pattern": "#### \\d+"}, "has no group; put the answer in parentheses"),
-    ({"data": "problems.csv"}, "must be a .jsonl file or a generator such as 'reasoning-gym:chain_sum'"),
+    ({"data": "problems.csv"}, "must be a .jsonl file, a 'hf:' datasets source or a generator such as 'reasoning-gym:chain_sum'"),
     ({"data": None}, "needs data ="),
     ({"n_val": 0}, "n_val must be a positive integer, got 0"),
     ({"max_lenght": 64}, r"unknown option\(s\) \['max_lenght'\] for task 'causal-lm'"),
@@ -221,3 +221,30 @@ def test_test_source_options_need_test_data(tiny_lm_dir, tmp_path):
         make_task("causal-lm", {"model": tiny_lm_dir, "data": str(write_jsonl(tmp_path / "d.jsonl")),
                                 "test_data": str(write_jsonl(tmp_path / "t.jsonl", n=3, start=500)), "n_test": 10,
                                 "n_val": 5})
+
+
+def test_datasets_sources_by_configuration(tiny_lm_dir, tmp_path):
+    # a save_to_disk folder (MetaMathQA-shaped fields) to train on, a parquet file (GSM8K-shaped) to test on
+    import datasets
+
+    n = 40
+    datasets.Dataset.from_dict({"query": [f"What is {a} plus {a + 3}?" for a in range(n)],
+                                "response": [f"{2 * a + 3}" for a in range(n)],
+                                "answer": [f"{2 * a + 3}" for a in range(n)]}).save_to_disk(str(tmp_path / "mm"))
+    datasets.Dataset.from_dict({"question": [f"What is {a} times 2?" for a in range(10)],
+                                "answer": [f"{a} * 2 = {2 * a}\n#### {2 * a}" for a in range(10)]}
+                               ).to_parquet(str(tmp_path / "gsm.parquet"))
+    t = make_task("causal-lm", {"model": tiny_lm_dir, "data": f"hf:{tmp_path / 'mm'}", "prompt_field": "query",
+                                "n_val": 5, "n_test": 10, "test_data": f"hf:{tmp_path / 'gsm.parquet'}",
+                                "test_prompt_field": "question", "test_response_field": "answer",
+                                "test_answer_pattern": r"#### (\S+)", "max_length": 64})
+    assert len(t.train_set) == n - 5 and len(t.val_set) == 5
+    assert sorted(int(r[2]) for r in t.test_set) == [2 * a for a in range(10)]
+    assert t.tok.decode(t.test_set[0][0], skip_special_tokens=True).endswith("times 2?")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['subset'\]"):
+        make_task("causal-lm", {"model": tiny_lm_dir, "data": f"hf:{tmp_path / 'mm'}", "prompt_field": "query",
+                                "n_val": 5, "n_test": 5, "data_options": {"subset": "x"}})
+    with pytest.raises(ValueError, match="no such file"):
+        make_task("causal-lm", {"model": tiny_lm_dir, "data": f"hf:{tmp_path / 'none.parquet'}"})
+    with pytest.raises(ValueError, match="names no source"):
+        make_task("causal-lm", {"model": tiny_lm_dir, "data": "hf:"})

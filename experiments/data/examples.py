@@ -11,6 +11,13 @@ a named generator, split into disjoint train / validation / test sets.
   keeps only prompts not seen before in any split. Fields are the item's ``question`` and ``answer`` and its
   ``metadata`` keys (``answer_cot`` for ``gsm_symbolic``).
 
+- ``hf:SOURCE``: a Hugging Face ``datasets`` source, read whole and then treated as a file. ``SOURCE`` is a
+  folder written by ``Dataset.save_to_disk`` (``load_from_disk``), a ``.parquet`` / ``.json`` / ``.jsonl`` /
+  ``.csv`` file (``load_dataset(<format>, data_files=...)``), or a hub name (``load_dataset(SOURCE)``, which needs
+  the network or the local cache); ``data_options`` may give ``config``, ``split`` (default ``"train"``) and
+  ``revision``. ``openai/gsm8k`` (config ``main``: ``question`` / ``answer`` ending ``#### N``) and
+  ``meta-math/MetaMathQA`` (``query`` / ``response``) are read by naming their fields.
+
 Every example records where it came from (``file:line`` or ``generator #index``) for error messages.
 """
 
@@ -52,6 +59,55 @@ def default_fields(data: str) -> Fields:
     return Fields("prompt", "response", "answer")
 
 
+HF_OPTIONS = ("config", "split", "revision")
+HF_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def is_hf(data: str) -> bool:
+    return data.startswith("hf:")
+
+
+def read_hf(data: str, fields: Fields, options: dict[str, Any] | None = None) -> list[Example]:
+    """Every row of a ``datasets`` source (module docstring) as an :class:`Example`; errors name the row."""
+    import datasets
+
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(HF_OPTIONS))
+    if unknown:
+        raise ValueError(f"data = {data!r}: unknown option(s) {unknown}; a datasets source takes {list(HF_OPTIONS)}")
+    src, split = data[3:], opts.get("split", "train")
+    path = Path(src)
+    try:
+        saved = ("dataset_info.json", "state.json", "dataset_dict.json")
+        if path.is_dir() and any((path / name).exists() for name in saved):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        elif path.suffix in HF_FORMATS:
+            if not path.is_file():
+                raise ValueError(f"data = {data!r}: no such file")
+            ds = datasets.load_dataset(HF_FORMATS[path.suffix], data_files=str(path), split="train")
+        else:
+            ds = datasets.load_dataset(src, opts.get("config"), split=split, revision=opts.get("revision"))
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the hub, the cache, a bad config: say which source, in its words
+        raise ValueError(f"data = {data!r} {opts}: {type(exc).__name__}: {exc}") from None
+    out = [_example(row, fields, f"{data} row {i}") for i, row in enumerate(ds)]
+    if not out:
+        raise ValueError(f"data = {data!r} has no rows")
+    return out
+
+
+def read_rows(data: str, fields: Fields, options: dict[str, Any] | None = None) -> list[Example]:
+    """A file-like source's examples: a ``.jsonl`` file or a ``hf:`` source (``options`` only for the latter)."""
+    if is_hf(data):
+        return read_hf(data, fields, options)
+    if options:
+        raise ValueError(f"data_options {options} only apply to a generator or a hf: source; data = {data!r} is a file")
+    return read_jsonl(data, fields)
+
+
 def is_generator(data: str) -> bool:
     return data.split(":", 1)[0] in GENERATORS and ":" in data
 
@@ -62,9 +118,13 @@ def check_source(data: str) -> None:
         if not data.split(":", 1)[1]:
             raise ValueError(f"data = {data!r} names no dataset; e.g. 'reasoning-gym:chain_sum'")
         return
+    if is_hf(data):
+        if not data[3:]:
+            raise ValueError(f"data = {data!r} names no source; e.g. 'hf:openai/gsm8k' or 'hf:data/train.parquet'")
+        return
     if not data.endswith(".jsonl"):
-        raise ValueError(f"data = {data!r} must be a .jsonl file or a generator such as 'reasoning-gym:chain_sum' "
-                         f"(generators: {list(GENERATORS)})")
+        raise ValueError(f"data = {data!r} must be a .jsonl file, a 'hf:' datasets source or a generator such as "
+                         f"'reasoning-gym:chain_sum' (generators: {list(GENERATORS)})")
 
 
 def _example(row: dict[str, Any], fields: Fields, where: str) -> Example:
@@ -108,8 +168,8 @@ def read_jsonl(path: str, fields: Fields) -> list[Example]:
     return out
 
 
-def _split_file(path: str, fields: Fields, n: tuple[int, int, int], seed: int):
-    rows = read_jsonl(path, fields)
+def _split_file(path: str, fields: Fields, n: tuple[int, int, int], seed: int, options=None):
+    rows = read_rows(path, fields, options)
     seen: set[str] = set()
     unique = []
     for ex in rows:
@@ -178,9 +238,7 @@ def load_splits(data: str, fields: Fields, n_train: int, n_val: int, n_test: int
     if is_generator(data):
         train, val, test = _split_generator(data, fields, n, seed, dict(options or {}))
     else:
-        if options:
-            raise ValueError(f"data_options {options} only apply to a generator; data = {data!r} is a file")
-        train, val, test = _split_file(data, fields, n, seed)
+        train, val, test = _split_file(data, fields, n, seed, options)
     prompts = [{e.prompt for e in s} for s in (train, val, test)]
     if prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2]:
         raise AssertionError("a prompt is in two splits")  # cannot happen by construction: the check guards it
@@ -196,10 +254,8 @@ def load_test_source(data: str, fields: Fields, n_test: int, seed: int, options:
     if is_generator(data):
         test = _split_generator(data, fields, (0, 0, n_test), seed, dict(options or {}))[2]
     else:
-        if options:
-            raise ValueError(f"test_data_options {options} only apply to a generator; test_data = {data!r} is a file")
         seen: set[str] = set()
-        unique = [ex for ex in read_jsonl(data, fields) if not (ex.prompt in seen or seen.add(ex.prompt))]
+        unique = [ex for ex in read_rows(data, fields, options) if not (ex.prompt in seen or seen.add(ex.prompt))]
         if len(unique) < n_test:
             raise ValueError(f"test_data = {data!r} has {len(unique)} distinct prompts, fewer than n_test = {n_test}; "
                              "lower n_test or add examples")

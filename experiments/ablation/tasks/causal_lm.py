@@ -11,7 +11,8 @@ GSM8K in LoRA-GA, arXiv 2407.05000; here by default the offline SmolLM2-135M on 
   ``answer_pattern`` (default: the first line) and compared as ``experiments.ablation.answers`` says.
 - Every batch is a dict in the Hugging Face convention (``input_ids``, ``attention_mask``, ``labels``);
   evaluation batches also carry ``prompt_ids`` / ``prompt_mask`` (left-padded) and ``answers``.
-- Data: a ``.jsonl`` file or a generator (``experiments.data.examples``); splits disjoint by prompt. With
+- Data: a ``.jsonl`` file, a ``hf:`` datasets source or a generator (``experiments.data.examples``); splits
+  disjoint by prompt. With
   ``test_data`` the test split comes from that source (its own fields, answer pattern and generator options),
   as the paper trains on MetaMathQA and tests on GSM8K; training and validation are carved from ``data``, and
   any of their examples whose prompt is in the test split is dropped (the count is printed and kept as
@@ -40,7 +41,8 @@ class CausalLM(Task):
     @dataclass(frozen=True)
     class Options:
         data: str | None = None
-        """A ``.jsonl`` file, or a generator: ``"reasoning-gym:<dataset>"``."""
+        """A ``.jsonl`` file, a ``datasets`` source ``"hf:<folder | .parquet/.json/.csv file | hub name>"``
+        (``data_options``: ``config``, ``split``, ``revision``), or a generator: ``"reasoning-gym:<dataset>"``."""
         model: str = "smollm2-135m"
         """A local folder or hub name for ``AutoModelForCausalLM``; ``"smollm2-135m"`` is the offline package."""
         data_options: dict = field(default_factory=dict)
