@@ -43,8 +43,12 @@ class LoRALayer(Adapter):
         dt = weight_dtype(base_layer)  # a 4-bit layer's packed weight is uint8
         self.A = nn.Parameter(torch.zeros(self.rank, self.d_in, dtype=dt, device=w.device))  # (r, n)
         self.B = nn.Parameter(torch.zeros(self.d_out, self.rank, dtype=dt, device=w.device))  # (m, r)
-        self.p = float(dropout)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # for subclasses' own forwards
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def p(self) -> float:
+        """The dropout rate on the adapter's input (``self.dropout``'s)."""
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

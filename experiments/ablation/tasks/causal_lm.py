@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -262,10 +262,8 @@ class CausalLM(Task):
 
 def _reference(ex, pattern):
     """``ex`` with its answer reduced to what ``pattern`` extracts from it, when it matches."""
-    import dataclasses
-
     got = extract(ex.answer, pattern)
-    return ex if got is None else dataclasses.replace(ex, answer=got)
+    return ex if got is None else replace(ex, answer=got)
 
 
 @contextlib.contextmanager
