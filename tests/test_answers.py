@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.ablation.answers import compile_pattern, extract, matches
+from experiments.ablation.answers import check_compare, compile_pattern, correct, extract, matches
 
 
 @pytest.mark.parametrize("prediction,answer,expected", [
@@ -43,3 +43,22 @@ def test_bad_patterns_are_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"has no group; put the answer in parentheses"):
         compile_pattern(r"#### \d+")
     assert compile_pattern(None) is None
+
+
+@pytest.mark.parametrize("text,answer,pattern,expected", [
+    ("#### 1,000", "1000", r"#### (.+)", True),     # thousands separators
+    ("so the answer is 3.0", "3", None, True),      # the verifier extracts the last expression itself
+    ("\\boxed{\\frac{1}{2}}", "0.5", None, True),   # LaTeX, boxed first
+    ("18 eggs, 18 * 2 = 36", "18", None, False),     # not the first number: the final one
+    ("no marker", "5", r"#### (.+)", False),         # the pattern did not match: wrong
+    ("nothing to parse", "5", None, False),
+    ("7", "8|7", None, True),                        # alternatives, as for exact
+])
+def test_math_verify_comparison(text, answer, pattern, expected):
+    assert correct(text, answer, compile_pattern(pattern), "math-verify") is expected
+
+
+def test_exact_comparison_is_the_default_and_unknown_ones_are_refused():
+    assert correct("1,000\nmore", "1000", None) is True and correct("3.0 apples", "3", None) is False
+    with pytest.raises(ValueError, match="answer_compare must be one of"):
+        check_compare("latex")

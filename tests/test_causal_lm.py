@@ -109,6 +109,27 @@ def test_exact_match_scores_generations_and_leaves_the_model_as_found(task):
     assert [m.training for m in model.modules()] == modes
     assert [p.requires_grad for p in model.parameters()] == flags
     assert all(p.grad is None for p in model.parameters())
+    # per example, in the batches' order: the first example of each batch right, the others wrong
+    first = [dict(b, answers=tuple(a if i == 0 else "no such answer" for i, a in enumerate(o["answers"])))
+             for b, o in zip(built.val_batches, own)]
+    out = task.evaluate(model, first)
+    expected = [int(i == 0) for b in first for i in range(len(b["answers"]))]
+    assert out["outcomes"] == {"exact_match": expected} and out["exact_match"] == pytest.approx(sum(expected) / 8)
+
+
+def test_math_verify_compares_answers_as_mathematics(tiny_lm_dir, tmp_path, monkeypatch):
+    opts = {"model": tiny_lm_dir, "data": str(write_jsonl(tmp_path / "d.jsonl")), "n_train": 20, "n_val": 4,
+            "n_test": 4, "max_new_tokens": 2}
+    exact, verified = (make_task("causal-lm", {**opts, "answer_compare": c}) for c in ("exact", "math-verify"))
+    built = exact.build(seed=0, batch_size=4)
+    said = ["The answer is \\boxed{1,000}", "3.0", "1/2", "7"]  # what the "model" generates
+    batch = dict(built.val_batches[0], answers=("1000", "3", "0.5", "8"))
+    for t in (exact, verified):
+        monkeypatch.setattr(t, "generate", lambda model, b: said[:len(b["answers"])])
+    assert verified.evaluate(built.model, [batch])["outcomes"] == {"exact_match": [1, 1, 1, 0]}
+    assert exact.evaluate(built.model, [batch])["outcomes"] == {"exact_match": [0, 1, 0, 0]}
+    with pytest.raises(ValueError, match=r"answer_compare must be one of \['exact', 'math-verify'\], got 'sympy'"):
+        make_task("causal-lm", {**opts, "answer_compare": "sympy"})
 
 
 def test_jsonl_splits_are_disjoint_and_repeated_prompts_dropped(tiny_lm_dir, tmp_path, capsys):

@@ -12,6 +12,7 @@ import pytest
 from experiments.ablate import main
 from experiments.ablation import Task, list_tasks, make_task, register_task
 from experiments.ablation.config import load
+from experiments.ablation.outcomes import decode
 from experiments.ablation.run import read_records
 from experiments.ablation.search import plan
 from experiments.ablation.tasks import TASKS, get_task
@@ -209,6 +210,9 @@ def test_causal_lm_through_the_runner(tmp_path, tiny_lm_dir, capsys, dtype, gc):
         assert 0 <= r["test"]["exact_match"] <= 1 and math.isfinite(r["test"]["loss"])
         assert [e["step"] for e in r["eval"]] == [0, 3] and len(r["loss_curve"]) == 3
         assert (r.get("dtype") == "bfloat16") == (dtype == "bfloat16")  # part of the run's key when not default
+        kept = decode(r["test_outcomes"]["exact_match"])  # per example, for the crossed interval
+        assert len(kept) == 6 and sum(kept) / 6 == pytest.approx(r["test"]["exact_match"])
+        assert all("outcomes" not in e for e in r["eval"])  # validation outcomes are not kept
     out = capsys.readouterr().out
     assert "test exact_match" in out and "Δ test exact_match vs LoRA" in out
     assert (tmp_path / "lm_curves.png").stat().st_size > 10_000

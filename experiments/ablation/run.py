@@ -3,7 +3,8 @@
 A record holds the run's spec (``Config.spec``: ``arm`` is the arm's name, ``arm_config`` its
 settings, ``rank``, ``lr``, ``seed``, ``phase``, ``key``), ``status`` (``"ok"`` or ``"diverged"``),
 the training loss curve, the validation curve ``eval``, and the final metrics ``val`` and ``test``
-(the task's metrics, e.g. ``{"loss": ..., "exact_match": ...}``; ``None`` values for a diverged run).
+(the task's metrics, e.g. ``{"loss": ..., "exact_match": ...}``; ``None`` values for a diverged run), and, for a
+task that returns them, the test split's per-example outcomes ``test_outcomes`` (``outcomes.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import lowrank
 from lowrank import distributed as dist_helpers
 from lowrank.optim import PreconditionedOptimizer
 
+from . import outcomes
 from .memory import PeakMemory
 
 
@@ -188,7 +190,7 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
         model.train()
         val = [_to(b, device) for b in built.val_batches]
         show = progress and rank == 0
-        evals.append({"step": 0, **task.evaluate(model, val, progress=show)})
+        evals.append({"step": 0, **_evaluate(task, model, val, show)[0]})
         bar = tqdm(range(1, spec["steps"] + 1), desc=f"{spec['arm']} r={spec['rank']} lr={spec['lr']:g} "
                    f"seed={spec['seed']}", disable=not show, leave=False, unit="step")
         regularizer = _regularizer(spec)  # KaSA's, LoRA²'s auxiliary loss; None for the other adapters
@@ -213,22 +215,28 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
             losses.append(_mean_over_ranks(loss, world))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if step % spec["eval_every"] == 0 or step == spec["steps"]:
-                evals.append({"step": step, **task.evaluate(model, val, progress=show)})
+                evals.append({"step": step, **_evaluate(task, model, val, show)[0]})
         bar.close()
         if status == "ok" and len(losses) < spec["steps"]:
             raise RuntimeError(f"task {spec['task']!r}: its training stream ended after {len(losses)} of "
                                f"{spec['steps']} steps; Task.build must return a stream without end (cycle the data)")
         if status == "ok":
             final_val = {k: v for k, v in evals[-1].items() if k != "step"}
-            final_test = task.evaluate(model, [_to(b, device) for b in built.test_batches], progress=show)
+            final_test, test_outcomes = _evaluate(task, model, [_to(b, device) for b in built.test_batches], show)
             intruders = intruder_summary(model, pretrained)
         else:
             final_val = final_test = dict.fromkeys(task.metrics)
-            intruders = None
+            intruders, test_outcomes = None, {}
     return {**spec, "status": status, "intruders": intruders, "loss_curve": losses, "eval": evals, "val": final_val, "test": final_test,
             "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra, "world_size": world,
             "lowrank_version": lowrank.__version__, "torch_version": torch.__version__,
-            **({"links": chain.links} if chain is not None else {})}
+            **({"links": chain.links} if chain is not None else {}),
+            **({"test_outcomes": {k: outcomes.encode(v) for k, v in test_outcomes.items()}} if test_outcomes else {})}
+
+
+def _evaluate(task, model, batches, progress: bool) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The task's metrics and its per-example outcomes, if it returns any (``outcomes.split``)."""
+    return outcomes.split(task.evaluate(model, batches, progress=progress), f"task {task.registry_name!r}")
 
 
 INTRUDER_TOP_K, INTRUDER_EPSILON = 10, 0.5

@@ -12,7 +12,8 @@ from typing import Any
 
 from .config import Config
 from .search import ArmPlan, final_records, full_search
-from .stats import Interval, equivalence, mdd, mean_ci, paired, verdict
+from . import outcomes
+from .stats import CROSSED, Interval, crossed, equivalence, mdd, mean_ci, paired, verdict
 
 WINDOW = 10
 
@@ -58,6 +59,9 @@ def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> 
         ref_finals = _ok(final_records(cfg, ref_plan, done)) if ref_plan else []
         ref_test = {r["seed"]: r["test"][metric] for r in ref_finals}
         diff = paired(test, ref_test) if ref_finals else Interval(math.nan, math.nan, math.nan, 0)
+        by_example = _per_example(ok, ref_finals, metric)
+        if by_example is not None:  # exact match / pass@1 with per-example outcomes: seeds and examples sampled
+            diff = crossed(*by_example)
         target = statistics.fmean(smooth(r["loss_curve"])[-1] for r in ref_finals) if ref_finals else None
         steps = [steps_to(r["loss_curve"], target) for r in ok] if target is not None else []
         if p.arm == cfg.sweep.reference:  # a reference seed that ends above the mean counts its full length
@@ -76,6 +80,7 @@ def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> 
             "test_loss": _num(mean_ci([r["test"]["loss"] for r in ok]).mean),
             f"val_{metric}": _num(mean_ci([r["val"][metric] for r in ok]).mean),
             "delta_vs_reference": _num(diff.mean), "delta_ci": diff.ci, "delta_n": diff.n,
+            "delta_basis": None if is_ref else diff.basis,
             "verdict": "reference" if is_ref else verdict(diff, higher),
             "mdd": None if is_ref else _num(mdd(diff)),
             "equivalence": None if is_ref or cfg.sweep.equivalence_margin is None
@@ -92,6 +97,19 @@ def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> 
     return out
 
 
+def _per_example(ok, ref_ok, metric) -> tuple[dict, dict] | None:
+    """Each seed's per-example outcomes of ``metric`` for the arm and the reference, when every paired seed
+    of both kept them for the same number of examples; else ``None`` (the seed-level interval is used)."""
+    arm = {r["seed"]: r.get("test_outcomes", {}).get(metric) for r in ok}
+    ref = {r["seed"]: r.get("test_outcomes", {}).get(metric) for r in ref_ok}
+    seeds = sorted(set(arm) & set(ref))
+    if len(seeds) < 2 or any(arm[s] is None or ref[s] is None for s in seeds):
+        return None
+    if len({arm[s]["n"] for s in seeds} | {ref[s]["n"] for s in seeds}) > 1:
+        return None
+    return ({s: outcomes.decode(arm[s]) for s in seeds}, {s: outcomes.decode(ref[s]) for s in seeds})
+
+
 def _num(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
@@ -104,6 +122,13 @@ def _ci(mean, ci, spec=".3f") -> str:
     if mean is None:
         return "n/a"
     return f"{mean:{spec}}" + ("" if ci is None else f" [{ci[0]:{spec}}, {ci[1]:{spec}}]")
+
+
+def _delta_cell(r: dict[str, Any]) -> str:
+    """Δ with its interval; ``†`` marks an interval over seeds and test examples (``stats.crossed``)."""
+    if r["verdict"] == "reference":
+        return "0"
+    return _ci(r["delta_vs_reference"], r["delta_ci"], "+.3f") + (" †" if r.get("delta_basis") == CROSSED else "")
 
 
 def _verdict_cell(r: dict[str, Any]) -> str:
@@ -140,7 +165,7 @@ def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]],
         lines.append(f"| {r['arm']}{pending} | {rank} | {_f(r['lr'], '.3g')} | {interior} | {r['search_runs']} | "
                      f"{r['n_seeds']}{div} | {_ci(r['test_metric'], r['test_metric_ci'])} | "
                      + (f"{_f(r['test_loss'])} | " if extra else "") +
-                     f"{_ci(r['delta_vs_reference'], r['delta_ci'], '+.3f') if r['verdict'] != 'reference' else '0'} | "
+                     f"{_delta_cell(r)} | "
                      f"{_verdict_cell(r)} | {_f(r['mdd'])} | "
                      + (f"{r['equivalence'] or ''} | " if margin is not None else "")
                      + f"{steps} | {_f(r['speed_up'], '.2f') + 'x' if r['speed_up'] else 'n/a'} | "
@@ -159,6 +184,10 @@ def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]],
                       "probability 0.8 at the observed spread of the per-seed differences and this many seeds."
                   + (f" Within ±{margin:g}: 'equivalent' when the 95% interval lies inside (-{margin:g}, {margin:g}) "
                      "(two one-sided tests), else better / worse / undecided." if margin is not None else "")]
+    if any(r.get("delta_basis") == CROSSED for r in rs):
+        lines += ["", "†: the interval, verdict and detectable Δ count both the seeds and the test examples as samples "
+                      "(per-example outcomes paired across arms; a crossed random-effects model with Satterthwaite's "
+                      "degrees of freedom, docs/methods.md); the others use the per-seed means only."]
     lines += ["", "Learning rates tried (validation " + cfg.select.removeprefix("val_") + ", mean over search seeds; "
               "chosen rate in bold):", ""]
     for p in plans:

@@ -23,6 +23,11 @@ A task file looks like this (the whole contract)::
         def build(self, seed: int, batch_size: int) -> Built: ...
         def evaluate(self, model, batches, progress: bool = False) -> dict[str, float]: ...
 
+A metric that is a mean over examples (exact match, pass@1) may also come per example: ``evaluate``
+returns ``"outcomes": {"exact_match": [1, 0, ...]}`` beside the metrics, in the order of the examples in
+``batches`` (``experiments.ablation.outcomes``); the summary then pairs arms example by example and its
+interval counts the test examples as a sample too.
+
 The runner, the rate search and the summary read metric names and directions from the class; nothing
 in them matches on task names. Tasks outside the repository register the same way from a module that
 the sweep config lists under ``plugins = ["module"]`` or that a package exposes through the
@@ -88,7 +93,8 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, batches: list[Any], progress: bool = False) -> dict[str, float]:
-        """The task's metrics on ``batches``; leaves the model's modes and grad flags as it found them."""
+        """The task's metrics on ``batches`` (and optionally ``"outcomes"``, per example: the module docstring);
+        leaves the model's modes and grad flags as it found them."""
         raise NotImplementedError
 
     @classmethod

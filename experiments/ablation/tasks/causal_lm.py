@@ -8,7 +8,9 @@ GSM8K in LoRA-GA, arXiv 2407.05000; here by default the offline SmolLM2-135M on 
   first, as one user turn with the generation prompt).
 - ``loss``: the same NLL over a whole split, weighted by tokens. ``exact_match``: ``model.generate``,
   greedy, batched and left-padded with the KV cache, at most ``max_new_tokens``; the answer extracted by
-  ``answer_pattern`` (default: the first line) and compared as ``experiments.ablation.answers`` says.
+  ``answer_pattern`` (default: the first line) and compared as ``experiments.ablation.answers`` says
+  (``answer_compare``: normalized strings, or math-verify). ``evaluate`` also returns each example's
+  outcome (``outcomes``), which the runner keeps for the per-example paired interval.
 - Every batch is a dict in the Hugging Face convention (``input_ids``, ``attention_mask``, ``labels``);
   evaluation batches also carry ``prompt_ids`` / ``prompt_mask`` (left-padded) and ``answers``.
 - Data: a ``.jsonl`` file, a ``hf:`` datasets source or a generator (``experiments.data.examples``); splits
@@ -28,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..answers import compile_pattern, extract, matches
+from ..answers import check_compare, compile_pattern, correct, extract
 from .base import Built, Task, positive, register_task, restoring_modes
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,6 +66,10 @@ class CausalLM(Task):
         max_new_tokens: int = 16
         answer_pattern: str | None = None
         """A regex whose first group is the answer in the generation (default: its first line)."""
+        answer_compare: str = "exact"
+        """How an extracted answer is compared with the reference: ``"exact"`` (normalized strings, numbers as
+        numbers) or ``"math-verify"`` (parsed and compared as mathematics; without ``answer_pattern`` the
+        verifier extracts the final answer itself): ``experiments.ablation.answers``."""
         chat_template: bool = False
         test_data: str | None = None
         """A separate test source (``.jsonl`` or a generator); default: the test split is carved from ``data``."""
@@ -97,6 +103,7 @@ class CausalLM(Task):
                 raise ValueError(f"targets must be a module-name list or one regex, got {self.targets!r}")
             compile_pattern(self.answer_pattern)
             compile_pattern(self.test_answer_pattern)
+            check_compare(self.answer_compare)
             if self.test_data is not None:
                 if not isinstance(self.test_data, str) or not self.test_data:
                     raise ValueError(f"test_data must be a .jsonl file or a generator, got {self.test_data!r}")
@@ -236,7 +243,7 @@ class CausalLM(Task):
     def evaluate(self, model, batches, progress: bool = False) -> dict[str, float]:
         from tqdm.auto import tqdm
 
-        nll, tokens, correct, total = 0.0, 0, 0, 0
+        nll, tokens, outcomes = 0.0, 0, []
         with restoring_modes(model), torch.no_grad():
             bar = tqdm(batches, desc="eval (generate)", disable=not progress, leave=False, unit="batch")
             for b in bar:
@@ -246,10 +253,11 @@ class CausalLM(Task):
                 tokens += k
                 texts = self.generate(model, b)
                 pattern = b.get("answer_pattern", self.pattern)
-                correct += sum(matches(extract(t, pattern), a) for t, a in zip(texts, b["answers"]))
-                total += len(texts)
-                bar.set_postfix(exact_match=f"{correct / total:.3f}")
-        return {"loss": nll / tokens, "exact_match": correct / total}
+                outcomes += [int(correct(t, a, pattern, self.options.answer_compare))
+                             for t, a in zip(texts, b["answers"])]
+                bar.set_postfix(exact_match=f"{sum(outcomes) / len(outcomes):.3f}")
+        return {"loss": nll / tokens, "exact_match": sum(outcomes) / len(outcomes),
+                "outcomes": {"exact_match": outcomes}}
 
     @classmethod
     def describe(cls, options) -> str:

@@ -1,0 +1,55 @@
+"""Per-example outcomes: what a task's ``evaluate`` may return beside its metrics, and how a record keeps them.
+
+``evaluate`` may add ``"outcomes": {metric: [value per example]}`` for a metric that is a mean over examples
+(exact match, pass@1), in the order of the examples in the batches it was given (the same order on every
+build with the same task options, so two arms' lists pair example by example). The runner checks that each
+list's mean is the metric, keeps the test split's lists in the record as ``test_outcomes`` (0/1 values as a
+hex bit string, 500 examples in 125 characters; other values as a list) and drops the validation ones.
+``summary`` pairs them across arms and seeds (``stats.crossed``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def split(result: dict[str, Any], where: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``(metrics, outcomes)`` from an ``evaluate`` result; ``ValueError`` naming ``where`` when an outcome list
+    does not average to its metric."""
+    metrics = dict(result)
+    outcomes = metrics.pop("outcomes", None) or {}
+    if not isinstance(outcomes, dict):
+        raise ValueError(f"{where}: evaluate's 'outcomes' must map metric names to lists, got {type(outcomes).__name__}")
+    for name, values in outcomes.items():
+        if name not in metrics:
+            raise ValueError(f"{where}: evaluate returned outcomes for {name!r}, which is not one of its metrics "
+                             f"{sorted(metrics)}")
+        vals = [float(v) for v in values]
+        if not vals or not math.isclose(sum(vals) / len(vals), float(metrics[name]), rel_tol=1e-9, abs_tol=1e-12):
+            raise ValueError(f"{where}: the mean of the {len(vals)} outcomes for {name!r} is not the metric "
+                             f"{metrics[name]!r}; outcomes must be the per-example values the metric averages")
+    return metrics, outcomes
+
+
+def encode(values: list[float]) -> dict[str, Any]:
+    """Compact form for a record: ``{"n", "bits"}`` (hex, first example in the highest bit) for 0/1 values,
+    else ``{"n", "values"}``."""
+    vals = [float(v) for v in values]
+    if all(v in (0.0, 1.0) for v in vals):
+        bits = "".join("1" if v else "0" for v in vals)
+        pad = -len(bits) % 4
+        return {"n": len(vals), "bits": f"{int(bits + '0' * pad, 2):0{(len(bits) + pad) // 4}x}" if vals else ""}
+    return {"n": len(vals), "values": vals}
+
+
+def decode(stored: dict[str, Any]) -> list[float]:
+    """The values :func:`encode` kept."""
+    n = int(stored["n"])
+    if "values" in stored:
+        return [float(v) for v in stored["values"]]
+    if n == 0:
+        return []
+    width = len(stored["bits"]) * 4
+    bits = f"{int(stored['bits'], 16):0{width}b}"[:n]
+    return [float(b == "1") for b in bits]
