@@ -322,3 +322,38 @@ def test_a_lora2_arm_prunes_its_triplets_and_adds_its_orthogonality_term(tmp_pat
     assert records[("LoRA2", 0)]["status"] == "ok"
     assert calls["loss"] == 16  # 8 steps x 2 seeds
     assert calls["budgets"][-1] == 2  # the target: 1 triplet for each of the 2 layers
+
+
+def test_hf_text_classification_with_a_separate_test_source(tmp_path, capsys):
+    """test_dataset: its own columns and split, labels matched by name, overlapping texts never trained on."""
+    from experiments.ablation import make_task
+    from experiments.data.minilm import minilm_path
+
+    rows = [(f"a small furry animal number {i}", "animal") for i in range(12)] + \
+           [(f"a fast red car number {i}", "artifact") for i in range(12)]
+    csv = tmp_path / "train.csv"
+    csv.write_text("sentence,kind\n" + "\n".join(f"{t},{k}" for t, k in rows))
+    test = tmp_path / "test.jsonl"  # another source: other columns, labels in another order, one text shared
+    test.write_text("\n".join(json.dumps({"s": t, "y": k}) for t, k in [
+        ("a slow blue truck", "artifact"), ("a tiny grey mouse", "animal"), (rows[0][0], "animal")]))
+    opts = {"model": minilm_path(), "dataset": str(csv), "text_column": "sentence", "label_column": "kind",
+            "n_val": 4, "n_test": 10, "init_batches": 1, "test_dataset": str(test), "test_text_column": "s",
+            "test_label_column": "y"}
+    task = make_task("hf-text-classification", opts)
+    names = task.train_ds.features["label"].names
+    assert [(t, names[y]) for t, y in zip(task.test_ds["text"], task.test_ds["label"])] == [
+        ("a slow blue truck", "artifact"), ("a tiny grey mouse", "animal"), (rows[0][0], "animal")]
+    assert rows[0][0] not in set(task.train_ds["text"]) | set(task.val_ds["text"])
+    assert task.test_overlap_dropped == 1 and "dropped 1 training/validation example" in capsys.readouterr().err
+    assert len(task.train_ds) + len(task.val_ds) == 23
+    built = task.build(seed=0, batch_size=4)
+    out = task.evaluate(built.model, built.test_batches)
+    assert len(out["outcomes"]["accuracy"]) == 3 and sum(out["outcomes"]["accuracy"]) / 3 == out["accuracy"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"s": "a boat", "y": "vehicle"}))
+    with pytest.raises(ValueError, match=r"label\(s\) \['vehicle'\] are not among the training labels"):
+        make_task("hf-text-classification", {**opts, "test_dataset": str(bad)})
+    with pytest.raises(ValueError, match=r"split 'train': no column\(s\) \['s', 'y'\]; its columns are \['sentence', 'kind'\]"):
+        make_task("hf-text-classification", {**opts, "test_text_column": "s", "test_dataset": str(csv)})
+    with pytest.raises(ValueError, match="test_text_column / test_label_column are set but test_dataset is not"):
+        make_task("hf-text-classification", {k: v for k, v in opts.items() if k != "test_dataset"})

@@ -1,5 +1,6 @@
 """Shared by the text-classification tasks: sequence classification on ``datasets.Dataset`` splits with
-``text`` and ``label`` columns, scored by loss and argmax accuracy."""
+``text`` and ``label`` columns, scored by loss and argmax accuracy (each example's hit kept as its outcome,
+for the runner's per-example interval)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,10 @@ class TextClassification(Task):
                      test_batches=list(classification_batches(self.test_ds, tok, 128, max_length=ml)))
 
     def evaluate(self, model, batches, progress: bool = False) -> dict[str, float]:
-        total, correct, loss = 0, 0, 0.0
+        loss, hits = 0.0, []
         with restoring_modes(model), torch.no_grad():
             for b in batches:
                 out = model(**b)
-                n = len(b["labels"])
-                loss += out.loss.item() * n
-                correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
-                total += n
-        return {"loss": loss / total, "accuracy": correct / total}
+                loss += out.loss.item() * len(b["labels"])
+                hits += (out.logits.argmax(-1) == b["labels"]).int().tolist()
+        return {"loss": loss / len(hits), "accuracy": sum(hits) / len(hits), "outcomes": {"accuracy": hits}}
