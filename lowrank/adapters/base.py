@@ -155,6 +155,13 @@ class Adapter(nn.Module, ABC):
         return weight_view(self.base_layer)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's own weight parameter, as it stores it (PEFT's layers expose the same): model code
+        that reads a wrapped layer's ``.weight`` keeps working — T5's feed-forward checks ``self.wo.weight.dtype``
+        in every forward. Not the adapted weight: that is ``base_weight() + delta_weight()`` (:meth:`merge`)."""
+        return self.base_layer.weight
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """float32, or float64 for float64 weights: the precision of offsets and merges."""
         return torch.promote_types(weight_dtype(self.base_layer), torch.float32)
