@@ -18,12 +18,13 @@ from experiments.ablation.search import plan
 from experiments.ablation.tasks import TASKS, get_task
 from experiments.ablation.tasks.base import restoring_modes
 
-BUILT_IN = ["causal-lm", "hf-text-classification", "synthetic-lowrank", "wordnet-supersense"]
+BUILT_IN = ["causal-lm", "causal-lm-code", "hf-text-classification", "seq2seq", "synthetic-lowrank",
+            "wordnet-supersense"]
 
 
 def test_built_in_tasks_are_discovered_from_their_package():
     assert set(BUILT_IN) <= set(list_tasks())
-    assert list_tasks("causal*") == ["causal-lm"]
+    assert list_tasks("causal*") == ["causal-lm", "causal-lm-code"]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
@@ -35,7 +36,7 @@ def test_every_task_declares_metrics_with_directions_and_valid_defaults(name):
 
 
 def test_unknown_task_suggests_the_closest_name():
-    with pytest.raises(ValueError, match=r"unknown task 'causal_lm'; did you mean 'causal-lm'\? "
+    with pytest.raises(ValueError, match=r"unknown task 'causal_lm'; did you mean 'causal-lm', 'causal-lm-code'\? "
                                          r"\(see experiments.ablation.list_tasks\(\)"):
         make_task("causal_lm", {})
 
