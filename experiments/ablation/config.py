@@ -49,6 +49,9 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 def _is_rate(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
 
@@ -89,14 +92,24 @@ class Sweep:
     """``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward (Hugging Face models' ``gradient_checkpointing_enable``)."""
+    schedule: str = "constant"
+    """The learning rate over the run: ``"constant"`` or ``"cosine"`` (to 0 at the last step), each after a linear
+    warmup from 0 over ``ceil(warmup_ratio * steps)`` steps (Hugging Face's ``get_*_schedule_with_warmup``)."""
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = None
+    """Clip the trained parameters' gradient norm to this before each step (the Hugging Face Trainer's 1.0);
+    default: no clipping."""
+    weight_decay: float | None = None
+    """AdamW's decoupled weight decay on every trained parameter; default: the optimizer's own (torch's AdamW:
+    0.01; the Hugging Face Trainer's default is 0.0)."""
     equivalence_margin: float | None = None
     """A difference in the headline metric small enough to call two arms equivalent: each arm's verdict then also
     says ``equivalent`` (its 95% paired interval inside ``(-m, m)``), ``better``, ``worse`` or ``undecided``."""
 
     def training(self) -> dict[str, Any]:
         """The settings beyond the defaults that change a run's numbers (part of its key; the device is not)."""
-        return {k: v for k, v in (("dtype", self.dtype), ("gradient_checkpointing", self.gradient_checkpointing))
-                if v != Sweep.__dataclass_fields__[k].default}
+        keys = ("dtype", "gradient_checkpointing", "schedule", "warmup_ratio", "max_grad_norm", "weight_decay")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) != Sweep.__dataclass_fields__[k].default}
 
 
 @dataclass(frozen=True)
@@ -289,6 +302,15 @@ def load(path: str | Path) -> Config:
     _check(where, "dtype", sweep.dtype, lambda v: v in DTYPES, f"one of {list(DTYPES)}")
     _check(where, "device", sweep.device, lambda v: v in DEVICES, f"one of {list(DEVICES)}")
     _check(where, "gradient_checkpointing", sweep.gradient_checkpointing, lambda v: isinstance(v, bool), "true or false")
+    _check(where, "schedule", sweep.schedule, lambda v: v in SCHEDULES, f"one of {list(SCHEDULES)}")
+    _check(where, "warmup_ratio", sweep.warmup_ratio,
+           lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "a number in [0, 1)")
+    if sweep.max_grad_norm is not None:
+        _check(where, "max_grad_norm", sweep.max_grad_norm, _is_rate, "a positive finite number (or left out)")
+    if sweep.weight_decay is not None:
+        _check(where, "weight_decay", sweep.weight_decay,
+               lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0,
+               "a finite number >= 0 (or left out)")
     if sweep.equivalence_margin is not None:
         _check(where, "equivalence_margin", sweep.equivalence_margin, _is_rate,
                "a positive finite number (in the headline metric's units)")

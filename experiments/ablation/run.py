@@ -108,14 +108,14 @@ def _optimizer(model, spec, built):
             p.requires_grad_(True)
         body = [p for p in model.parameters() if id(p) not in head_ids]
         groups = [{"params": body, "lr": lr}] + ([{"params": head, "lr": spec["head_lr"]}] if head else [])
-        return torch.optim.AdamW(groups)
+        return torch.optim.AdamW(groups, **_decay(spec))
     cfg = lora_config(arm, spec["rank"], spec["alpha"], spec["seed"], built)
     uses_data = lowrank.get_initializer(arm["init"]).uses_data
     lowrank.inject(model, cfg, data=built.init_batches if uses_data else None, progress=False)
     base = arm.get("optimizer", "adamw")
     if base == "adamw":
         opt = PreconditionedOptimizer(model, base=base, preconditioner=arm["preconditioner"], lr=lr,
-                                      **arm["preconditioner_options"])
+                                      **arm["preconditioner_options"], **_decay(spec))
         for g in opt.param_groups:
             if g["lowrank_role"] == "other":
                 g["lr"] = spec["head_lr"]
@@ -127,11 +127,45 @@ def _optimizer(model, spec, built):
         p.requires_grad_(False)
     try:
         opt = PreconditionedOptimizer(model, base=base, preconditioner=arm["preconditioner"], lr=lr,
-                                      **arm["preconditioner_options"])
+                                      **arm["preconditioner_options"], **_decay(spec))
     finally:
         for p in trained:
             p.requires_grad_(True)
-    return _Optimizers(opt, torch.optim.AdamW(trained, lr=spec["head_lr"])) if trained else opt
+    return _Optimizers(opt, torch.optim.AdamW(trained, lr=spec["head_lr"], **_decay(spec))) if trained else opt
+
+
+def _decay(spec) -> dict[str, float]:
+    return {} if spec.get("weight_decay") is None else {"weight_decay": spec["weight_decay"]}
+
+
+def schedule_factor(step: int, steps: int, kind: str = "constant", warmup_ratio: float = 0.0) -> float:
+    """The learning-rate multiplier for update ``step`` (0-based) of ``steps``: linear warmup from 0 over
+    ``ceil(warmup_ratio * steps)`` updates, then 1 (``"constant"``) or a half cosine to 0 (``"cosine"``), as
+    ``transformers.get_{constant,cosine}_schedule_with_warmup``."""
+    warm = math.ceil(warmup_ratio * steps)
+    if step < warm:
+        return step / max(1, warm)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, steps - warm)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class _Schedule:
+    """Sets every parameter group's ``lr`` to its rate at the start times :func:`schedule_factor` before each
+    update (groups a chain adds later start from the rate they were given)."""
+
+    def __init__(self, opt, spec):
+        self.groups = [g for o in getattr(opt, "optimizers", (opt,)) for g in o.param_groups]
+        self.opt, self.spec = opt, spec
+        self.base = {id(g): g["lr"] for g in self.groups}
+
+    def before(self, step: int) -> None:
+        f = schedule_factor(step, self.spec["steps"], self.spec.get("schedule", "constant"),
+                            self.spec.get("warmup_ratio", 0.0))
+        for o in getattr(self.opt, "optimizers", (self.opt,)):
+            for g in o.param_groups:
+                g["lr"] = self.base.setdefault(id(g), g["lr"]) * f
 
 
 def _chain(model, opt, spec, built):
@@ -186,6 +220,8 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
     with PeakMemory() as mem:
         opt = _optimizer(model, spec, built)
         chain = _chain(model, opt, spec, built)  # COLA, RAC-LoRA, XGBLoRA: links merged at their knots
+        schedule = _Schedule(opt, spec) if spec.get("schedule", "constant") != "constant" \
+            or spec.get("warmup_ratio", 0.0) else None
         trainer = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         model.train()
         val = [_to(b, device) for b in built.val_batches]
@@ -203,6 +239,10 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
                 break
             opt.zero_grad(set_to_none=True)
             (loss if regularizer is None else loss + regularizer(model)).backward()  # logged: the task loss
+            if spec.get("max_grad_norm") is not None:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], spec["max_grad_norm"])
+            if schedule is not None:
+                schedule.before(step - 1)
             try:
                 opt.step()
             except FloatingPointError:
