@@ -269,3 +269,29 @@ def test_datasets_sources_by_configuration(tiny_lm_dir, tmp_path):
         make_task("causal-lm", {"model": tiny_lm_dir, "data": f"hf:{tmp_path / 'none.parquet'}"})
     with pytest.raises(ValueError, match="names no source"):
         make_task("causal-lm", {"model": tiny_lm_dir, "data": "hf:"})
+
+
+def test_prompt_template_and_drop_long(tiny_lm_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl")
+    opts = {"model": tiny_lm_dir, "data": str(data), "n_train": 40, "n_val": 8, "n_test": 12}
+    plain = make_task("causal-lm", opts)
+    task = make_task("causal-lm", {**opts, "prompt_template": "Q: {prompt}\nA: "})
+    assert task.prompt_ids("What is 1 plus 4?") == plain.tok("Q: What is 1 plus 4?\nA: ")["input_ids"]
+    assert [p for p, _, _ in task.test_set] != [p for p, _, _ in plain.test_set]  # the test prompts too
+    with pytest.raises(ValueError, match=r"prompt_template must be a string with one '\{prompt\}' field"):
+        make_task("causal-lm", {**opts, "prompt_template": "Q: {question}"})
+    # five training examples far longer than the rest: an error naming the fix, or dropped and counted
+    long = tmp_path / "long.jsonl"
+    long.write_text(data.read_text() + "".join(json.dumps({"prompt": f"Add these: {'1 + ' * 30}{k}", "response": "x",
+                                                           "answer": "x"}) + "\n" for k in range(5)))
+    test = write_jsonl(tmp_path / "t.jsonl", n=12, start=200)
+    opts = {**opts, "data": str(long), "n_train": 57, "test_data": str(test)}  # every example used
+    with pytest.raises(ValueError, match="over max_length = 40; .* or set drop_long = true"):
+        make_task("causal-lm", {**opts, "max_length": 40})
+    capsys.readouterr()
+    kept = make_task("causal-lm", {**opts, "max_length": 40, "drop_long": True})
+    assert kept.dropped_long == 5 and len(kept.train_set) + len(kept.val_set) == 60
+    assert max(len(p) + len(r) for p, r, _ in kept.train_set + kept.val_set) <= 40
+    assert "dropped 5 training/validation example(s) over max_length" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="t.jsonl:.* over max_length = 12"):  # a test example: never dropped
+        make_task("causal-lm", {**opts, "max_length": 12, "drop_long": True})

@@ -71,6 +71,13 @@ class CausalLM(Task):
         numbers) or ``"math-verify"`` (parsed and compared as mathematics; without ``answer_pattern`` the
         verifier extracts the final answer itself): ``experiments.ablation.answers``."""
         chat_template: bool = False
+        prompt_template: str | None = None
+        """A format for every prompt (training and test) with one ``{prompt}`` field, applied before any chat
+        template: LoRA-GA's MetaMathQA / GSM8K runs use ``"Q: {prompt}\nA: "``."""
+        drop_long: bool = False
+        """Drop training / validation examples longer than ``max_length`` (counted, printed, kept as
+        ``dropped_long``) instead of refusing them, as LoRA-GA's data code filters MetaMathQA; a test example
+        that long is still an error (a test set is not filtered silently)."""
         test_data: str | None = None
         """A separate test source (``.jsonl`` or a generator); default: the test split is carved from ``data``."""
         test_data_options: dict = field(default_factory=dict)
@@ -104,6 +111,10 @@ class CausalLM(Task):
             compile_pattern(self.answer_pattern)
             compile_pattern(self.test_answer_pattern)
             check_compare(self.answer_compare)
+            if self.prompt_template is not None and (not isinstance(self.prompt_template, str)
+                                                     or self.prompt_template.count("{prompt}") != 1):
+                raise ValueError(f"prompt_template must be a string with one '{{prompt}}' field, got "
+                                 f"{self.prompt_template!r}")
             if self.test_data is not None:
                 if not isinstance(self.test_data, str) or not self.test_data:
                     raise ValueError(f"test_data must be a .jsonl file or a generator, got {self.test_data!r}")
@@ -154,11 +165,29 @@ class CausalLM(Task):
                 self.test_pattern = compile_pattern(o.test_answer_pattern)
                 test = [_reference(e, self.test_pattern) for e in test]
             splits = (train, val, test)
-        self.train_set, self.val_set, self.test_set = ([self._encode(e) for e in s] for s in splits)
+        self.dropped_long = 0
+        self.train_set, self.val_set = (self._encode_all(s) for s in splits[:2])
+        self.test_set = [self._encode(e) for e in splits[2]]
+        if self.dropped_long:
+            print(f"causal-lm: dropped {self.dropped_long} training/validation example(s) over max_length = "
+                  f"{o.max_length} tokens (drop_long = true)", file=sys.stderr)
+
+    def _encode_all(self, examples) -> list[tuple[list[int], list[int], str]]:
+        out = []
+        for e in examples:
+            try:
+                out.append(self._encode(e))
+            except _TooLong:
+                if not self.options.drop_long:
+                    raise
+                self.dropped_long += 1
+        return out
 
     # --- tokenization -------------------------------------------------------------------------------------
 
     def prompt_ids(self, prompt: str) -> list[int]:
+        if self.options.prompt_template is not None:
+            prompt = self.options.prompt_template.replace("{prompt}", prompt)
         if self.options.chat_template:
             text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                 add_generation_prompt=True)
@@ -169,9 +198,9 @@ class CausalLM(Task):
         p = self.prompt_ids(ex.prompt)
         r = self.tok(ex.response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         if len(p) + len(r) > self.options.max_length:
-            raise ValueError(f"{ex.where}: prompt + response + EOS is {len(p) + len(r)} tokens ({len(p)} in the "
-                             f"prompt), over max_length = {self.options.max_length}; raise max_length in [task] "
-                             "or shorten or drop the example")
+            raise _TooLong(f"{ex.where}: prompt + response + EOS is {len(p) + len(r)} tokens ({len(p)} in the "
+                           f"prompt), over max_length = {self.options.max_length}; raise max_length in [task], "
+                           "shorten or drop the example, or set drop_long = true (training and validation only)")
         return p, r, ex.answer
 
     def collate(self, rows: list[tuple[list[int], list[int], str]]) -> dict[str, torch.Tensor]:
@@ -266,6 +295,10 @@ class CausalLM(Task):
         model = smollm2.LABEL if options.model == smollm2.NAME else options.model.rstrip("/").rsplit("/", 1)[-1]
         data = options.data.rsplit("/", 1)[-1]
         return f"{data}, {model}"
+
+
+class _TooLong(ValueError):
+    """An example longer than ``max_length`` (dropped under ``drop_long``)."""
 
 
 def _reference(ex, pattern):

@@ -149,9 +149,13 @@ class CausalLMCode(CausalLM):
         if not train:
             raise ValueError(f"data = {o.data!r}: no training examples left (n_train = {o.n_train}, after the "
                              "validation split and the test overlap); add examples")
-        self.train_set = [self._encode(e) for e in train]
-        self.val_set = [self._encode(e) for e in val] if val_problems is None else \
+        self.dropped_long = 0
+        self.train_set = self._encode_all(train)  # drop_long: as causal-lm, training / validation pairs only
+        self.val_set = self._encode_all(val) if val_problems is None else \
             [self._encode_problem(p, "val_data") for p in val_problems]
+        if self.dropped_long:
+            print(f"causal-lm-code: dropped {self.dropped_long} training/validation pair(s) over max_length = "
+                  f"{o.max_length} tokens (drop_long = true)", file=sys.stderr)
         if val_problems is None:
             print("causal-lm-code: validation pairs have no tests, so validation pass_at_1 is NaN: choose learning "
                   "rates on the loss ([search] select = \"val_loss\") or give val_data (HumanEval-format problems)",
