@@ -367,3 +367,25 @@ def test_seq2seq_through_the_runner(t5_dir, data, tmp_path, capsys):
         if "test_outcomes" in r:  # the runner keeps per-example outcomes (experiments.ablation.outcomes)
             assert r["test_outcomes"]["exact_match"]["n"] == 6
     assert "test exact_match" in capsys.readouterr().out
+
+
+def test_input_template_and_target_names_pose_glue_as_text(t5_dir, tmp_path):
+    """GLUE rows as the hub has them (``sentence``, integer ``label``) become LoRA-GA's text-to-text pairs."""
+    rows = [{"sentence": f"film number {i} was {'great' if i % 2 else 'dull'}", "label": i % 2} for i in range(30)]
+    path = write_jsonl(tmp_path / "glue.jsonl", rows)
+    opts = {"model": t5_dir, "data": str(path), "input_field": "sentence", "target_field": "label", "n_train": 20,
+            "n_val": 4, "n_test": 6, "input_template": "classify the sentiment of the text: {input}\nresult: ",
+            "target_names": ["negative", "positive"]}
+    task = make_task("seq2seq", opts)
+    src, tgt, answer = task.test_set[0]
+    text = task.tok.decode(src, skip_special_tokens=True)
+    assert text.startswith("classify the sentiment of the text: film number") and text.endswith("\nresult: ")
+    assert answer == ("positive" if "great" in text else "negative")
+    assert task.tok.decode(tgt, skip_special_tokens=True) == answer
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows + [{"sentence": "unlabelled", "label": -1}])
+    with pytest.raises(ValueError, match=r"label -1 has no word in target_names"):
+        make_task("seq2seq", {**opts, "data": str(bad), "n_train": 25})
+    with pytest.raises(ValueError, match=r"input_template must be a string with one '\{input\}' field"):
+        make_task("seq2seq", {**opts, "input_template": "no field"})
+    with pytest.raises(ValueError, match="target_names must be a non-empty list of words"):
+        make_task("seq2seq", {**opts, "target_names": []})

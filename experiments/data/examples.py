@@ -14,8 +14,9 @@ a named generator, split into disjoint train / validation / test sets.
 - ``hf:SOURCE``: a Hugging Face ``datasets`` source, read whole and then treated as a file. ``SOURCE`` is a
   folder written by ``Dataset.save_to_disk`` (``load_from_disk``), a ``.parquet`` / ``.json`` / ``.jsonl`` /
   ``.csv`` file (``load_dataset(<format>, data_files=...)``), or a hub name (``load_dataset(SOURCE)``, which needs
-  the network or the local cache); ``data_options`` may give ``config``, ``split`` (default ``"train"``) and
-  ``revision``. ``openai/gsm8k`` (config ``main``: ``question`` / ``answer`` ending ``#### N``) and
+  the network or the local cache); ``data_options`` may give ``config``, ``split`` (default ``"train"``),
+  ``revision`` and ``where``, a table of field -> shell-style pattern that keeps only the rows whose fields all
+  match (``where = { type = "GSM_*" }``: MetaMathQA's GSM8K-derived rows, as LoRA-GA trains on). ``openai/gsm8k`` (config ``main``: ``question`` / ``answer`` ending ``#### N``) and
   ``meta-math/MetaMathQA`` (``query`` / ``response``) are read by naming their fields.
 
 Every example records where it came from (``file:line`` or ``generator #index``) for error messages.
@@ -23,6 +24,7 @@ Every example records where it came from (``file:line`` or ``generator #index``)
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import random
 import sys
@@ -59,7 +61,7 @@ def default_fields(data: str) -> Fields:
     return Fields("prompt", "response", "answer")
 
 
-HF_OPTIONS = ("config", "split", "revision")
+HF_OPTIONS = ("config", "split", "revision", "where")
 HF_FORMATS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
@@ -93,9 +95,16 @@ def read_hf(data: str, fields: Fields, options: dict[str, Any] | None = None) ->
         raise
     except Exception as exc:  # noqa: BLE001 - the hub, the cache, a bad config: say which source, in its words
         raise ValueError(f"data = {data!r} {opts}: {type(exc).__name__}: {exc}") from None
-    out = [_example(row, fields, f"{data} row {i}") for i, row in enumerate(ds)]
+    where = opts.get("where") or {}
+    if not isinstance(where, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in where.items()):
+        raise ValueError(f"data = {data!r}: where must be a table of field = \"pattern\", got {where!r}")
+    missing = sorted(set(where) - set(ds.column_names))
+    if missing:
+        raise ValueError(f"data = {data!r}: where names field(s) {missing}; its fields are {ds.column_names}")
+    out = [_example(row, fields, f"{data} row {i}") for i, row in enumerate(ds)
+           if all(fnmatch.fnmatchcase(str(row[k]), v) for k, v in where.items())]
     if not out:
-        raise ValueError(f"data = {data!r} has no rows")
+        raise ValueError(f"data = {data!r} has no rows" + (f" matching where = {where}" if where else ""))
     return out
 
 

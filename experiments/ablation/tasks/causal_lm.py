@@ -65,7 +65,8 @@ class CausalLM(Task):
         """Longest prompt + response + EOS in tokens; a longer example is an error naming it."""
         max_new_tokens: int = 16
         answer_pattern: str | None = None
-        """A regex whose first group is the answer in the generation (default: its first line)."""
+        """A regex whose first group is the answer in the generation (default: its first line). A reference answer
+        it matches is reduced to its match too (``answer_field = "response"`` with MetaMathQA's worked solutions)."""
         answer_compare: str = "exact"
         """How an extracted answer is compared with the reference: ``"exact"`` (normalized strings, numbers as
         numbers) or ``"math-verify"`` (parsed and compared as mathematics; without ``answer_pattern`` the
@@ -163,8 +164,10 @@ class CausalLM(Task):
                       f"is in the test source {o.test_data!r}", file=sys.stderr)
             if o.test_answer_pattern is not None:
                 self.test_pattern = compile_pattern(o.test_answer_pattern)
-                test = [_reference(e, self.test_pattern) for e in test]
             splits = (train, val, test)
+        if self.pattern is not None or self.test_pattern is not None:  # worked solutions reduced to their answers
+            splits = ([_reference(e, self.pattern) for e in splits[0]], [_reference(e, self.pattern) for e in splits[1]],
+                      [_reference(e, self.test_pattern) for e in splits[2]])
         self.dropped_long = 0
         self.train_set, self.val_set = (self._encode_all(s) for s in splits[:2])
         self.test_set = [self._encode(e) for e in splits[2]]
@@ -302,8 +305,9 @@ class _TooLong(ValueError):
 
 
 def _reference(ex, pattern):
-    """``ex`` with its answer reduced to what ``pattern`` extracts from it, when it matches."""
-    got = extract(ex.answer, pattern)
+    """``ex`` with its answer reduced to what ``pattern`` extracts from it, when it matches (unchanged without
+    a pattern)."""
+    got = None if pattern is None else extract(ex.answer, pattern)
     return ex if got is None else replace(ex, answer=got)
 
 

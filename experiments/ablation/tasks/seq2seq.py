@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -74,6 +74,12 @@ class Seq2Seq(Task):
         """The generation limit; default ``max_target_length``."""
         answer_pattern: str | None = None
         """A regex whose first group is the answer in the generation (default: its first line)."""
+        input_template: str | None = None
+        """A format for every input with one ``{input}`` field (LoRA-GA's SST-2: ``"classify the sentiment of the
+        text: {input}\nresult: "``)."""
+        target_names: list[str] | None = None
+        """Words for integer labels: a target (and answer) that is an integer ``i`` becomes ``target_names[i]``
+        (GLUE SST-2's 0 / 1 as ``["negative", "positive"]``); an integer outside the list is an error naming it."""
         answer_compare: str = "exact"
         """``"exact"`` or ``"math-verify"``, as causal-lm's (``experiments.ablation.answers``)."""
         test_data: str | None = None
@@ -112,6 +118,13 @@ class Seq2Seq(Task):
                 raise ValueError(f"targets must be a module-name list or one regex, got {self.targets!r}")
             compile_pattern(self.answer_pattern)
             check_compare(self.answer_compare)
+            if self.input_template is not None and (not isinstance(self.input_template, str)
+                                                    or self.input_template.count("{input}") != 1):
+                raise ValueError(f"input_template must be a string with one '{{input}}' field, got "
+                                 f"{self.input_template!r}")
+            if self.target_names is not None and not (isinstance(self.target_names, list) and self.target_names and all(
+                    isinstance(n, str) and n.strip() for n in self.target_names)):
+                raise ValueError(f"target_names must be a non-empty list of words, got {self.target_names!r}")
             if self.test_data is not None:
                 if not isinstance(self.test_data, str) or not self.test_data:
                     raise ValueError(f"test_data must be a .jsonl file or a 'hf:' source, got {self.test_data!r}")
@@ -175,13 +188,32 @@ class Seq2Seq(Task):
             if self.test_overlap_dropped:
                 print(f"seq2seq: dropped {self.test_overlap_dropped} training/validation example(s) whose input is "
                       f"in the test source {o.test_data!r}", file=sys.stderr)
+        train, val, test = ([self._named(e) for e in s] for s in (train, val, test))
         self.train_set, self.val_set, self.test_set = ([self._encode(e) for e in s] for s in (train, val, test))
+
+    def _named(self, ex):
+        """``ex`` with its integer target / answer as its word (``target_names``)."""
+        names = self.options.target_names
+        if names is None:
+            return ex
+
+        def word(v: str) -> str:
+            if not v.strip().lstrip("-").isdigit():
+                return v
+            i = int(v)
+            if not 0 <= i < len(names):
+                raise ValueError(f"{ex.where}: label {i} has no word in target_names = {names} (it has {len(names)}); "
+                                 "add one, or drop the example (GLUE's unlabelled test rows are -1)")
+            return names[i]
+
+        return replace(ex, response=word(ex.response), answer=word(ex.answer))
 
     # --- tokenization -------------------------------------------------------------------------------------
 
     def _encode(self, ex) -> tuple[list[int], list[int], str]:
         o = self.options
-        src = self.tok(ex.prompt)["input_ids"]
+        text = ex.prompt if o.input_template is None else o.input_template.replace("{input}", ex.prompt)
+        src = self.tok(text)["input_ids"]
         tgt = self.tok(ex.response, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
         if len(src) > o.max_source_length:
             raise ValueError(f"{ex.where}: the input is {len(src)} tokens, over max_source_length = "
