@@ -184,6 +184,39 @@ class Arm:
 
 
 @dataclass(frozen=True)
+class AdaptiveSeeds:
+    """``seeds = { adaptive = true, initial = [0, 1, 2], max = N, target_halfwidth = h }``: every arm runs the
+    ``initial`` seeds; an arm whose comparison with the reference is undecided (its interval contains 0, or
+    with ``equivalence_margin`` neither inside the margin nor outside 0) and wider than ``h`` (half-width, in
+    the headline metric's units) gets one more seed (the next integer), and the reference with it, until it is
+    decided, its half-width is at most ``h``, or it has ``max`` seeds."""
+
+    initial: list[int]
+    max: int
+    target_halfwidth: float
+
+    def seeds(self, n: int) -> list[int]:
+        """The first ``n`` seeds: ``initial``, then the integers after its largest."""
+        extra = n - len(self.initial)
+        return list(self.initial[:n]) + [max(self.initial) + 1 + i for i in range(max(0, extra))]
+
+
+def _adaptive(table, where: str) -> AdaptiveSeeds:
+    keys = {"adaptive", "initial", "max", "target_halfwidth"}
+    if not isinstance(table, dict) or table.get("adaptive") is not True or set(table) - keys:
+        raise ValueError(f"{where}: seeds must be a list of integers or a table {{ adaptive = true, initial = [0, 1, 2], "
+                         f"max = N, target_halfwidth = h }}, got {table!r}")
+    initial = table.get("initial", [0, 1, 2])
+    _check_int_list(where, "seeds.initial", initial, positive=False)
+    n = table.get("max")
+    _check(where, "seeds.max", n, lambda v: _is_int(v) and v >= len(initial),
+           f"an integer >= the {len(initial)} initial seeds")
+    _check(where, "seeds.target_halfwidth", table.get("target_halfwidth"), _is_rate,
+           "a positive number (half the interval's width, in the headline metric's units)")
+    return AdaptiveSeeds(list(initial), n, float(table["target_halfwidth"]))
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     command: str
@@ -193,6 +226,8 @@ class Config:
     search: Search = field(default_factory=Search)
     has_search_table: bool = False
     plugins: tuple[str, ...] = ()
+    adaptive: AdaptiveSeeds | None = None
+    """Adaptive seeds (``seeds = { adaptive = true, ... }``); ``sweep.seeds`` is then its ``initial`` list."""
 
     def ranks_of(self, arm: Arm) -> list[int | None]:
         return [None] if arm.full_finetune else list(arm.ranks or self.sweep.ranks)
@@ -278,7 +313,12 @@ def load(path: str | Path) -> Config:
                                                                    and first[2:].strip())):
         raise ValueError(f"{path}: the first line must be the command that runs it, e.g. "
                          f"'# python -m experiments.ablate {path}'")
-    sweep = _take(raw.get("sweep", {}), Sweep, f"{path} [sweep]")
+    table = raw.get("sweep", {})
+    adaptive = None
+    if isinstance(table, dict) and isinstance(table.get("seeds"), dict):
+        adaptive = _adaptive(table["seeds"], f"{path} [sweep]")
+        table = {**table, "seeds": adaptive.initial}
+    sweep = _take(table, Sweep, f"{path} [sweep]")
     where = f"{path} [sweep]"
     from .tasks import get_task, task_options
 
@@ -352,7 +392,7 @@ def load(path: str | Path) -> Config:
         raise ValueError(f"{path} arm {sweep.reference!r}: under lrs = \"transfer\" the reference arm's rate is "
                          "searched; remove its own lrs list")
     return Config(path, first.lstrip("# ").strip(), sweep, task, arms, search, has_search_table="search" in raw,
-                  plugins=plugins)
+                  plugins=plugins, adaptive=adaptive)
 
 
 def import_plugins(modules: Any, path: Path) -> tuple[str, ...]:

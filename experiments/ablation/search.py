@@ -10,7 +10,9 @@ Search (``lrs = "search"``), per arm and rank, on the validation split:
 2. while the best rate is at an edge of what was run and fewer than ``max_points`` rates were tried,
    run one more grid step beyond that edge; ties go to the lower rate;
 3. the chosen rate is *interior* when both its grid neighbours were run (else the summary says so);
-4. run the sweep's seeds at the chosen rate (a search run with one of those seeds is reused).
+4. run the sweep's seeds at the chosen rate (a search run with one of those seeds is reused); under adaptive
+   seeds (``seeds = { adaptive = true, ... }``), an arm whose comparison with the reference is still undecided
+   gets one more seed at a time, the reference with it (``_adapt``).
 
 Transfer (``lrs = "transfer"``): the reference arm is searched as above; every other arm starts
 from a 3-point grid centred on the grid rate nearest to its predicted rate
@@ -47,6 +49,8 @@ class ArmPlan:
     """Transfer: the predicted rate before rounding to the grid."""
     search_runs: int = 0
     """Runs the rate selection used (search phase, or every run of a list)."""
+    seeds: list[int] | None = None
+    """The seeds of its final runs at the chosen rate (default the sweep's; more under adaptive seeds)."""
 
     @property
     def selected(self) -> bool:
@@ -136,8 +140,50 @@ def plan(cfg: Config, done: dict[str, dict[str, Any]], store: dict[str, dict[str
             if arm.name == cfg.sweep.reference:
                 refs[rank] = p
             out.append(p)
+    if cfg.adaptive is not None:
+        _adapt(cfg, out, done)
     order = {a.name: i for i, a in enumerate(cfg.arms)}
     return sorted(out, key=lambda p: order[p.arm])  # stable: ranks stay in order within an arm
+
+
+def _adapt(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> None:
+    """Adaptive seeds (``config.AdaptiveSeeds``): each undecided arm's seed count, one more at a time, each
+    decided on the finished runs only (so the plan stays a pure function of them); the reference runs as many
+    seeds as the arm that needs most; the extra seeds' runs join ``pending_final``."""
+    from .compare import difference, halfwidth, reference_plan, undecided
+
+    a = cfg.adaptive
+    higher = cfg.higher_is_better(cfg.headline)
+    arms = {arm.name: arm for arm in cfg.arms}
+
+    def records(p: ArmPlan, seeds: list[int]) -> list[dict[str, Any]] | None:
+        got = [done.get(cfg.spec(arms[p.arm], p.rank, p.chosen, s, "final")["key"]) for s in seeds]
+        return None if any(r is None for r in got) else [r for r in got if r["status"] == "ok"]
+
+    need: dict[int, int] = {}
+    for p in plans:
+        ref = reference_plan(cfg, plans, p.rank)
+        if p.arm == cfg.sweep.reference or not p.selected or ref is None or not ref.selected:
+            continue
+        n = len(a.initial)
+        while n < a.max:
+            mine, theirs = records(p, a.seeds(n)), records(ref, a.seeds(n))
+            if mine is None or theirs is None:
+                break
+            diff = difference(mine, theirs, cfg.headline)
+            if not undecided(diff, higher, cfg.sweep.equivalence_margin) or halfwidth(diff) <= a.target_halfwidth:
+                break
+            n += 1
+        p.seeds = a.seeds(n)
+        need[id(ref)] = max(need.get(id(ref), len(a.initial)), n)
+    for p in plans:
+        if id(p) in need:
+            p.seeds = a.seeds(need[id(p)])
+        if p.seeds and p.selected:
+            have = {r["key"] for r in p.pending_final}
+            p.pending_final += [r for s in p.seeds[len(a.initial):]
+                                for r in [cfg.spec(arms[p.arm], p.rank, p.chosen, s, "final")]
+                                if r["key"] not in done and r["key"] not in have]
 
 
 def final_records(cfg: Config, p: ArmPlan, done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -145,7 +191,7 @@ def final_records(cfg: Config, p: ArmPlan, done: dict[str, dict[str, Any]]) -> l
     if not p.selected:
         return []
     arm = next(a for a in cfg.arms if a.name == p.arm)
-    return [done[r["key"]] for seed in cfg.sweep.seeds
+    return [done[r["key"]] for seed in (p.seeds or cfg.sweep.seeds)
             for r in [cfg.spec(arm, p.rank, p.chosen, seed, "final")] if r["key"] in done]
 
 

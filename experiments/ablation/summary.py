@@ -12,8 +12,8 @@ from typing import Any
 
 from .config import Config
 from .search import ArmPlan, final_records, full_search
-from . import outcomes
-from .stats import CROSSED, Interval, crossed, equivalence, mdd, mean_ci, paired, verdict
+from .compare import difference, reference_plan
+from .stats import CROSSED, Interval, equivalence, mdd, mean_ci, verdict
 
 WINDOW = 10
 
@@ -40,12 +40,6 @@ def _ok(records):
     return [r for r in records if r["status"] == "ok"]
 
 
-def _reference_plan(cfg: Config, plans: list[ArmPlan], rank) -> ArmPlan | None:
-    refs = [p for p in plans if p.arm == cfg.sweep.reference]
-    same = [p for p in refs if p.rank == rank]
-    return (same or refs or [None])[0]  # full FT (rank None) is compared with the reference's first rank
-
-
 def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One summary row per arm and rank (the objects ``--json`` prints)."""
     metric = cfg.headline
@@ -55,13 +49,10 @@ def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> 
         finals = final_records(cfg, p, done)
         ok = _ok(finals)
         test = {r["seed"]: r["test"][metric] for r in ok}
-        ref_plan = _reference_plan(cfg, plans, p.rank)
+        ref_plan = reference_plan(cfg, plans, p.rank)
         ref_finals = _ok(final_records(cfg, ref_plan, done)) if ref_plan else []
-        ref_test = {r["seed"]: r["test"][metric] for r in ref_finals}
-        diff = paired(test, ref_test) if ref_finals else Interval(math.nan, math.nan, math.nan, 0)
-        by_example = _per_example(ok, ref_finals, metric)
-        if by_example is not None:  # exact match / pass@1 with per-example outcomes: seeds and examples sampled
-            diff = crossed(*by_example)
+        # exact match / pass@1 with per-example outcomes: seeds and examples sampled; else seeds only
+        diff = difference(ok, ref_finals, metric) if ref_finals else Interval(math.nan, math.nan, math.nan, 0)
         target = statistics.fmean(smooth(r["loss_curve"])[-1] for r in ref_finals) if ref_finals else None
         steps = [steps_to(r["loss_curve"], target) for r in ok] if target is not None else []
         if p.arm == cfg.sweep.reference:  # a reference seed that ends above the mean counts its full length
@@ -95,19 +86,6 @@ def rows(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -> 
             iv = mean_ci(counted)
             out[-1].update(intruders=iv.mean, intruders_ci=iv.ci, intruders_n=len(counted))
     return out
-
-
-def _per_example(ok, ref_ok, metric) -> tuple[dict, dict] | None:
-    """Each seed's per-example outcomes of ``metric`` for the arm and the reference, when every paired seed
-    of both kept them for the same number of examples; else ``None`` (the seed-level interval is used)."""
-    arm = {r["seed"]: r.get("test_outcomes", {}).get(metric) for r in ok}
-    ref = {r["seed"]: r.get("test_outcomes", {}).get(metric) for r in ref_ok}
-    seeds = sorted(set(arm) & set(ref))
-    if len(seeds) < 2 or any(arm[s] is None or ref[s] is None for s in seeds):
-        return None
-    if len({arm[s]["n"] for s in seeds} | {ref[s]["n"] for s in seeds}) > 1:
-        return None
-    return ({s: outcomes.decode(arm[s]) for s in seeds}, {s: outcomes.decode(ref[s]) for s in seeds})
 
 
 def _num(x: float) -> float | None:
@@ -184,6 +162,11 @@ def markdown(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]],
                       "probability 0.8 at the observed spread of the per-seed differences and this many seeds."
                   + (f" Within ±{margin:g}: 'equivalent' when the 95% interval lies inside (-{margin:g}, {margin:g}) "
                      "(two one-sided tests), else better / worse / undecided." if margin is not None else "")]
+    if cfg.adaptive is not None:
+        a = cfg.adaptive
+        lines += ["", f"Seeds: adaptive seeds ({len(a.initial)} to start; an arm still undecided against {ref} got one "
+                      f"more at a time, {ref} with it, until decided, its interval's half-width was at most "
+                      f"{a.target_halfwidth:g}, or it had {a.max}); the seeds column says how many each used."]
     if any(r.get("delta_basis") == CROSSED for r in rs):
         lines += ["", "†: the interval, verdict and detectable Δ count both the seeds and the test examples as samples "
                       "(per-example outcomes paired across arms; a crossed random-effects model with Satterthwaite's "
