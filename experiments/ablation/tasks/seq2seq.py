@@ -27,13 +27,13 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from ..answers import check_compare, compile_pattern, correct
-from .base import Built, Task, positive, register_task, restoring_modes
-from .causal_lm import _quiet_loading
+from ._generative import Generative, quiet_loading
+from .base import positive, register_task, restoring_modes
 
 T5_LINEARS = ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]
 """The default targets: every linear layer of T5's blocks, as LoRA-GA's T5 runs adapt them: attention (self and
@@ -44,7 +44,7 @@ run). The adapters expose their base layer's ``weight``, which T5's feed-forward
 
 
 @register_task("seq2seq")
-class Seq2Seq(Task):
+class Seq2Seq(Generative):
     """A T5-style encoder-decoder fine-tuned on text-to-text pairs (e.g. GLUE as text), scored by generated targets."""
 
     @dataclass(frozen=True)
@@ -146,6 +146,7 @@ class Seq2Seq(Task):
     headline = "exact_match"
     units = {"loss": "NLL, nats per target token", "exact_match": "fraction of inputs"}
     example = "text pairs"
+    auto_model = "AutoModelForSeq2SeqLM"
 
     def __init__(self, options):
         from transformers import AutoConfig, AutoTokenizer
@@ -241,34 +242,6 @@ class Seq2Seq(Task):
         """A training batch plus the reference answers."""
         return {**self.collate(rows), "answers": tuple(a for _, _, a in rows)}
 
-    def _eval_batches(self, rows) -> list[dict[str, Any]]:
-        order = sorted(rows, key=lambda r: (len(r[0]), len(r[1])))  # similar lengths together: less padding
-        n = self.options.eval_batch_size
-        return [self.eval_batch(order[i:i + n]) for i in range(0, len(order), n)]
-
-    def _stream(self, seed: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        g = torch.Generator().manual_seed(seed)
-        while True:  # epochs without end, reshuffled by a seeded generator
-            order = torch.randperm(len(self.train_set), generator=g).tolist()
-            for start in range(0, len(order) - batch_size + 1, batch_size):
-                yield self.collate([self.train_set[i] for i in order[start:start + batch_size]])
-
-    # --- the task contract ---------------------------------------------------------------------------------
-
-    def build(self, seed: int, batch_size: int) -> Built:
-        from transformers import AutoModelForSeq2SeqLM
-
-        if batch_size > len(self.train_set):
-            raise ValueError(f"batch_size = {batch_size} is larger than the {len(self.train_set)} training examples; "
-                             "lower batch_size or raise n_train")
-        torch.manual_seed(seed)
-        with _quiet_loading():  # a bar per run would bury the runner's own
-            model = AutoModelForSeq2SeqLM.from_pretrained(self.path, dtype=torch.float32)
-        init = self._stream(seed + 10_000, batch_size)
-        return Built(model=model, targets=self.options.targets, head=[], train=self._stream(seed, batch_size),
-                     init_batches=[next(init) for _ in range(self.options.init_batches)],
-                     val_batches=self._eval_batches(self.val_set), test_batches=self._eval_batches(self.test_set))
-
     def generate(self, model, batch: dict[str, Any]) -> list[str]:
         """Greedy targets for the batch's inputs (decoded, special tokens dropped)."""
         from transformers import GenerationConfig
@@ -312,7 +285,7 @@ def _check_targets(config, targets, model_name: str) -> None:
     from lowrank.config import matches_targets
 
     try:
-        with torch.device("meta"), _quiet_loading():  # the module tree only: no memory, no weights
+        with torch.device("meta"), quiet_loading():  # the module tree only: no memory, no weights
             model = AutoModelForSeq2SeqLM.from_config(config)
     except ValueError as exc:  # a config AutoModelForSeq2SeqLM has no class for (e.g. a speech encoder-decoder)
         raise ValueError(f"model = {model_name!r}: {exc}") from None
