@@ -90,6 +90,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         if layer.offset and layer.A0.shape[0] != layer.rank:  # a chain's record of the links it merged
             layers[name]["offset_rank"] = int(layer.A0.shape[0])
         layers[name].update(layer.layer_info())
+        frozen = sorted(k for k, q in layer.adapter_parameters().items() if not q.requires_grad)
+        if frozen:  # e.g. MiCA's B: reloaded frozen whatever is installed where it is loaded
+            layers[name]["frozen"] = frozen
         for key, t in own.items():
             tensors[f"layers.{name}.{key}"] = t.detach()
     trainable = [n for n, _ in find_trainable(model, record.config.trainable, [])]
@@ -334,6 +337,10 @@ def _check_layer_info(config: LoRAConfig, origin, adapter_cls, name: str, info: 
                                f"{info['offset_rank']!r} (offset={info['offset']!r})")
     if not matches_targets(config.targets, name):
         raise AdapterFileError(f"{where} is not matched by the config's targets {config.targets!r}")
+    shapes = adapter_cls.tensor_shapes(info)
+    frozen = info.get("frozen", [])
+    if not (isinstance(frozen, list) and all(isinstance(k, str) and k in shapes for k in frozen)):
+        raise AdapterFileError(f"{where}: frozen must be a list of the layer's tensors {sorted(shapes)}, got {frozen!r}")
     rank = info["rank"] if config.allocates_ranks or origin else config.rank_for(name)  # allocated: below
     want = (rank, config.alpha_for(name, rank), config.scaling_for(name, rank))
     got = (info["rank"], info["alpha"], info["scaling"])
@@ -444,6 +451,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         layers = dict(adapted_layers(model))
     for name, layer in layers.items():
         layer.load_tensors(_layer_tensors(tensors, name))
+        if "frozen" in meta["layers"][name]:  # the trainable/frozen state it was saved with
+            for key, q in layer.adapter_parameters().items():
+                q.requires_grad_(key not in meta["layers"][name]["frozen"])
     for mname in meta.get("trainable", []):
         for pname, p in model.get_submodule(mname).named_parameters():
             p.copy_(tensors[f"trainable.{mname}.{pname}"])

@@ -141,6 +141,31 @@ def test_an_adapter_made_with_a_plugin_that_is_not_installed_loads_from_its_tens
     assert json.loads((tmp_path / "b" / CONFIG_NAME).read_text())["config"]["init"] == "lab_pissa_variant"
 
 
+def test_a_frozen_factor_stays_frozen_when_its_initializer_is_not_installed(tmp_path):
+    """A MiCA-style initializer freezes B; loaded where the initializer is missing (read as kaiming, which
+    freezes nothing), B must still come back frozen: the file carries each layer's frozen tensors."""
+    from lowrank.init.mica import MiCA
+
+    @lowrank.register_initializer("lab_mica_variant")
+    class LabMiCA(MiCA):
+        """A user's own initializer that keeps B fixed."""
+
+    try:
+        model = tiny_bert()
+        lowrank.inject(model, lowrank.LoRAConfig(rank=2, alpha=4, targets=["query"], init="lab_mica_variant"))
+        assert all(not layer.B.requires_grad and layer.A.requires_grad for _, layer in lowrank.adapted_layers(model))
+        lowrank.save_adapter(model, tmp_path)
+    finally:
+        lowrank.registry.INITIALIZERS.unregister("lab_mica_variant")
+    with pytest.warns(UserWarning, match="not installed here"):
+        fresh = lowrank.load_adapter(tiny_bert(), tmp_path)
+    layers = list(lowrank.adapted_layers(fresh))
+    assert layers and all(not layer.B.requires_grad and layer.A.requires_grad for _, layer in layers)
+    _edit(tmp_path, lambda m: next(iter(m["layers"].values())).update(frozen=["C"]))
+    with pytest.raises(AdapterFileError, match=r"frozen must be a list of the layer's tensors \['A', 'B'\], got \['C'\]"):
+        lowrank.load_adapter(tiny_bert(), tmp_path)
+
+
 def test_an_adapter_layer_that_is_not_installed_names_itself_and_how_to_install(tmp_path):
     lowrank.save_adapter(_model(), tmp_path)
     _edit(tmp_path, lambda m: m["config"].update(adapter="lab_adapter"))
