@@ -14,7 +14,8 @@ from experiments.ablation.config import load
 from experiments.ablation.run import read_records
 from experiments.ablation.search import plan
 from experiments.ablation.stats import mean_ci, paired, verdict
-from experiments.ablation.summary import rows, steps_to
+from experiments.ablation.curves import steps_to
+from experiments.ablation.summary import rows
 
 CONFIG = """\
 # python -m experiments.ablate {path}

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from .config import Config
+from .curves import WINDOW, smooth
 from .search import ArmPlan, final_records
 from .stats import mean_ci
 
@@ -68,7 +69,6 @@ def _finish(plt, fig, axes, path: Path, title: str) -> None:
 
 def plot_curves(cfg: Config, plans: list[ArmPlan], done, path: Path) -> None:
     """Smoothed training loss and the validation headline metric vs step at each arm's chosen rate."""
-    from .summary import WINDOW, smooth
 
     plt = _pyplot()
     metric = cfg.headline

@@ -13,28 +13,8 @@ from typing import Any
 from .config import Config
 from .search import ArmPlan, final_records, full_search
 from .compare import difference, reference_plan
+from .curves import smooth, steps_to
 from .stats import CROSSED, Interval, equivalence, mdd, mean_ci, verdict
-
-WINDOW = 10
-
-
-def smooth(xs: list[float], w: int = WINDOW) -> list[float]:
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc += x
-        if i >= w:
-            acc -= xs[i - w]
-        out.append(acc / min(i + 1, w))
-    return out
-
-
-def steps_to(curve: list[float], target: float) -> int | None:
-    """First step (1-based) at which the smoothed training loss is <= ``target``."""
-    for i, v in enumerate(smooth(curve)):
-        if v <= target:
-            return i + 1
-    return None
-
 
 def _ok(records):
     return [r for r in records if r["status"] == "ok"]

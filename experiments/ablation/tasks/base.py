@@ -148,7 +148,7 @@ def register_task(name: str, cls: type | None = None, *, override: bool = False)
 
 def get_task(name: str) -> type[Task]:
     """The task class registered as ``name``; ``ValueError`` with the closest names when unknown."""
-    from . import discover
+    from .discovery import discover
 
     discover()
     try:
@@ -160,7 +160,7 @@ def get_task(name: str) -> type[Task]:
 
 def list_tasks(pattern: str = "*") -> list[str]:
     """Registered task names matching the shell-style ``pattern``."""
-    from . import discover
+    from .discovery import discover
 
     discover()
     return TASKS.list(pattern)
