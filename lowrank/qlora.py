@@ -37,13 +37,24 @@ def _linear4bit(module: nn.Linear, quant_type: str, blocksize: int, compress_sta
     return out
 
 
+def _required_quantization(config) -> dict:
+    """The settings the config's initializer declares (``Initializer.quantization``; LoftQ's), or none when it
+    declares none or is not installed here (an adapter loaded from a file)."""
+    from .registry import INITIALIZERS
+
+    if config.init not in INITIALIZERS:
+        return {}
+    return config.make_initializer().quantization() or {}
+
+
 @torch.no_grad()
 def quantize_base(model: nn.Module, *, quant_type: str | None = None, blocksize: int | None = None,
                   compress_statistics: bool | None = None, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every adapted layer's full-precision ``nn.Linear`` base by a bitsandbytes ``Linear4bit`` holding
     ``quant(W)`` (QLoRA's storage), in place; returns ``model``.
 
-    The settings default to the injected ``loftq`` config's (so the base quantizes to LoftQ's ``Q_T`` bit for bit),
+    The settings default to those the injected config's initializer declares (``Initializer.quantization``: LoftQ's,
+    so the base quantizes to its ``Q_T`` bit for bit),
     else NF4, block size 64, no double quantization. ``W`` is the current base (offset included), so after
     ``inject(model, LoRAConfig(init="loftq"))`` the model computes LoftQ's ``deq(Q_T) + s B_T A_T``; each new layer
     records ``quantization_error = ||W - deq(Q)||_F / ||W||_F``. Merged layers, ``Conv1D`` bases and models
@@ -52,7 +63,7 @@ def quantize_base(model: nn.Module, *, quant_type: str | None = None, blocksize:
     layers = list(adapted_layers(model))
     if record is None or not layers:
         raise ValueError(f"{type(model).__name__} has no lowrank adapters; call lowrank.inject(model, config) first")
-    opts = dict(record.config.init_options) if record.config.init == "loftq" else {}
+    opts = _required_quantization(record.config)
     quant_type = quant_type or opts.get("quant_type", "nf4")
     blocksize = blocksize or opts.get("blocksize", 64)
     compress_statistics = opts.get("compress_statistics", False) if compress_statistics is None else compress_statistics

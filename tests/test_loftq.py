@@ -123,3 +123,25 @@ def test_bad_options_and_missing_bitsandbytes(monkeypatch):
     with pytest.raises(ImportError, match=r"loftq.*q_proj.*pip install 'lowrank\[quant\]'"):
         lowrank.inject(model, LoRAConfig(rank=4, targets=TARGETS, init="loftq"))
     snap.assert_unchanged()
+
+
+def test_a_plugin_variant_of_loftq_declares_its_quantization_too():
+    """quantize_base asks the initializer which 4-bit settings it needs (``Initializer.quantization``), so a
+    user's LoftQ subclass under another name gets its own block size, not the NF4-64 default."""
+    from lowrank.init.loftq import LoftQ
+
+    @lowrank.register_initializer("lab_loftq")
+    class LabLoftQ(LoftQ):
+        """A user's LoftQ variant."""
+
+    try:
+        model = llama()
+        lowrank.inject(model, LoRAConfig(rank=4, targets=TARGETS, init="lab_loftq",
+                                         init_options={"num_iter": 1, "blocksize": 128}))
+        want = {n: nf4_roundtrip(layer.base_layer.weight, 128) for n, layer in adapted_layers(model)}
+        quantize_base(model)
+        assert all(layer.base_layer.weight.quant_state.blocksize == 128 for _, layer in adapted_layers(model))
+        assert all(torch.equal(dequantized(layer.base_layer).float(), want[n]) for n, layer in adapted_layers(model))
+        assert lowrank.get_initializer("kaiming")().quantization() is None  # the default declares nothing
+    finally:
+        lowrank.registry.INITIALIZERS.unregister("lab_loftq")

@@ -210,3 +210,16 @@ def test_auto_estimator_is_dense_for_small_models_and_sketches_beyond_the_thresh
     mods = {n: m for n, m in tiny_bert().named_modules() if n.endswith("query")}
     peft_variant = LoRAConfig(targets=["query"], rank=2, init="lora_ga", init_options={"variant": "peft"})
     assert peft_variant.make_initializer().estimator_for(mods) == "dense"  # PEFT's factorizes the dense G
+    from lowrank.init.lora_ga import LoRAGA
+
+    @lowrank.register_initializer("lab_lora_ga")
+    class LabLoRAGA(LoRAGA):
+        """A user's LoRA-GA variant: the estimator choice is declared by the method (``sketches``), not by name."""
+
+    try:
+        lab = LoRAConfig(targets=["query"], rank=2, init="lab_lora_ga", init_options={"variant": "peft"})
+        assert lab.make_initializer().estimator_for(mods) == "dense"
+        lab = LoRAConfig(targets=["query"], rank=2, init="lab_lora_ga")
+        assert lab.make_initializer().estimator_for(mods) == "sketch"  # DENSE_G_MAX_BYTES is still 1000 here
+    finally:
+        lowrank.registry.INITIALIZERS.unregister("lab_lora_ga")

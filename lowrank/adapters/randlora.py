@@ -157,7 +157,7 @@ class RandLoRALayer(Adapter):
             _place(B[:D, :n], seen_B[:D, :n], layer.basis_B, name)
         out = {name: {"randlora_lambda": layer.lam.detach(), "randlora_gamma": layer.gamma.detach(),
                       "randlora_A": A.clone(), "randlora_B": B.clone()} for name, layer in layers.items()}
-        init_options = config.init_options if config.init == "randlora" else {}
+        init_options = config.init_options  # a random-basis initializer's sparse / very_sparse (absent: dense)
         alpha = first.alpha if config.scaling == "standard" else first.scaling * r  # PEFT: randlora_alpha / r
         return out, {"randlora_A": A, "randlora_B": B}, {
             "r": r, "randlora_alpha": alpha, "randlora_dropout": config.dropout, "projection_prng_key": config.seed,

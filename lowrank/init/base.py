@@ -166,6 +166,12 @@ class Initializer(ABC):
     uses_data: ClassVar[bool] = False
     """True for data-driven methods: :func:`lowrank.inject` must get ``data`` (and maybe ``loss_fn``). The data
     protocol is ``lowrank.init.DataInitializer`` (declared ``needs``, its ``collect``), which sets this."""
+    def quantization(self) -> dict[str, Any] | None:
+        """The 4-bit settings the base must be quantized with for this initialization to hold
+        (``quant_type``, ``blocksize``, ``compress_statistics``: LoftQ's), read by :func:`lowrank.quantize_base`;
+        ``None`` (the default): no requirement."""
+        return None
+
     frozen: ClassVar[tuple[str, ...]] = ()
     """Adapter parameters kept as initialized during training (MiCA: ``("B",)``): ``inject`` and ``load_adapter``
     turn their ``requires_grad`` off, and :class:`lowrank.optim.PreconditionedOptimizer` leaves them out."""

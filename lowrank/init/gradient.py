@@ -166,6 +166,11 @@ class GradientInitializer(DataInitializer):
         """How many top singular triplets of ``G`` ``init_layer`` reads at this rank (sketchable methods)."""
         raise NotImplementedError
 
+    def sketches(self) -> bool:
+        """Whether this instance, with its options, can work from a sketch (``estimator="auto"`` may pick one):
+        ``sketchable`` by default; a method whose options select a dense-only variant says no."""
+        return self.sketchable
+
     def check_layer(self, ctx) -> None:
         super().check_layer(ctx)
         o = self.options
@@ -179,7 +184,7 @@ class GradientInitializer(DataInitializer):
         o = self.options
         if o.estimator != "auto":
             return o.estimator
-        if not self.sketchable or getattr(o, "variant", None) == "peft":
+        if not self.sketches():
             return "dense"
         dense = sum(4 * weight_shape(m)[0] * weight_shape(m)[1] for m in modules.values())
         return "sketch" if dense > DENSE_G_MAX_BYTES else "dense"

@@ -74,6 +74,11 @@ class LoftQ(Initializer):
                              "full precision, lowrank.inject(model, LoRAConfig(init='loftq', ...)), then "
                              "lowrank.quantize_base(model); or use pissa / lora_ga on the 4-bit base")
 
+    def quantization(self) -> dict:
+        """The base must be quantized as the alternation was (``lowrank.quantize_base`` reads this)."""
+        o = self.options
+        return {"quant_type": o.quant_type, "blocksize": o.blocksize, "compress_statistics": o.compress_statistics}
+
     def init_layer(self, ctx: LayerContext) -> InitResult:
         o, W, s = self.options, ctx.weight, ctx.scaling
         A0, B0 = ctx.zeros(ctx.rank, ctx.n), ctx.zeros(ctx.m, ctx.rank)

@@ -118,6 +118,9 @@ class LoRAGA(GradientInitializer):
     def triplets(self, rank: int) -> int:
         return 2 * rank
 
+    def sketches(self) -> bool:
+        return self.options.variant != "peft"  # PEFT's variant factorizes the dense gradient, as PEFT does
+
     def check_layer(self, ctx: LayerContext) -> None:
         super().check_layer(ctx)
         if 2 * ctx.rank > min(ctx.m, ctx.n):
