@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from ._version import __version__
-from .adapters.base import weight_shape
+from .weights import weight_shape
 from .config import LoRAConfig, matches_targets, output_scale
 from .plan import RECORD_ATTR, adapted_layers, check_untied, commit, find_trainable, plan, unwrap
 from .registry import get_adapter

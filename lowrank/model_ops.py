@@ -7,7 +7,8 @@ from collections import Counter
 import torch
 from torch import nn
 
-from .adapters.base import Adapter, set_weight
+from .adapters.base import Adapter
+from .weights import set_weight
 from .plan import RECORD_ATTR, adapted_layers, shared_weight_users
 from .weights import original_weight, set_module
 

@@ -21,7 +21,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .adapters.base import SUPPORTED_TYPES, Adapter, weight_dtype, weight_shape, weight_view
+from .adapters.base import Adapter
+from .weights import SUPPORTED_TYPES, weight_dtype, weight_shape, weight_view
 from .config import LoRAConfig, matches_targets
 from .init.base import InitResult, Initializer
 from .init.budget import RankBudget

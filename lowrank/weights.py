@@ -1,4 +1,6 @@
-"""The base weights: the one formula for an offset base ``W = W0 - s B A``, an adapted layer's offset record
+"""The base weights: how a supported base layer stores its weight (:func:`weight_view` / :func:`weight_shape` /
+:func:`set_weight` as ``(d_out, d_in)``, whatever the layout: ``nn.Linear``, GPT-2's ``Conv1D``, a 4-bit
+``Linear4bit``, an FSDP2 shard), the one formula for an offset base ``W = W0 - s B A``, an adapted layer's offset record
 (:func:`apply_offset`, :func:`rebuild_offset`, :func:`original_weight`) and the journal that puts back everything
 a commit changed when it fails.
 
@@ -19,10 +21,78 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .adapters.base import restore_weight, set_weight, weight_dtype, weight_view
-from .quant import is_4bit
-from .sharding import is_dtensor, local_rows
+from .quant import dequantized, is_4bit, quantize, relative_error, set_param, stored_dtype
+from .sharding import gather, is_dtensor, local_rows, restore_rows, write_rows
 from . import distributed as dist_helpers
+
+try:  # transformers is a dependency, but keep the layer importable without it
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment]
+
+SUPPORTED_TYPES = (nn.Linear, Conv1D) if Conv1D else (nn.Linear,)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2) stores its weight as ``(d_in, d_out)``."""
+    return bool(Conv1D) and isinstance(module, Conv1D)
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_out, d_in)`` of a supported base module (a 4-bit layer stores its weight packed)."""
+    if is_4bit(module):
+        return module.out_features, module.in_features
+    w = module.weight
+    return (w.shape[1], w.shape[0]) if is_conv1d(module) else (w.shape[0], w.shape[1])
+
+
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The base weight as a ``(d_out, d_in)`` view (no copy); for a 4-bit layer, ``deq(Q)`` (a new tensor:
+    writing into it does not change the layer, :func:`set_weight` does)."""
+    if is_4bit(module):
+        return dequantized(module)
+    w = module.weight
+    if is_dtensor(w):  # FSDP2: the whole weight, gathered (a collective; lowrank.sharding)
+        w = gather(w)
+    return w.T if is_conv1d(module) else w
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the base weight holds its values in (a 4-bit layer's: the dtype it was quantized from)."""
+    return stored_dtype(module)
+
+
+def set_weight(module: nn.Module, w_mn: torch.Tensor) -> torch.Tensor:
+    """Store ``w_mn`` (``(d_out, d_in)``) as the module's weight data, in its dtype and layout; a 4-bit layer
+    gets ``quant(w_mn)`` with its own settings, and records the relative quantization error
+    ``||w_mn - deq(quant(w_mn))||_F / ||w_mn||_F`` as ``module.quantization_error``.
+
+    Returns the previous data tensor (a 4-bit layer's previous ``Params4bit``), so a caller can put it back bit
+    for bit with :func:`restore_weight`.
+    """
+    if is_4bit(module):
+        old, new = module.weight, quantize(module, w_mn)
+        set_param(module, new)
+        module.quantization_error = relative_error(w_mn, module)
+        return old
+    new = w_mn.T if is_conv1d(module) else w_mn
+    if is_dtensor(module.weight):  # FSDP2: each rank writes its own rows into its shard, in place
+        return write_rows(module.weight, new)
+    old = module.weight.data
+    module.weight.data = new.to(dtype=old.dtype, device=old.device).contiguous()
+    return old
+
+
+def restore_weight(module: nn.Module, old: torch.Tensor) -> None:
+    """Undo :func:`set_weight` with what it returned."""
+    if is_4bit(module):
+        set_param(module, old)
+        module.__dict__.pop("quantization_error", None)
+    elif is_dtensor(module.weight):
+        restore_rows(module.weight, old)
+    else:
+        module.weight.data = old
+
 
 
 _IN_PLACE = contextvars.ContextVar("lowrank_offsets_in_place", default=False)

@@ -175,10 +175,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 B[-1] = 3e38  # finite, but s B A overflows float32 in that row
                 return InitResult(A=10 + ctx.zeros(ctx.rank, ctx.n), B=B, offset=True)
 
-        import lowrank.adapters.base as adapter_base
+        import lowrank.weights as weights
 
-        gathered, real_gather = [], adapter_base.gather
-        adapter_base.gather = lambda t: gathered.append(t.shape) or real_gather(t)  # weight_view's all-gather
+        gathered, real_gather = [], weights.gather
+        weights.gather = lambda t: gathered.append(t.shape) or real_gather(t)  # weight_view's all-gather
         model = _sharded(mesh)
         before = {n: p.to_local().clone() for n, p in model.named_parameters()}
         try:
@@ -187,7 +187,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             out["overflow"] = "no error"
         except Exception as exc:  # noqa: BLE001
             out["overflow"] = f"{type(exc).__name__}: {exc}"
-        adapter_base.gather = real_gather
+        weights.gather = real_gather
         out["overflow_gathered"] = len(gathered)
         out["overflow_unchanged"] = not list(lowrank.adapted_layers(model)) and all(
             torch.equal(p.to_local(), before[n]) for n, p in model.named_parameters())

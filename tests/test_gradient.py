@@ -8,7 +8,7 @@ from transformers.pytorch_utils import Conv1D
 
 import lowrank
 from lowrank import LoRAConfig
-from lowrank.adapters.base import weight_view
+from lowrank.weights import weight_view
 from lowrank.init.gradient import estimate_gradients
 
 from .conftest import MODELS, Snapshot, batches, tiny_bert

@@ -77,6 +77,14 @@ def test_the_import_graph_has_no_cycle():
     assert cycles(graph) == []
 
 
+def test_the_base_weight_helpers_sit_below_the_adapters():
+    """``weights`` (how a base layer stores its weight, the offset formula) is imported by the adapters, never the
+    other way round."""
+    graph = edges(modules())
+    assert "lowrank.weights" in graph["lowrank.adapters.lora"]
+    assert not {d for d in graph["lowrank.weights"] if d.startswith("lowrank.adapters")}
+
+
 def test_the_experiments_import_graph_has_no_cycle():
     graph = edges(modules(EXPERIMENTS))
     assert "experiments.ablation.curves" in graph["experiments.ablation.plots"]  # relative imports are seen

@@ -6,7 +6,7 @@ import pytest
 import torch
 import lowrank
 from lowrank import LoRAConfig
-from lowrank.adapters.base import weight_view
+from lowrank.weights import weight_view
 
 from .conftest import Snapshot, batches, tiny_bert, tiny_gpt2
 

@@ -285,7 +285,7 @@ INTRUDER_TOP_K, INTRUDER_EPSILON = 10, 0.5
 
 def _target_weights(model, targets) -> dict[str, torch.Tensor]:
     """Copies of the target layers' pretrained weights, ``(d_out, d_in)``: what full fine-tuning is compared with."""
-    from lowrank.adapters.base import SUPPORTED_TYPES, weight_view
+    from lowrank.weights import SUPPORTED_TYPES, weight_view
     from lowrank.config import matches_targets
 
     return {n: weight_view(m).detach().clone() for n, m in model.named_modules()
@@ -296,7 +296,7 @@ def intruder_summary(model, pretrained: dict[str, torch.Tensor] | None) -> dict[
     """Intruder dimensions of the trained target layers against their pretrained weights, a forgetting metric:
     ``total`` over layers (each counts its top-``top_k`` singular vectors with ``max |cos| < epsilon``), ``layers``
     and ``layers_with`` (how many have at least one). ``pretrained``: the full fine-tuning arm's copies."""
-    from lowrank.adapters.base import weight_view
+    from lowrank.weights import weight_view
     from lowrank.theory import intruder_dimensions, model_intruder_dimensions
 
     if pretrained is None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
-from .base import weight_dtype
+from ..weights import weight_dtype
 from .lora import LoRALayer
 
 

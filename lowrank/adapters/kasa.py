@@ -53,8 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
-from ..weights import apply_offset
-from .base import weight_dtype
+from ..weights import apply_offset, weight_dtype
 from .lora import LoRALayer
 
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
-from ..weights import apply_offset, original_weight, rebuild_offset
-from .base import Adapter, weight_dtype, weight_shape
+from ..weights import apply_offset, original_weight, rebuild_offset, weight_dtype, weight_shape
+from .base import Adapter
 from .product import choose_order, lora_product
 
 

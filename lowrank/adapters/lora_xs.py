@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
-from .base import Adapter, weight_dtype, weight_shape
+from ..weights import weight_dtype, weight_shape
+from .base import Adapter
 
 
 @register_adapter("lora_xs")

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register_adapter
-from .base import Adapter, weight_dtype, weight_shape
+from ..weights import weight_dtype, weight_shape
+from .base import Adapter
 
 
 def basis_shapes(rank: int, d_out: int, d_in: int) -> tuple[int, int, int]:

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from ..adapters.base import Adapter, restore_weight
+from ..adapters.base import Adapter
+from ..weights import restore_weight
 from ..init.base import InitResult, layer_seed
 from ..init.driver import LayerSpec, check_result, collect_layers, context, init_layers
 from ..plan import RECORD_ATTR, adapted_layers, unwrap

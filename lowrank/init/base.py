@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .._options import build_options
-from ..adapters.base import weight_shape, weight_view
+from ..weights import weight_shape, weight_view
 
 if TYPE_CHECKING:
     from .budget import RankBudget

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist_helpers
-from ..adapters.base import weight_shape
+from ..weights import weight_shape
 from ..sharding import is_dtensor
 from .base import InitResult, Initializer, LayerContext, RankAllocation
 from .budget import RankBudget

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters.base import weight_view
+from ..weights import weight_view
 from ..registry import register_initializer
 from .base import InitResult, LayerContext, RankAllocation
 from .budget import RankBudget, allocate_proportional

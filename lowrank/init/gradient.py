@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..adapters.base import weight_shape
+from ..weights import weight_shape
 from .base import Initializer
 from .sketch import DEFAULT_PASSES, ESTIMATORS, sketch_gradient_svd
 from .statistics import check_needs, collect_statistics, data_options_check

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from .. import distributed as dist_helpers
-from ..adapters.base import weight_shape
+from ..weights import weight_shape
 from ..sharding import is_dtensor
 from .base import layer_seed
 from .statistics import GradientSink, collect_statistics, unreached_error

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..adapters.base import weight_view
+from ..weights import weight_view
 from ..init.base import RankAllocation
 from ..init.driver import LayerSpec, run_initializer
 from ..plan import check_untied

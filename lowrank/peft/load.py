@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from ..adapters.base import weight_shape
+from ..weights import weight_shape
 from ..adapters.lora import LoRALayer
 from ..config import LoRAConfig
 from ..inject import adapted_layers, inject

@@ -7,7 +7,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ...adapters.base import weight_shape
+from ...weights import weight_shape
 from ...registry import register_statistic
 from .base import Statistic
 
