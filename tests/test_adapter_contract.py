@@ -12,11 +12,12 @@ import torch
 
 import lowrank
 from lowrank.io import AdapterFileError
+from lowrank.peft.format import peft_format
 
 from .conftest import MODELS, Snapshot, batches
 
 ADAPTERS = lowrank.list_adapters()
-PEFT_ADAPTERS = {"lora", "dora"} | {a for a in ADAPTERS if "peft_type" in vars(lowrank.get_adapter(a))}
+PEFT_ADAPTERS = {"lora", "dora"} | {a for a in ADAPTERS if peft_format(lowrank.get_adapter(a)) is not None}
 
 
 def default_init(adapter: str) -> tuple[str, dict]:

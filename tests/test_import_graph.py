@@ -77,12 +77,17 @@ def test_the_import_graph_has_no_cycle():
     assert cycles(graph) == []
 
 
-def test_the_base_weight_helpers_sit_below_the_adapters():
+def test_the_base_weight_helpers_sit_below_the_adapters_and_the_adapters_below_the_initializers():
     """``weights`` (how a base layer stores its weight, the offset formula) is imported by the adapters, never the
-    other way round."""
+    other way round; the initializers import the adapter contract, never the other way round."""
     graph = edges(modules())
     assert "lowrank.weights" in graph["lowrank.adapters.lora"]
     assert not {d for d in graph["lowrank.weights"] if d.startswith("lowrank.adapters")}
+    # an adapter's input (InitResult) is part of the adapter contract: the adapters never import the initializers
+    adapters = [m for m in graph if m.startswith("lowrank.adapters")]
+    assert not {d for m in adapters for d in graph[m] if d.startswith("lowrank.init")}
+    # PEFT conversion lives in lowrank.peft (a format per adapter), never in a layer's file
+    assert not {d for m in adapters for d in graph[m] if d.startswith("lowrank.peft")}
 
 
 def test_the_experiments_import_graph_has_no_cycle():

@@ -9,7 +9,7 @@ whatever the base module's storage layout.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +18,29 @@ from torch import nn
 from ..quant import dequantized_linear, is_4bit
 from ..weights import (SUPPORTED_TYPES, Conv1D, is_conv1d, restore_weight, set_weight, weight_dtype,  # noqa: F401
                        weight_shape, weight_view)
+
+@dataclass
+class InitResult:
+    """What an adapter is set from, for one layer (``Adapter.initialize``): what an initializer returns, and what
+    a saved file's tensors become (``Adapter.init_result``)."""
+
+    A: torch.Tensor
+    """``(r, d_in)``."""
+    B: torch.Tensor
+    """``(d_out, r)``."""
+    offset: bool = False
+    """Set the base weight to ``W0 - s B A`` so the output is unchanged at step 0."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Further tensors for adapters that have them (LoRA-XS's core ``R (r, r)``)."""
+    offset_factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    """With ``offset``: the ``(A0, B0)`` the base is offset by, ``W = W0 - s B0 A0``, when they are not ``(A, B)``
+    (LoftQ: the base is prepared for quantization while the adapter starts elsewhere; the output then moves by
+    ``s (B A - B0 A0)``). ``None``: ``(A, B)``, the output is unchanged."""
+
+    def subtracted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A0, B0)`` of the offset: :attr:`offset_factors`, or ``(A, B)``."""
+        return self.offset_factors if self.offset_factors is not None else (self.A, self.B)
+
 
 class Adapter(nn.Module, ABC):
     """A trainable update around a frozen base layer: ``y = base(x) + update(x)``.
@@ -53,9 +76,9 @@ class Adapter(nn.Module, ABC):
     """What plug-ins it pairs with: ``"factors"`` (trainable ``A``, ``B`` around the base: LoRA, DoRA) or
     ``"latent"`` (frozen ``A``, ``B`` and a trainable ``r x r`` core: LoRA-XS), ``"blockwise"`` (GraLoRA: packed
     trainable ``A``, ``B`` paired block by block) or ``"random_basis"`` (RandLoRA: frozen shared random bases,
-    trainable scalings) or ``"kasa"`` (KaSA: ``B diag(d) A`` with a trainable diagonal). An adapter PEFT can hold declares ``peft_type``, ``to_peft`` and ``from_peft``
-    (:mod:`lowrank.peft.format`). Initializers and
-    preconditioners list the kinds they support (``adapter_kinds``)."""
+    trainable scalings) or ``"kasa"`` (KaSA: ``B diag(d) A`` with a trainable diagonal). An adapter PEFT holds as a
+    tuner of its own has a format in :mod:`lowrank.peft.formats`. Initializers and preconditioners list the kinds
+    they support (``adapter_kinds``)."""
 
     @dataclass(frozen=True)
     class Options:

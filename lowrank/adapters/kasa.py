@@ -141,7 +141,7 @@ class KaSALayer(LoRALayer):
 
     @classmethod
     def init_result(cls, tensors: dict[str, torch.Tensor]):
-        from ..init.base import InitResult
+        from .base import InitResult
 
         offset = "A0" in tensors
         return InitResult(A=tensors["A"], B=tensors["B"], offset=offset, extras={"diag": tensors["diag"]},

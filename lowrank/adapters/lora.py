@@ -108,7 +108,7 @@ class LoRALayer(Adapter):
 
     @classmethod
     def init_result(cls, tensors: dict[str, torch.Tensor]):
-        from ..init.base import InitResult
+        from .base import InitResult
 
         offset = "A0" in tensors
         if offset and tensors["A0"].shape != tensors["A"].shape:  # a chain's record: the base offset by A0, B0

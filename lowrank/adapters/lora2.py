@@ -189,7 +189,7 @@ class LoRA2Layer(Adapter):
 
     @classmethod
     def init_result(cls, tensors: dict[str, torch.Tensor]):
-        from ..init.base import InitResult
+        from .base import InitResult
 
         P1, P2 = tensors["B1"] @ tensors["A1"], tensors["B2"] @ tensors["A2"]
         return InitResult(A=P1, B=P2, extras=dict(tensors))

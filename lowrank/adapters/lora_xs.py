@@ -77,7 +77,7 @@ class LoRAXSLayer(Adapter):
 
     @classmethod
     def init_result(cls, tensors: dict[str, torch.Tensor]):
-        from ..init.base import InitResult
+        from .base import InitResult
 
         return InitResult(A=tensors["A"], B=tensors["B"], extras={"R": tensors["R"]})
 

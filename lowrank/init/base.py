@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
@@ -35,32 +35,11 @@ import torch
 from torch import nn
 
 from .._options import build_options
+from ..adapters.base import InitResult  # noqa: F401 - the adapter's input contract, re-exported
 from ..weights import weight_shape, weight_view
 
 if TYPE_CHECKING:
     from .budget import RankBudget
-
-
-@dataclass
-class InitResult:
-    """What an initializer returns for one layer."""
-
-    A: torch.Tensor
-    """``(r, d_in)``."""
-    B: torch.Tensor
-    """``(d_out, r)``."""
-    offset: bool = False
-    """Set the base weight to ``W0 - s B A`` so the output is unchanged at step 0."""
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Further tensors for adapters that have them (LoRA-XS's core ``R (r, r)``)."""
-    offset_factors: tuple[torch.Tensor, torch.Tensor] | None = None
-    """With ``offset``: the ``(A0, B0)`` the base is offset by, ``W = W0 - s B0 A0``, when they are not ``(A, B)``
-    (LoftQ: the base is prepared for quantization while the adapter starts elsewhere; the output then moves by
-    ``s (B A - B0 A0)``). ``None``: ``(A, B)``, the output is unchanged."""
-
-    def subtracted(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A0, B0)`` of the offset: :attr:`offset_factors`, or ``(A, B)``."""
-        return self.offset_factors if self.offset_factors is not None else (self.A, self.B)
 
 
 def layer_seed(seed: int, name: str) -> int:

@@ -15,7 +15,7 @@ lowrank's ``||W + s B A||``, so the conversion holds for DoRA too. Per-layer ran
 become ``modules_to_save``. ``lowrank_export.json`` records the method that produced it.
 
 Other adapters are written to a PEFT tuner of their own when the adapter class declares the format
-(``peft_type``, ``to_peft``: :mod:`lowrank.peft.format`), e.g. ``gralora`` as PEFT GraLoRA and ``randlora`` as
+(a format in :mod:`lowrank.peft.formats`), e.g. ``gralora`` as PEFT GraLoRA and ``randlora`` as
 PEFT RandLoRA; the rest are refused.
 """
 
@@ -33,6 +33,7 @@ from ..plan import RECORD_ATTR, adapted_layers, find_trainable, unwrap
 from ..quant import is_4bit
 from ..registry import get_adapter
 from .format import (LOWRANK_NOTE, PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, declares_peft_format, exact_key,  # noqa: F401
+                     peft_format,
                      patterns, rank_2r, target_modules, write_adapter)
 from .native import export_peft_model, is_peft_model
 
@@ -144,15 +145,16 @@ def _saved_modules(model: nn.Module, cfg, tensors: dict[str, torch.Tensor]) -> l
 
 
 def _export_declared(model: nn.Module, directory, layers: dict, cfg, adapter_cls) -> Path:
-    """An adapter that declares its PEFT format (``peft_type``, ``to_peft``; :mod:`lowrank.peft.format`)."""
-    per_layer, shared, fields = adapter_cls.to_peft(layers, cfg)  # raises for what PEFT cannot hold
+    """An adapter with a PEFT format of its own (:mod:`lowrank.peft.formats`)."""
+    fmt = peft_format(adapter_cls)
+    per_layer, shared, fields = fmt.to_peft(layers, cfg)  # raises for what PEFT cannot hold
     fan_in_fan_out = _fan_in_fan_out(layers)
     tensors = {f"{PREFIX}{name}.{key}": t.detach().contiguous().cpu()
                for name, own in per_layer.items() for key, t in own.items()}
     tensors.update({f"base_model.{key}": t.detach().contiguous().cpu() for key, t in shared.items()})
     saved_modules = _saved_modules(model, cfg, tensors)
     config: dict[str, Any] = {
-        "peft_type": adapter_cls.peft_type, "task_type": None, "base_model_name_or_path": None, "revision": None,
+        "peft_type": fmt.peft_type, "task_type": None, "base_model_name_or_path": None, "revision": None,
         "inference_mode": True, "bias": "none", "target_modules": target_modules(model, list(layers)),
         "fan_in_fan_out": fan_in_fan_out, "modules_to_save": saved_modules or None, "layers_to_transform": None,
         "layers_pattern": None, **fields}

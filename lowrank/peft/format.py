@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from safetensors.torch import save as st_save
 from torch import nn
 
 from .._version import __version__
+from .formats import check_peft_tensors, peft_format  # noqa: F401 - check_peft_tensors re-exported
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -81,43 +83,18 @@ def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
     return out
 
 
-# -- adapters that declare their own PEFT format -------------------------------------------------------------
-# An adapter class other than lora / dora is exported to, and loaded from, a PEFT tuner of its own when it declares,
-# in its own class body (a subclass does not inherit the format: it may change the math):
-#
-#     peft_type = "GRALORA"        PEFT's ``peft_type``
-#     peft_prefix = "gralora_"     the prefix of the tuner's tensor names (PEFT's ``BaseTuner.prefix``)
-#     to_peft(layers, config) -> ({layer: {key: tensor}}, {key: tensor}, {PEFT config field: value})
-#         classmethod: per-layer tensors (written as ``base_model.model.<layer>.<key>``), tensors shared across
-#         layers (``base_model.<key>``) and the method's config fields; raises ValueError for what PEFT cannot hold
-#     from_peft(peft_config, layers, shared, shapes) -> ({LoRAConfig field: value}, {layer: tensors})
-#         classmethod: the inverse; ``shapes`` is each layer's ``(d_out, d_in)`` in the model; a layer's tensors may
-#         leave out frozen ones its initializer rebuilds (RandLoRA's bases when PEFT did not save them)
+# -- adapters with a PEFT tuner of their own: lowrank.peft.formats --------------------------------------------
 
 
 def declares_peft_format(adapter_cls: type) -> bool:
-    """Whether ``adapter_cls`` declares its own PEFT format (``peft_type`` in its own class body)."""
-    return isinstance(vars(adapter_cls).get("peft_type"), str)
+    """Whether PEFT holds ``adapter_cls`` as a tuner of its own (a format in :mod:`lowrank.peft.formats`)."""
+    return peft_format(adapter_cls) is not None
 
 
 def adapter_for_peft_type(peft_type: Any) -> type | None:
-    """The registered adapter class that declares ``peft_type`` (``None``: no lowrank adapter reads it)."""
+    """The registered adapter class whose PEFT format is ``peft_type`` (``None``: no lowrank adapter reads it)."""
     from ..registry import ADAPTERS, get_adapter
 
-    hits = [get_adapter(n) for n in ADAPTERS.list() if declares_peft_format(get_adapter(n))
-            and get_adapter(n).peft_type == peft_type]
+    hits = [get_adapter(n) for n in ADAPTERS.list()
+            if declares_peft_format(get_adapter(n)) and peft_format(get_adapter(n)).peft_type == peft_type]
     return hits[0] if hits else None
-
-
-def check_peft_tensors(name: str, got: dict[str, torch.Tensor], want: dict[str, tuple[int, ...]]) -> None:
-    """The PEFT tensors of layer ``name`` are exactly ``want`` (names and shapes); ``ValueError`` naming the first
-    mismatch."""
-    extra = sorted(set(got) - set(want))
-    if extra:
-        raise ValueError(f"layer {name!r}: unexpected tensor {extra[0]!r} for this adapter's config")
-    for key, shape in want.items():
-        if key not in got:
-            raise ValueError(f"layer {name!r}: the adapter lacks {key}; the file is partial")
-        if tuple(got[key].shape) != tuple(shape):
-            raise ValueError(f"layer {name!r}: {key} has shape {tuple(got[key].shape)}, the model's layer needs "
-                             f"{tuple(shape)}")

@@ -1,5 +1,5 @@
 """Load a PEFT LoRA (or DoRA) adapter into a plain model as lowrank adapters, or an adapter of a PEFT tuner that
-a lowrank adapter declares (``peft_type``, ``from_peft``: :mod:`lowrank.peft.format`; PEFT GraLoRA as ``gralora``,
+a lowrank adapter has a format for (:mod:`lowrank.peft.formats`; PEFT GraLoRA as ``gralora``,
 PEFT RandLoRA as ``randlora``).
 
 Reads ``adapter_config.json`` and ``adapter_model.safetensors`` (written by ``save_pretrained``
@@ -25,7 +25,8 @@ from ..adapters.lora import LoRALayer
 from ..config import LoRAConfig
 from ..inject import adapted_layers, inject
 from ..io import AdapterFileError, parse_json
-from .format import PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, adapter_for_peft_type, declares_peft_format, exact_key
+from .format import (PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, adapter_for_peft_type, declares_peft_format, exact_key,
+                     peft_format)
 
 LORA_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(?P<name>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
@@ -77,7 +78,7 @@ def read_peft(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tenso
 def _declared_types() -> list[str]:
     from ..registry import ADAPTERS, get_adapter
 
-    return sorted(get_adapter(n).peft_type for n in ADAPTERS.list() if declares_peft_format(get_adapter(n)))
+    return sorted(peft_format(get_adapter(n)).peft_type for n in ADAPTERS.list() if declares_peft_format(get_adapter(n)))
 
 
 def _check_lora_config(cfg: dict, cfg_path: Path) -> None:
@@ -204,9 +205,10 @@ def _split_declared(tensors: dict[str, torch.Tensor], prefix: str, directory) ->
 
 
 def _load_declared(model: nn.Module, directory, cfg: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A PEFT tuner that a lowrank adapter declares (``peft_type``, ``from_peft``: :mod:`lowrank.peft.format`)."""
+    """A PEFT tuner that a lowrank adapter has a format for (:mod:`lowrank.peft.formats`)."""
     adapter_cls = adapter_for_peft_type(cfg["peft_type"])
-    layers, shared, extra = _split_declared(tensors, adapter_cls.peft_prefix, directory)
+    fmt = peft_format(adapter_cls)
+    layers, shared, extra = _split_declared(tensors, fmt.peft_prefix, directory)
     modules = dict(model.named_modules())
     for name in layers:
         if name not in modules:
@@ -217,7 +219,7 @@ def _load_declared(model: nn.Module, directory, cfg: dict, tensors: dict[str, to
     layers = {name: layers[name] for name in modules if name in layers}  # the model's order: the first mismatch named
     shapes = {name: weight_shape(modules[name]) for name in layers}
     try:
-        fields, own = adapter_cls.from_peft(cfg, layers, shared, shapes)
+        fields, own = fmt.from_peft(cfg, layers, shared, shapes)
         config = LoRAConfig(targets="^(?:" + "|".join(re.escape(n) for n in sorted(layers)) + ")$",
                             trainable=sorted({k.rsplit(".", 1)[0] for k in extra}), **fields)
     except ValueError as exc:
