@@ -72,14 +72,14 @@ def write_adapter(directory: str | os.PathLike, tensors: dict[str, torch.Tensor]
                   note: dict[str, Any]) -> Path:
     """The three files of an export, each written atomically: the weights, PEFT's config, lowrank's note (who
     wrote it, from which method, which layers were converted)."""
-    from ..io import _atomic_write
+    from ..storage import atomic_write
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
-    _atomic_write(out / PEFT_CONFIG, json.dumps(config, indent=2).encode())
+    atomic_write(out / PEFT_WEIGHTS, st_save(tensors, metadata={"format": "pt"}))
+    atomic_write(out / PEFT_CONFIG, json.dumps(config, indent=2).encode())
     note = {"exported_by": f"lowrank {__version__}", **note, "note": CONVERSION_NOTE}
-    _atomic_write(out / LOWRANK_NOTE, json.dumps(note, indent=2, default=str).encode())
+    atomic_write(out / LOWRANK_NOTE, json.dumps(note, indent=2, default=str).encode())
     return out
 
 

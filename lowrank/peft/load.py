@@ -24,7 +24,7 @@ from ..weights import weight_shape
 from ..adapters.lora import LoRALayer
 from ..config import LoRAConfig
 from ..inject import adapted_layers, inject
-from ..io import AdapterFileError, parse_json
+from ..adapter_file import AdapterFileError, parse_json
 from .format import (PEFT_CONFIG, PEFT_WEIGHTS, PREFIX, adapter_for_peft_type, declares_peft_format, exact_key,
                      peft_format)
 
