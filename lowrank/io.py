@@ -61,9 +61,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         if layer.offset and layer.A0.shape[0] != layer.rank:  # a chain's record of the links it merged
             layers[name]["offset_rank"] = int(layer.A0.shape[0])
         layers[name].update(layer.layer_info())
-        frozen = sorted(k for k, q in layer.adapter_parameters().items() if not q.requires_grad)
-        if frozen:  # e.g. MiCA's B: reloaded frozen whatever is installed where it is loaded
-            layers[name]["frozen"] = frozen
+        if record.frozen:  # the initializer's fixed factors (MiCA's B): reloaded frozen whatever is installed
+            layers[name]["frozen"] = sorted(record.frozen)
         for key, t in own.items():
             tensors[f"layers.{name}.{key}"] = t.detach()
     trainable = [n for n, _ in find_trainable(model, record.config.trainable, [])]
@@ -197,9 +196,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         layers = dict(adapted_layers(model))
     for name, layer in layers.items():
         layer.load_tensors(_layer_tensors(tensors, name))
-        if "frozen" in meta["layers"][name]:  # the trainable/frozen state it was saved with
+        if "frozen" in meta["layers"][name]:  # the initializer's fixed factors, as saved
+            frozen = meta["layers"][name]["frozen"]
+            getattr(model, RECORD_ATTR).frozen = tuple(frozen)
             for key, q in layer.adapter_parameters().items():
-                q.requires_grad_(key not in meta["layers"][name]["frozen"])
+                q.requires_grad_(key not in frozen)
     for mname in meta.get("trainable", []):
         for pname, p in model.get_submodule(mname).named_parameters():
             p.copy_(tensors[f"trainable.{mname}.{pname}"])

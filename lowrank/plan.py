@@ -43,6 +43,9 @@ class InjectionRecord:
     requires_grad: dict[str, bool]
     origin: dict[str, Any] | None = None
     """Loaded from a file whose initializer is not installed here: its ``init`` and ``init_options``."""
+    frozen: tuple[str, ...] = ()
+    """The adapter parameters the initializer keeps as initialized (MiCA's ``B``): written with a saved adapter,
+    so it reloads with them frozen wherever it is loaded (a temporary ``requires_grad_(False)`` is not)."""
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
@@ -349,7 +352,7 @@ def commit(p: Plan, results: Sequence[InitResult]) -> None:
         for _, module in p.trainable:
             for q in module.parameters():
                 q.requires_grad_(True)
-        setattr(model, RECORD_ATTR, InjectionRecord(config, flags))
+        setattr(model, RECORD_ATTR, InjectionRecord(config, flags, frozen=tuple(frozen)))
         meshes = [spec.module.weight.device_mesh for spec in p.layers if is_dtensor(spec.module.weight)]
         if meshes:  # FSDP2 does not manage the new adapters: their gradients averaged across its ranks
             dist_helpers.average_over_mesh([q for _, layer in adapted_layers(model)

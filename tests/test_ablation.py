@@ -357,3 +357,24 @@ def test_hf_text_classification_with_a_separate_test_source(tmp_path, capsys):
         make_task("hf-text-classification", {**opts, "test_text_column": "s", "test_dataset": str(csv)})
     with pytest.raises(ValueError, match="test_text_column / test_label_column are set but test_dataset is not"):
         make_task("hf-text-classification", {k: v for k, v in opts.items() if k != "test_dataset"})
+
+
+def test_unlabelled_test_rows_are_refused_not_read_as_the_last_class(tmp_path):
+    import datasets
+
+    from experiments.ablation import make_task
+    from experiments.data.minilm import minilm_path
+
+    rows = [(f"a small furry animal number {i}", "animal") for i in range(12)] + \
+           [(f"a fast red car number {i}", "artifact") for i in range(12)]
+    csv = tmp_path / "train.csv"
+    csv.write_text("sentence,kind\n" + "\n".join(f"{t},{k}" for t, k in rows))
+    classes = datasets.ClassLabel(names=["animal", "artifact"])
+    test = datasets.Dataset.from_dict({"sentence": ["a cat", "a bus", "a dog"], "kind": [-1, -1, 0]},
+                                      features=datasets.Features({"sentence": datasets.Value("string"),
+                                                                  "kind": classes}))
+    test.save_to_disk(str(tmp_path / "glue_like"))
+    with pytest.raises(ValueError, match=r"label index\(es\) \[-1\] are not classes"):
+        make_task("hf-text-classification", {"model": minilm_path(), "dataset": str(csv), "text_column": "sentence",
+                                             "label_column": "kind", "n_val": 4, "n_test": 3, "init_batches": 1,
+                                             "test_dataset": str(tmp_path / "glue_like")})

@@ -73,3 +73,22 @@ def test_equivalence_margin_decides_too(tmp_path):
 def test_bad_adaptive_tables_are_named(tmp_path, seeds, message):
     with pytest.raises(ValueError, match=message):
         _config(tmp_path, seeds)
+
+
+def test_an_arm_whose_runs_diverge_gets_no_more_seeds(tmp_path):
+    from tests.test_ablation_search import record
+
+    cfg = _config(tmp_path, "{ adaptive = true, max = 6, target_halfwidth = 0.001 }")
+    done = {}
+    for _ in range(50):  # GA diverges at its final rate on seeds 1 and 2: one ok paired seed, nothing to decide
+        from experiments.ablation.search import plan
+
+        plans = plan(cfg, done)
+        todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]
+        if not todo:
+            break
+        for r in todo:
+            bad = r["arm"] == "GA" and r["phase"] == "final" and r["seed"] in (1, 2)
+            done[r["key"]] = record(r, abs(math.log(r["lr"] / 0.01)), 0.5, status="diverged" if bad else "ok")
+    by = {p.arm: p for p in plans}
+    assert by["GA"].seeds == by["LoRA"].seeds == [0, 1, 2]

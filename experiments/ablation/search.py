@@ -165,12 +165,16 @@ def _adapt(cfg: Config, plans: list[ArmPlan], done: dict[str, dict[str, Any]]) -
         ref = reference_plan(cfg, plans, p.rank)
         if p.arm == cfg.sweep.reference or not p.selected or ref is None or not ref.selected:
             continue
+        if p.mode == "list" and p.pending_final:  # a list's rate is chosen once all its initial runs are in
+            continue
         n = len(a.initial)
         while n < a.max:
             mine, theirs = records(p, a.seeds(n)), records(ref, a.seeds(n))
             if mine is None or theirs is None:
                 break
             diff = difference(mine, theirs, cfg.headline)
+            if diff.n < 2:  # fewer than two paired seeds finished (runs diverged): more seeds would not decide it
+                break
             if not undecided(diff, higher, cfg.sweep.equivalence_margin) or halfwidth(diff) <= a.target_halfwidth:
                 break
             n += 1

@@ -99,10 +99,16 @@ def _with_labels_of(d, classes, where: str):
 
     feat = d.features["label"]
     if isinstance(feat, datasets.ClassLabel):
+        unlabelled = sorted({v for v in d["label"] if not 0 <= v < feat.num_classes})
+        if unlabelled:  # GLUE's hidden test labels are -1: never read as a class (names[-1] is the last one)
+            raise ValueError(f"{where}: label index(es) {unlabelled[:5]} are not classes (-1 marks an unlabelled "
+                             "row, as in GLUE's test splits); test on a labelled split (e.g. test_split = "
+                             "\"validation\")")
         values = [feat.names[v] for v in d["label"]]
     else:
         values = d["label"]
-    if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    named_by_ints = all(n.lstrip("-").isdigit() for n in classes.names)  # classes encoded from integer labels
+    if values and not named_by_ints and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         bad = sorted({v for v in values if not 0 <= v < classes.num_classes})
         if bad:
             raise ValueError(f"{where}: label index(es) {bad[:5]} outside the training labels' 0..{classes.num_classes - 1}")
