@@ -102,7 +102,7 @@ def test_summary_pairs_per_example_outcomes_when_every_seed_has_them(tmp_path):
     for key, r in done.items():  # hand-made per-example losses around each run's test loss
         values = list(r["test"]["loss"] + rng.normal(0, 0.2, 50))
         per[key] = values
-        r["test_outcomes"] = {"loss": outcomes.encode(values)}
+        r["test_outcomes"] = {"loss": outcomes.encode(values, order="same test set")}
     out = {r["arm"]: r for r in rows(cfg, plans, done)}
     finals = {(r["arm"], r["seed"]): per[k] for k, r in done.items()
               if r["lr"] == next(p.chosen for p in plans if p.arm == r["arm"])}
@@ -111,5 +111,19 @@ def test_summary_pairs_per_example_outcomes_when_every_seed_has_them(tmp_path):
     assert ga["delta_basis"] == CROSSED and ga["delta_ci"] == pytest.approx([expected.lo, expected.hi])
     assert ga["mdd"] == pytest.approx(mdd(expected)) and out["LoRA"]["delta_basis"] is None
     assert "†" in markdown(cfg, plans, done, list(out.values()))
-    del done[next(k for k, r in done.items() if r["arm"] == "GA" and r["seed"] == 2)]["test_outcomes"]
+    ga2 = next(k for k, r in done.items() if r["arm"] == "GA" and r["seed"] == 2 and r["lr"] == plans[1].chosen)
+    done[ga2]["test_outcomes"]["loss"]["order"] = "another tokenizer"  # other examples, or another order
+    assert {r["arm"]: r for r in rows(cfg, plans, done)}["GA"]["delta_basis"] == "seeds"
+    del done[ga2]["test_outcomes"]
     assert {r["arm"]: r for r in rows(cfg, plans, done)}["GA"]["delta_basis"] == "seeds"  # one seed lacks them
+
+
+def test_the_fingerprint_follows_the_examples_and_their_order():
+    import torch
+
+    a = [{"input_ids": torch.tensor([[1, 2], [3, 4]]), "answers": ("x", "y")}]
+    same = [{"answers": ("x", "y"), "input_ids": torch.tensor([[1, 2], [3, 4]])}]
+    swapped = [{"input_ids": torch.tensor([[3, 4], [1, 2]]), "answers": ("y", "x")}]
+    other_dtype = [{"input_ids": torch.tensor([[1, 2], [3, 4]], dtype=torch.int32), "answers": ("x", "y")}]
+    fp = outcomes.fingerprint
+    assert fp(a) == fp(same) and len({fp(a), fp(swapped), fp(other_dtype)}) == 3

@@ -53,7 +53,7 @@ def test_bad_settings_are_named(tmp_path, line, message):
         load(path)
 
 
-def test_settings_enter_the_run_key_only_when_set_and_train(tmp_path):
+def test_settings_enter_the_run_key_only_when_set_and_train(tmp_path, monkeypatch):
     plain = config(tmp_path)
     spec = plain.spec(plain.arms[0], 2, 0.01, 0, "final")
     assert not {"schedule", "warmup_ratio", "max_grad_norm", "weight_decay"} & set(spec)
@@ -65,7 +65,25 @@ def test_settings_enter_the_run_key_only_when_set_and_train(tmp_path):
                     .replace("seeds = [0, 1, 2]", "seeds = [0]"))
     text = path.read_text()
     path.write_text(text[:text.index("[search]")] + text[text.index("[task]"):])  # a rate list: no search
+    from experiments.ablation import run
+
+    seen, clipped = [], []
+    before = run._Schedule.before
+
+    def spy(self, step):  # the rate each update is taken with, and the optimizer's decay
+        before(self, step)
+        seen.append((step, [g["lr"] for g in self.groups], {g.get("weight_decay") for g in self.groups}))
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(run._Schedule, "before", spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, n: clipped.append(n) or real_clip(ps, n))
     assert main([str(path), "--no-progress"]) == 0
+    per_run = 6  # steps; two arms
+    assert [s for s, _, _ in seen] == list(range(per_run)) * 2 and clipped == [1.0] * (2 * per_run)
+    for step, lrs, decay in seen[:per_run]:  # LoRA: A and B groups at 0.01 x the schedule's factor
+        assert lrs == pytest.approx([0.01 * schedule_factor(step, 6, "cosine", 0.1)] * len(lrs), abs=1e-15)
+        assert decay == {0.0}
+    assert seen[0][1][0] == 0.0 and seen[1][1][0] == pytest.approx(0.01)  # warmup of ceil(0.6) = 1 update
     records = read_records(tmp_path / "t.jsonl")
     assert len(records) == 2 and all(r["status"] == "ok" for r in records)
     r = records[0]

@@ -214,6 +214,7 @@ def test_causal_lm_through_the_runner(tmp_path, tiny_lm_dir, capsys, dtype, gc):
         kept = decode(r["test_outcomes"]["exact_match"])  # per example, for the crossed interval
         assert len(kept) == 6 and sum(kept) / 6 == pytest.approx(r["test"]["exact_match"])
         assert all("outcomes" not in e for e in r["eval"])  # validation outcomes are not kept
+    assert len({r["test_outcomes"]["exact_match"]["order"] for r in records}) == 1  # one test set, one order
     out = capsys.readouterr().out
     assert "test exact_match" in out and "Δ test exact_match vs LoRA" in out
     assert (tmp_path / "lm_curves.png").stat().st_size > 10_000

@@ -45,12 +45,16 @@ def reference_plan(cfg, plans, rank):
 
 def _per_example(ok, ref_ok, metric) -> tuple[dict, dict] | None:
     """Each seed's per-example outcomes of ``metric`` for the arm and the reference, when every paired seed
-    of both kept them for the same number of examples; else ``None`` (the seed-level interval is used)."""
+    of both kept them for the same examples in the same order (equal ``order`` fingerprints); else ``None`` (the
+    seed-level interval is used)."""
     arm = {r["seed"]: r.get("test_outcomes", {}).get(metric) for r in ok}
     ref = {r["seed"]: r.get("test_outcomes", {}).get(metric) for r in ref_ok}
     seeds = sorted(set(arm) & set(ref))
     if len(seeds) < 2 or any(arm[s] is None or ref[s] is None for s in seeds):
         return None
     if len({arm[s]["n"] for s in seeds} | {ref[s]["n"] for s in seeds}) > 1:
+        return None
+    orders = {arm[s].get("order") for s in seeds} | {ref[s].get("order") for s in seeds}
+    if len(orders) > 1 or None in orders:  # scored on other examples, or in another order: no pairing by position
         return None
     return ({s: outcomes.decode(arm[s]) for s in seeds}, {s: outcomes.decode(ref[s]) for s in seeds})

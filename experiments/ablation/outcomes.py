@@ -5,11 +5,14 @@
 build with the same task options, so two arms' lists pair example by example). The runner checks that each
 list's mean is the metric, keeps the test split's lists in the record as ``test_outcomes`` (0/1 values as a
 hex bit string, 500 examples in 125 characters; other values as a list) and drops the validation ones.
-``summary`` pairs them across arms and seeds (``stats.crossed``).
+``summary`` pairs them across arms and seeds (``stats.crossed``) only when the records carry the same
+``order``: a fingerprint of the test batches the outcomes were scored on (every tensor and string in them, in
+order), so that a changed tokenizer, data or example order never pairs outcomes of different examples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -32,15 +35,44 @@ def split(result: dict[str, Any], where: str) -> tuple[dict[str, float], dict[st
     return metrics, outcomes
 
 
-def encode(values: list[float]) -> dict[str, Any]:
+def fingerprint(batches: list[Any]) -> str:
+    """A hash of the batches' contents in order (tensors by dtype, shape and bytes; strings; other values by
+    ``repr``): equal for two runs exactly when they scored the same examples in the same order."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(v, dict):
+            for k in sorted(v, key=str):
+                h.update(str(k).encode())
+                feed(v[k])
+        elif isinstance(v, (list, tuple)):
+            h.update(f"[{len(v)}".encode())
+            for x in v:
+                feed(x)
+        else:
+            h.update(repr(v).encode())
+
+    feed(list(batches))
+    return h.hexdigest()[:16]
+
+
+def encode(values: list[float], order: str | None = None) -> dict[str, Any]:
     """Compact form for a record: ``{"n", "bits"}`` (hex, first example in the highest bit) for 0/1 values,
-    else ``{"n", "values"}``."""
+    else ``{"n", "values"}``; with ``order`` (:func:`fingerprint` of the batches) kept beside them."""
     vals = [float(v) for v in values]
     if all(v in (0.0, 1.0) for v in vals):
         bits = "".join("1" if v else "0" for v in vals)
         pad = -len(bits) % 4
-        return {"n": len(vals), "bits": f"{int(bits + '0' * pad, 2):0{(len(bits) + pad) // 4}x}" if vals else ""}
-    return {"n": len(vals), "values": vals}
+        out = {"n": len(vals), "bits": f"{int(bits + '0' * pad, 2):0{(len(bits) + pad) // 4}x}" if vals else ""}
+    else:
+        out = {"n": len(vals), "values": vals}
+    return out if order is None else {**out, "order": order}
 
 
 def decode(stored: dict[str, Any]) -> list[float]:

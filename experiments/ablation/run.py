@@ -271,7 +271,8 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
             "wall_time_s": time.perf_counter() - t0, "peak_memory_bytes": mem.extra, "world_size": world,
             "lowrank_version": lowrank.__version__, "torch_version": torch.__version__,
             **({"links": chain.links} if chain is not None else {}),
-            **({"test_outcomes": {k: outcomes.encode(v) for k, v in test_outcomes.items()}} if test_outcomes else {})}
+            **({"test_outcomes": {k: outcomes.encode(v, outcomes.fingerprint(built.test_batches))
+                                  for k, v in test_outcomes.items()}} if test_outcomes else {})}
 
 
 def _evaluate(task, model, batches, progress: bool) -> tuple[dict[str, float], dict[str, list[float]]]:
