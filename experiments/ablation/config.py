@@ -204,8 +204,8 @@ class AdaptiveSeeds:
 def _adaptive(table, where: str) -> AdaptiveSeeds:
     keys = {"adaptive", "initial", "max", "target_halfwidth"}
     if not isinstance(table, dict) or table.get("adaptive") is not True or set(table) - keys:
-        raise ValueError(f"{where}: seeds must be a list of integers or a table {{ adaptive = true, initial = [0, 1, 2], "
-                         f"max = N, target_halfwidth = h }}, got {table!r}")
+        raise ValueError(f"{where}: seeds must be a list of integers or a table {{ adaptive = true, "
+                         f"initial = [0, 1, 2], max = N, target_halfwidth = h }}, got {table!r}")
     initial = table.get("initial", [0, 1, 2])
     _check_int_list(where, "seeds.initial", initial, positive=False)
     n = table.get("max")

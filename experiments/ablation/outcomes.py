@@ -23,7 +23,8 @@ def split(result: dict[str, Any], where: str) -> tuple[dict[str, float], dict[st
     metrics = dict(result)
     outcomes = metrics.pop("outcomes", None) or {}
     if not isinstance(outcomes, dict):
-        raise ValueError(f"{where}: evaluate's 'outcomes' must map metric names to lists, got {type(outcomes).__name__}")
+        raise ValueError(f"{where}: evaluate's 'outcomes' must map metric names to lists, got "
+                         f"{type(outcomes).__name__}")
     for name, values in outcomes.items():
         if name not in metrics:
             raise ValueError(f"{where}: evaluate returned outcomes for {name!r}, which is not one of its metrics "

@@ -94,7 +94,8 @@ def plot_curves(cfg: Config, plans: list[ArmPlan], done, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     seeds = len(cfg.sweep.seeds)
-    _finish(plt, fig, axes, path, f"{cfg.title()}\nmean over {seeds} seed{'s' * (seeds > 1)}"
+    more = f" (up to {cfg.adaptive.max}: adaptive)" if cfg.adaptive is not None else ""
+    _finish(plt, fig, axes, path, f"{cfg.title()}\nmean over {seeds} seed{'s' * (seeds > 1)}{more}"
             + (", band: 95% t-interval across seeds" if seeds > 1 else ""))
 
 

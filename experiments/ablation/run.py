@@ -240,7 +240,8 @@ def train_one(task, spec: dict[str, Any], progress: bool = True) -> dict[str, An
             opt.zero_grad(set_to_none=True)
             (loss if regularizer is None else loss + regularizer(model)).backward()  # logged: the task loss
             if spec.get("max_grad_norm") is not None:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], spec["max_grad_norm"])
+                trained = [p for p in model.parameters() if p.requires_grad]
+                torch.nn.utils.clip_grad_norm_(trained, spec["max_grad_norm"])
             if schedule is not None:
                 schedule.before(step - 1)
             try:

@@ -118,7 +118,8 @@ class CausalLM(Generative):
                                  f"{self.prompt_template!r}")
             if self.test_data is not None:
                 if not isinstance(self.test_data, str) or not self.test_data:
-                    raise ValueError(f"test_data must be a .jsonl file or a generator, got {self.test_data!r}")
+                    raise ValueError(f"test_data must be a .jsonl file, a 'hf:' source or a generator, got "
+                                     f"{self.test_data!r}")
                 check_source(self.test_data)
             elif self.test_data_options or any(getattr(self, k) is not None for k in (
                     "test_prompt_field", "test_response_field", "test_answer_field", "test_answer_pattern")):
@@ -160,8 +161,8 @@ class CausalLM(Generative):
                 self.test_pattern = compile_pattern(o.test_answer_pattern)
             splits = (train, val, test)
         if self.pattern is not None or self.test_pattern is not None:  # worked solutions reduced to their answers
-            splits = ([_reference(e, self.pattern) for e in splits[0]], [_reference(e, self.pattern) for e in splits[1]],
-                      [_reference(e, self.test_pattern) for e in splits[2]])
+            splits = tuple([_reference(e, p) for e in split]
+                           for split, p in zip(splits, (self.pattern, self.pattern, self.test_pattern)))
         self.dropped_long = 0
         self.train_set, self.val_set = (self._encode_all(s) for s in splits[:2])
         self.test_set = [self._encode(e) for e in splits[2]]
