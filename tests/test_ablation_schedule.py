@@ -89,3 +89,13 @@ def test_settings_enter_the_run_key_only_when_set_and_train(tmp_path, monkeypatc
     r = records[0]
     assert (r["schedule"], r["warmup_ratio"], r["max_grad_norm"], r["weight_decay"]) == ("cosine", 0.1, 1.0, 0.0)
     assert r["key"] != spec["key"] and r["lr"] == spec["lr"] and r["seed"] == spec["seed"]
+
+
+def test_weight_decay_in_both_places_is_named():
+    from experiments.ablation.run import _options
+
+    arm = {"preconditioner_options": {"weight_decay": 0.1, "ratio": 16.0}}
+    assert _options(arm, {"arm": "LoRA+"}) == {"weight_decay": 0.1, "ratio": 16.0}
+    assert _options({"preconditioner_options": {}}, {"arm": "a", "weight_decay": 0.0}) == {"weight_decay": 0.0}
+    with pytest.raises(ValueError, match=r"arm 'LoRA\+': weight_decay is set both in \[sweep\] \(0.0\) and in"):
+        _options(arm, {"arm": "LoRA+", "weight_decay": 0.0})

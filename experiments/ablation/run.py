@@ -115,7 +115,7 @@ def _optimizer(model, spec, built):
     base = arm.get("optimizer", "adamw")
     if base == "adamw":
         opt = PreconditionedOptimizer(model, base=base, preconditioner=arm["preconditioner"], lr=lr,
-                                      **arm["preconditioner_options"], **_decay(spec))
+                                      **_options(arm, spec))
         for g in opt.param_groups:
             if g["lowrank_role"] == "other":
                 g["lr"] = spec["head_lr"]
@@ -127,7 +127,7 @@ def _optimizer(model, spec, built):
         p.requires_grad_(False)
     try:
         opt = PreconditionedOptimizer(model, base=base, preconditioner=arm["preconditioner"], lr=lr,
-                                      **arm["preconditioner_options"], **_decay(spec))
+                                      **_options(arm, spec))
     finally:
         for p in trained:
             p.requires_grad_(True)
@@ -136,6 +136,15 @@ def _optimizer(model, spec, built):
 
 def _decay(spec) -> dict[str, float]:
     return {} if spec.get("weight_decay") is None else {"weight_decay": spec["weight_decay"]}
+
+
+def _options(arm, spec) -> dict:
+    """The arm's preconditioner / base-optimizer options with the sweep's ``weight_decay``; set in both: an error."""
+    opts = dict(arm["preconditioner_options"])
+    if "weight_decay" in opts and spec.get("weight_decay") is not None:
+        raise ValueError(f"arm {spec['arm']!r}: weight_decay is set both in [sweep] ({spec['weight_decay']}) and in "
+                         f"its preconditioner_options ({opts['weight_decay']}); keep one")
+    return {**opts, **_decay(spec)}
 
 
 def schedule_factor(step: int, steps: int, kind: str = "constant", warmup_ratio: float = 0.0) -> float:
