@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from experiments.ablation import config as config_mod
 from experiments.ablation import transfer
 from experiments.ablation.run import append_record, check_arms, read_records, train_one
-from experiments.ablation.search import plan
+from experiments.ablation.search import plan_sweep
 from experiments.ablation.summary import summarize
 from experiments.ablation.tasks import make_task
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
             while True:
-                plans = plan(cfg, done, predictions)
+                plans = plan_sweep(cfg, done, predictions)
                 if any(p.waiting for p in plans):
                     if transfer.predict_waiting(cfg, task, plans, predictions, results, write=rank0):
                         continue
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
     if not rank0:
         return 0
-    plans = plan(cfg, done, predictions)
+    plans = plan_sweep(cfg, done, predictions)
     print(summarize(cfg, plans, done, results, as_json=args.json))
     return 0
 

@@ -49,12 +49,12 @@ def tuned_rates() -> dict[str, float]:
     options and no preconditioner (replayed from the committed results file)."""
     from experiments.ablation.config import load
     from experiments.ablation.run import read_records
-    from experiments.ablation.search import plan
+    from experiments.ablation.search import plan_sweep
 
     root = Path(__file__).resolve().parent
     cfg = load(root / "configs" / "fair-ablation.toml")
     done = {r["key"]: r for r in read_records(root.parent / cfg.sweep.results)}
-    chosen = {p.arm: p.chosen for p in plan(cfg, done) if p.selected}
+    chosen = {p.arm: p.chosen for p in plan_sweep(cfg, done) if p.selected}
     return {a.init: chosen[a.name] for a in cfg.arms if a.name in chosen and not a.full_finetune
             and a.preconditioner == "identity" and set(a.init_options) <= {"progress"}}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from experiments.ablation import config as config_mod
 from experiments.ablation.run import read_records
-from experiments.ablation.search import plan
+from experiments.ablation.search import plan_sweep
 from experiments.ablation.tasks import make_task
 from experiments.ablation.transfer import _theory_arm
 from lowrank.theory.transfer import DEFAULT_RULE, RULES, _setup, measure, rule_quantity
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     data = measure_all(cfg, args.iters, args.sharpness_batches, Path(f"{stem}_rules_measure.json"),
                        args.remeasure)
     done = {r["key"]: r for r in read_records(results)}
-    plans = plan(cfg, done)
+    plans = plan_sweep(cfg, done)
     text, obj = report(cfg, plans, data)
     Path(f"{stem}_rules.md").write_text(f"# {cfg.sweep.name}: {' '.join(['python -m experiments.transfer_report', args.config])}\n\n"
                                            f"{text}\n\n![predicted vs tuned]({stem.name}_rules.png)\n")

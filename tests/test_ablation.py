@@ -13,7 +13,7 @@ import pytest
 from experiments.ablate import main
 from experiments.ablation.config import load
 from experiments.ablation.run import read_records
-from experiments.ablation.search import plan
+from experiments.ablation.search import plan_sweep
 
 SYNTH = """\
 # python -m experiments.ablate {path}
@@ -166,7 +166,7 @@ def test_presets_are_valid_and_the_demo_is_small():
     # each arm at the rate fair-ablation's search chose for it (replayed from the committed results)
     fair = load(root / "fair-ablation.toml")
     results = root.parent / "results" / "fair-ablation.jsonl"
-    chosen = {p.arm: p.chosen for p in plan(fair, {r["key"]: r for r in read_records(results)})}
+    chosen = {p.arm: p.chosen for p in plan_sweep(fair, {r["key"]: r for r in read_records(results)})}
     assert all(chosen[a.name] for a in demo.arms)
     assert {a.name: a.lrs for a in demo.arms} == {a.name: [chosen[a.name]] for a in demo.arms}
     assert all(a.identity() == next(f for f in fair.arms if f.name == a.name).identity() for a in demo.arms)

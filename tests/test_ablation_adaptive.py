@@ -81,9 +81,9 @@ def test_an_arm_whose_runs_diverge_gets_no_more_seeds(tmp_path):
     cfg = _config(tmp_path, "{ adaptive = true, max = 6, target_halfwidth = 0.001 }")
     done = {}
     for _ in range(50):  # GA diverges at its final rate on seeds 1 and 2: one ok paired seed, nothing to decide
-        from experiments.ablation.search import plan
+        from experiments.ablation.search import plan_sweep
 
-        plans = plan(cfg, done)
+        plans = plan_sweep(cfg, done)
         todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]
         if not todo:
             break

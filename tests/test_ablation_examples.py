@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.ablation import outcomes
-from experiments.ablation.stats import CROSSED, crossed, mdd, mean_ci, paired
+from experiments.ablation.verdicts import CROSSED, crossed, mdd, mean_ci, paired
 from experiments.ablation.summary import markdown, rows
 from tests.test_ablation_power import _config
 from tests.test_ablation_search import drive

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from experiments.ablation.config import load
-from experiments.ablation.stats import Interval, equivalence, mdd, mean_ci, paired, power
+from experiments.ablation.verdicts import Interval, equivalence, mdd, mean_ci, paired, power
 from experiments.ablation.summary import markdown, rows
 from tests.test_ablation_search import CONFIG, drive
 

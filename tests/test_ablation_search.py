@@ -12,8 +12,8 @@ import pytest
 from experiments.ablate import main
 from experiments.ablation.config import load
 from experiments.ablation.run import read_records
-from experiments.ablation.search import plan
-from experiments.ablation.stats import mean_ci, paired, verdict
+from experiments.ablation.search import plan_sweep
+from experiments.ablation.verdicts import mean_ci, paired, verdict
 from experiments.ablation.curves import steps_to
 from experiments.ablation.summary import rows
 
@@ -72,7 +72,7 @@ def drive(cfg, val_of, test_of=None, diverges=lambda lr: False, test_of_run=None
     test metric from the whole run spec, seed included)."""
     done = {}
     for _ in range(100):
-        plans = plan(cfg, done)
+        plans = plan_sweep(cfg, done)
         todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]
         if not todo:
             return plans, done
@@ -134,7 +134,7 @@ def test_paired_verdicts_and_steps_on_hand_made_runs(tmp_path):
     ref_curve, ga_curve = [3.0] * 30 + [1.0] * 10, [3.0] * 10 + [1.0] * 30
     done = {}
     for _ in range(20):
-        plans = plan(cfg, done)
+        plans = plan_sweep(cfg, done)
         todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]
         if not todo:
             break
@@ -143,7 +143,7 @@ def test_paired_verdicts_and_steps_on_hand_made_runs(tmp_path):
             ga = r["arm"] == "GA"
             done[r["key"]] = record(r, abs(math.log(r["lr"] / 0.01)), base - (0.1 + 0.01 * (r["seed"] - 1)) * ga,
                                     ga_curve if ga else ref_curve)
-    out = {r["arm"]: r for r in rows(cfg, plan(cfg, done), done)}
+    out = {r["arm"]: r for r in rows(cfg, plan_sweep(cfg, done), done)}
     assert out["LoRA"]["verdict"] == "reference" and out["LoRA"]["steps_to_reference_loss"] == 40
     ga = out["GA"]
     assert ga["n_seeds"] == 3 and ga["delta_vs_reference"] == pytest.approx(-0.1)
@@ -195,7 +195,7 @@ def test_search_sweep_end_to_end_with_json_summary(tmp_path, capsys):
 def test_transfer_searches_only_the_reference_and_reports_against_a_full_search(tmp_path, capsys):
     search = config(tmp_path, steps=10)
     assert main([str(search.path), "--no-progress"]) == 0
-    full = {p.arm: p for p in plan(search, {r["key"]: r for r in read_records(search.sweep.results)})}
+    full = {p.arm: p for p in plan_sweep(search, {r["key"]: r for r in read_records(search.sweep.results)})}
     text = search.path.read_text().replace('lrs = "search"', 'lrs = "transfer"').replace('name = "s"', 'name = "t"')
     tpath = tmp_path / "t.toml"
     tpath.write_text(text.replace(str(search.path), str(tpath)))
@@ -207,7 +207,7 @@ def test_transfer_searches_only_the_reference_and_reports_against_a_full_search(
     (entry,) = store.values()
     assert entry["arm"] == "GA" and entry["reference_lr"] == full["LoRA"].chosen and entry["predicted_lr"] > 0
     tcfg = load(tpath)
-    plans = {p.arm: p for p in plan(tcfg, {r["key"]: r for r in read_records(tcfg.sweep.results)}, store)}
+    plans = {p.arm: p for p in plan_sweep(tcfg, {r["key"]: r for r in read_records(tcfg.sweep.results)}, store)}
     assert plans["LoRA"].mode == "search" and plans["GA"].mode == "transfer"
     ga = plans["GA"]
     center = tcfg.search.rate(tcfg.search.index(entry["predicted_lr"]))

@@ -14,7 +14,7 @@ from experiments.ablation import Task, list_tasks, make_task, register_task
 from experiments.ablation.config import load
 from experiments.ablation.outcomes import decode
 from experiments.ablation.run import read_records
-from experiments.ablation.search import plan
+from experiments.ablation.search import plan_sweep
 from experiments.ablation.tasks import TASKS, get_task
 from experiments.ablation.tasks.base import restoring_modes
 
@@ -113,7 +113,7 @@ def test_a_task_from_a_plugins_module_runs_end_to_end(tmp_path, capsys):
         assert all(r["val"]["score"] == pytest.approx(2.0 - r["val"]["loss"]) for r in records)
         cfg = load(cfg_path)
         assert cfg.command == f"my-lab-runner {cfg_path}" and cfg.select == "val_score"
-        (p,) = plan(cfg, {r["key"]: r for r in records})
+        (p,) = plan_sweep(cfg, {r["key"]: r for r in records})
         assert p.chosen == max(p.scores, key=p.scores.get)  # "max" read from the task, not from the name
         assert "| LoRA | 2 |" in capsys.readouterr().out
     finally:

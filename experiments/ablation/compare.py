@@ -2,7 +2,7 @@
 plan (``seeds = { adaptive = true, ... }``).
 
 - :func:`difference`: the crossed seeds x examples interval when every paired seed of both arms kept per-example
-  outcomes of the metric for the same examples (``stats.crossed``), else the paired t-interval over seeds.
+  outcomes of the metric for the same examples (``verdicts.crossed``), else the paired t-interval over seeds.
 - :func:`undecided`: whether the interval settles nothing yet: it contains 0, or with an equivalence margin it
   is neither inside ``(-m, m)`` nor clear of 0.
 """
@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from . import outcomes
-from .stats import Interval, crossed, equivalence, paired, verdict
+from .verdicts import Interval, crossed, equivalence, paired, verdict
 
 
 def difference(ok: list[dict[str, Any]], ref_ok: list[dict[str, Any]], metric: str) -> Interval:

@@ -256,7 +256,7 @@ class Config:
 
     def runs(self) -> list[dict[str, Any]]:
         """Every run of the arms with explicit rate lists (searched arms' runs depend on results:
-        ``experiments.ablation.search.plan``)."""
+        ``experiments.ablation.search.plan_sweep``)."""
         return [self.spec(arm, rank, lr, seed, "final") for arm in self.arms if self.mode(arm) == "list"
                 for rank in self.ranks_of(arm) for lr in self.listed_lrs(arm) for seed in self.sweep.seeds]
 

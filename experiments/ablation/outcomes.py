@@ -5,7 +5,7 @@
 build with the same task options, so two arms' lists pair example by example). The runner checks that each
 list's mean is the metric, keeps the test split's lists in the record as ``test_outcomes`` (0/1 values as a
 hex bit string, 500 examples in 125 characters; other values as a list) and drops the validation ones.
-``summary`` pairs them across arms and seeds (``stats.crossed``) only when the records carry the same
+``summary`` pairs them across arms and seeds (``verdicts.crossed``) only when the records carry the same
 ``order``: a fingerprint of the test batches the outcomes were scored on (every tensor and string in them, in
 order), so that a changed tokenizer, data or example order never pairs outcomes of different examples.
 """

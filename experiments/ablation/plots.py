@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import Config
 from .curves import WINDOW, smooth
 from .search import ArmPlan, final_records
-from .stats import mean_ci
+from .verdicts import mean_ci
 
 STYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")

@@ -110,7 +110,8 @@ def _list_plan(cfg: Config, arm: Arm, rank: int | None, done: dict[str, dict[str
     return plan
 
 
-def plan(cfg: Config, done: dict[str, dict[str, Any]], store: dict[str, dict[str, Any]] | None = None) -> list[ArmPlan]:
+def plan_sweep(cfg: Config, done: dict[str, dict[str, Any]],
+               store: dict[str, dict[str, Any]] | None = None) -> list[ArmPlan]:
     """Every arm and rank of ``cfg`` given the finished runs ``done`` (key -> record) and, under
     transfer, the predicted rates in ``store`` (``experiments.ablation.transfer``)."""
     from .transfer import entry_key

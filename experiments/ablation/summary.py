@@ -14,7 +14,7 @@ from .config import Config
 from .search import ArmPlan, final_records, full_search
 from .compare import difference, reference_plan
 from .curves import smooth, steps_to
-from .stats import CROSSED, Interval, equivalence, mdd, mean_ci, verdict
+from .verdicts import CROSSED, Interval, equivalence, mdd, mean_ci, verdict
 
 def _ok(records):
     return [r for r in records if r["status"] == "ok"]
@@ -83,7 +83,7 @@ def _ci(mean, ci, spec=".3f") -> str:
 
 
 def _delta_cell(r: dict[str, Any]) -> str:
-    """Δ with its interval; ``†`` marks an interval over seeds and test examples (``stats.crossed``)."""
+    """Δ with its interval; ``†`` marks an interval over seeds and test examples (``verdicts.crossed``)."""
     if r["verdict"] == "reference":
         return "0"
     return _ci(r["delta_vs_reference"], r["delta_ci"], "+.3f") + (" †" if r.get("delta_basis") == CROSSED else "")
