@@ -394,3 +394,18 @@ def test_children_leave_no_temporary_folders_and_carry_a_cpu_limit(tmp_path, mon
     results = run_batch([ADD, ADD, ADD], [writes, limit, "    import os\n    os._exit(0)\n"], timeout=1.0, workers=2)
     assert [ok for ok, _ in results] == [True, True, False]
     assert list(tmp_path.iterdir()) == []  # nothing left behind, the killed child's files included
+
+
+def test_choosing_rates_on_validation_pass_at_1_without_tests_is_refused(tmp_path, tiny_lm_dir):
+    from experiments.ablation.config import load
+
+    path = tmp_path / "code.toml"
+    text = RUNNER_CONFIG.format(path=path, results=tmp_path / "code.jsonl", model=tiny_lm_dir,
+                                data=write_pairs(tmp_path / "pairs.jsonl"))
+    path.write_text(text.replace("lrs = [1e-3]", "lrs = [1e-3, 3e-3]"))  # a choice, made on val_pass_at_1 (NaN)
+    with pytest.raises(ValueError, match=r"validation pairs carry no tests .* select = \"val_loss\""):
+        load(path)
+    path.write_text(text.replace("lrs = [1e-3]", 'lrs = "search"') + '[search]\nselect = "val_loss"\n')
+    assert load(path).select == "val_loss"  # a choice on the loss is fine
+    path.write_text(text)
+    assert load(path).select == "val_pass_at_1"  # one rate: nothing is chosen

@@ -391,8 +391,15 @@ def load(path: str | Path) -> Config:
     if sweep.lrs == "transfer" and next(a for a in arms if a.name == sweep.reference).lrs is not None:
         raise ValueError(f"{path} arm {sweep.reference!r}: under lrs = \"transfer\" the reference arm's rate is "
                          "searched; remove its own lrs list")
-    return Config(path, first.lstrip("# ").strip(), sweep, task, arms, search, has_search_table="search" in raw,
-                  plugins=plugins, adaptive=adaptive)
+    cfg = Config(path, first.lstrip("# ").strip(), sweep, task, arms, search, has_search_table="search" in raw,
+                 plugins=plugins, adaptive=adaptive)
+    if isinstance(sweep.lrs, str) or any(len(cfg.listed_lrs(a)) > 1 for a in arms if a.lrs is not None) \
+            or (not isinstance(sweep.lrs, str) and len(sweep.lrs) > 1):  # rates are chosen: on a metric that exists
+        try:
+            get_task(sweep.task).check_select(cfg.select, task_options(sweep.task, task))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return cfg
 
 
 def import_plugins(modules: Any, path: Path) -> tuple[str, ...]:

@@ -98,6 +98,11 @@ class Task:
         raise NotImplementedError
 
     @classmethod
+    def check_select(cls, select: str, options: Any) -> None:
+        """``ValueError`` when the validation metric ``select`` cannot choose a learning rate with these options
+        (called only when a sweep chooses among rates); default: every declared metric can."""
+
+    @classmethod
     def describe(cls, options: Any) -> str:
         """A short human title (for plots): the task and, where it has one, the model and data."""
         return cls.registry_name

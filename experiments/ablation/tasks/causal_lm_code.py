@@ -18,10 +18,11 @@ protocol, scored as the Codex paper (arXiv 2107.03374) scores HumanEval.
   for per-problem paired statistics.
 - Validation: carved from the training pairs (``n_val``), which have no tests, so validation reports the loss
   and ``pass_at_1 = NaN`` (no generation is run; ``outcomes`` is empty). The runner scores a NaN as missing, so
-  a sweep that chooses among several rates must select on the loss: ``[search] select = "val_loss"`` (a list
-  of rates without a ``[search]`` table selects on the headline, ``val_pass_at_1``, which is NaN for every
-  rate). With ``val_data`` (HumanEval-format problems disjoint from the test problems, e.g. MBPP converted),
-  validation is those problems instead, scored like the test set, and ``select = "val_pass_at_1"`` is real.
+  a sweep that chooses among several rates must select on the loss: ``[search] select = "val_loss"`` (a config
+  that would choose on ``val_pass_at_1`` without ``val_data``, e.g. a list of rates, which selects on the
+  headline, is refused when it loads: ``check_select``). With ``val_data`` (HumanEval-format problems disjoint
+  from the test problems, e.g. MBPP converted), validation is those problems instead, scored like the test set,
+  and ``select = "val_pass_at_1"`` is real.
 - Every training or validation pair whose prompt (stripped) equals a test problem's prompt is dropped, counted
   and printed (``test_overlap_dropped``; ``val_overlap_dropped`` for ``val_data`` problems).
 
@@ -101,6 +102,13 @@ class CausalLMCode(CausalLM):
             shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(CausalLM.Options)
                       if f.name != "test_data"}
             CausalLM.Options(**shared)
+
+    @classmethod
+    def check_select(cls, select: str, options) -> None:
+        if select == "val_pass_at_1" and options.val_data is None:
+            raise ValueError("rates would be chosen on val_pass_at_1, but validation pairs carry no tests (pass@1 is "
+                             "NaN there, every rate ties): use lrs = \"search\" with [search] select = \"val_loss\", or "
+                             "give val_data (HumanEval-format problems) in [task]")
 
     metrics = {"loss": "min", "pass_at_1": "max"}
     headline = "pass_at_1"
