@@ -72,7 +72,7 @@ def _floor(model, batches, rank: int) -> int:
     from lowrank.inject import find_targets
     from lowrank.init.statistics import collect_statistics
 
-    from .bench_init import _NullSink
+    from .bench_init.large import _NullSink
 
     modules = {t.name: t.module for t in find_targets(model, lowrank.LoRAConfig(rank=rank, targets=TARGETS))}
     with PeakMemory() as mem:
