@@ -295,3 +295,19 @@ def test_prompt_template_and_drop_long(tiny_lm_dir, tmp_path, capsys):
     assert "dropped 5 training/validation example(s) over max_length" in capsys.readouterr().err
     with pytest.raises(ValueError, match="t.jsonl:.* over max_length = 12"):  # a test example: never dropped
         make_task("causal-lm", {**opts, "max_length": 12, "drop_long": True})
+
+
+def test_a_tokenizer_without_eos_is_named(tiny_lm_dir, tmp_path, monkeypatch):
+    """A response (or target) ends with EOS: a tokenizer without one is refused before anything loads."""
+    from transformers import AutoTokenizer
+
+    real = AutoTokenizer.from_pretrained
+
+    def no_eos(*args, **kwargs):
+        tok = real(*args, **kwargs)
+        tok.eos_token = None
+        return tok
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", no_eos)
+    with pytest.raises(ValueError, match="its tokenizer has no EOS token, so a generated sequence has no end"):
+        make_task("causal-lm", {"model": tiny_lm_dir, "data": str(write_jsonl(tmp_path / "d.jsonl"))})

@@ -364,8 +364,8 @@ def test_seq2seq_through_the_runner(t5_dir, data, tmp_path, capsys):
         assert r["status"] == "ok" and {"loss", "exact_match"} <= set(r["test"])
         assert math.isfinite(r["test"]["loss"]) and 0 <= r["test"]["exact_match"] <= 1
         assert len(r["loss_curve"]) == 3 and all(math.isfinite(x) for x in r["loss_curve"])
-        if "test_outcomes" in r:  # the runner keeps per-example outcomes (experiments.ablation.outcomes)
-            assert r["test_outcomes"]["exact_match"]["n"] == 6
+        assert r["test_outcomes"]["exact_match"]["n"] == 6  # per example, for the crossed interval
+    assert len({r["test_outcomes"]["exact_match"]["order"] for r in records}) == 1  # one test set, one order
     assert "test exact_match" in capsys.readouterr().out
 
 

@@ -22,6 +22,18 @@ class Generative(Task):
     val_set: list
     test_set: list
 
+    def _load_tokenizer(self, path: str) -> None:
+        """``path``, ``tok`` and ``pad_id`` (EOS when the tokenizer has no pad token); ``ValueError`` for a tokenizer
+        without EOS (a generated sequence would have no end)."""
+        from transformers import AutoTokenizer
+
+        self.path = path
+        self.tok = AutoTokenizer.from_pretrained(path)
+        if self.tok.eos_token_id is None:
+            raise ValueError(f"model = {self.options.model!r}: its tokenizer has no EOS token, so a generated sequence "
+                             "has no end; use a tokenizer with eos_token set")
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+
     def collate(self, rows: list) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

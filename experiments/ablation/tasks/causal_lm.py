@@ -139,7 +139,7 @@ class CausalLM(Generative):
 
         super().__init__(options)
         o = options
-        self._load_tokenizer()
+        self._load_tokenizer(_model_path(o.model))
         self.pattern = compile_pattern(o.answer_pattern)
         d = default_fields(o.data)
         fields = Fields(o.prompt_field or d.prompt, o.response_field or d.response, o.answer_field or d.answer)
@@ -182,17 +182,6 @@ class CausalLM(Generative):
         return out
 
     # --- tokenization -------------------------------------------------------------------------------------
-
-    def _load_tokenizer(self) -> None:
-        """``path``, ``tok`` and ``pad_id`` (EOS when the tokenizer has no pad token) for ``options.model``."""
-        from transformers import AutoTokenizer
-
-        self.path = _model_path(self.options.model)
-        self.tok = AutoTokenizer.from_pretrained(self.path)
-        if self.tok.eos_token_id is None:
-            raise ValueError(f"model = {self.options.model!r}: its tokenizer has no EOS token, so a response has no "
-                             "end; use a tokenizer with eos_token set")
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
 
     def prompt_ids(self, prompt: str) -> list[int]:
         if self.options.prompt_template is not None:

