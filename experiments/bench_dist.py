@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lowrank
-from experiments.data.batches import classification_batches
-from experiments.data.minilm import load_minilm_classifier
-from experiments.data.wordnet import supersense_splits
+from lowrank.ablation.data.batches import classification_batches
+from lowrank.ablation.data.minilm import load_minilm_classifier
+from lowrank.ablation.data.wordnet import supersense_splits
 
 TARGETS = ["query", "key", "value", "dense"]
 

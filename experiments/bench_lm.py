@@ -17,21 +17,21 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
 
 import lowrank
+from lowrank.ablation import presets
 
 from .ablation.memory import PeakMemory
 from .bench_init import peft_lora_ga, run_arms, time_memory_table
 
-PRESET = Path(__file__).parent / "configs" / "lm-ablation.toml"
+PRESET = presets.path("lm-ablation")
 
 
 def _task(**overrides):
-    from experiments.ablation import make_task
-    from experiments.ablation.config import load
+    from lowrank.ablation import make_task
+    from lowrank.ablation.config import load
 
     return make_task("causal-lm", {**load(PRESET).task, **overrides})
 
@@ -39,13 +39,13 @@ def _task(**overrides):
 def _model():
     from transformers import AutoModelForCausalLM
 
-    from experiments.data.smollm2 import smollm2_path
+    from lowrank.ablation.data.smollm2 import smollm2_path
 
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
 
 
 def _lowrank(model, batches, rank, alpha):
-    from experiments.ablation.tasks.causal_lm import PROJECTIONS
+    from lowrank.ablation.tasks.causal_lm import PROJECTIONS
 
     cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, scaling="rslora", targets=PROJECTIONS, init="lora_ga",
                              init_options={"progress": False})
@@ -53,7 +53,7 @@ def _lowrank(model, batches, rank, alpha):
 
 
 def _peft(model, batches, rank, alpha):
-    from experiments.ablation.tasks.causal_lm import PROJECTIONS
+    from lowrank.ablation.tasks.causal_lm import PROJECTIONS
 
     return peft_lora_ga(model, batches, rank, alpha, targets=PROJECTIONS)
 

@@ -25,9 +25,9 @@ import warnings
 import torch
 
 import lowrank
-from experiments.data.batches import classification_batches
-from experiments.data.minilm import load_minilm_classifier
-from experiments.data.wordnet import supersense_splits
+from lowrank.ablation.data.batches import classification_batches
+from lowrank.ablation.data.minilm import load_minilm_classifier
+from lowrank.ablation.data.wordnet import supersense_splits
 from lowrank.optim import PreconditionedOptimizer
 
 TARGETS = ["query", "key", "value", "dense"]

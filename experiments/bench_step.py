@@ -37,9 +37,10 @@ import time
 import torch
 
 import lowrank
-from experiments.data.batches import classification_batches
-from experiments.data.minilm import load_minilm_classifier
-from experiments.data.wordnet import supersense_splits
+from lowrank.ablation import presets
+from lowrank.ablation.data.batches import classification_batches
+from lowrank.ablation.data.minilm import load_minilm_classifier
+from lowrank.ablation.data.wordnet import supersense_splits
 
 
 MINILM = (["query", "key", "value", "dense"], ["classifier"])
@@ -50,8 +51,8 @@ def _load(kind: str, num_labels: int, dtype: torch.dtype = torch.float32):
     if kind == "smollm2":
         from transformers import AutoModelForCausalLM
 
-        from experiments.ablation.tasks.causal_lm import PROJECTIONS
-        from experiments.data.smollm2 import smollm2_path
+        from lowrank.ablation.tasks.causal_lm import PROJECTIONS
+        from lowrank.ablation.data.smollm2 import smollm2_path
 
         return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype), PROJECTIONS, []
     return load_minilm_classifier(num_labels)[0], *MINILM
@@ -83,12 +84,10 @@ def make_floor(kind="smollm2", dtype=torch.float32):
 
 def lm_batches(n: int, batch_size: int) -> list[dict]:
     """``n`` training batches of the lm-ablation preset's task (its data options, its tokenizer)."""
-    from pathlib import Path
+    from lowrank.ablation import make_task
+    from lowrank.ablation.config import load
 
-    from experiments.ablation import make_task
-    from experiments.ablation.config import load
-
-    preset = load(Path(__file__).parent / "configs" / "lm-ablation.toml")
+    preset = load(presets.path("lm-ablation"))
     task = make_task("causal-lm", {**preset.task, "n_train": max(n * batch_size, 64), "n_val": 1, "n_test": 1})
     stream = task.build(0, batch_size).train
     return [next(stream) for _ in range(n)]
@@ -217,7 +216,7 @@ def main(argv=None) -> None:
         n = train.features["label"].num_classes
         from transformers import AutoTokenizer
 
-        from experiments.data.minilm import minilm_path
+        from lowrank.ablation.data.minilm import minilm_path
 
         tok = AutoTokenizer.from_pretrained(minilm_path())
         raw = list(classification_batches(train, tok, args.batch_size, shuffle=True))

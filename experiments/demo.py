@@ -24,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 import lowrank
-from experiments.data.batches import classification_batches
-from experiments.data.minilm import load_minilm_classifier
-from experiments.data.wordnet import supersense_splits
+from lowrank.ablation import presets
+from lowrank.ablation.data.batches import classification_batches
+from lowrank.ablation.data.minilm import load_minilm_classifier
+from lowrank.ablation.data.wordnet import supersense_splits
 
 TARGETS = r"encoder\..*\.(query|key|value|dense)"
 
@@ -47,12 +48,12 @@ def evaluate(model, batches) -> tuple[float, float]:
 def tuned_rates() -> dict[str, float]:
     """``{initializer: rate}`` that fair-ablation's search chose, for its arms with the initializer's default
     options and no preconditioner (replayed from the committed results file)."""
-    from experiments.ablation.config import load
-    from experiments.ablation.run import read_records
-    from experiments.ablation.search import plan_sweep
+    from lowrank.ablation.config import load
+    from lowrank.ablation.run import read_records
+    from lowrank.ablation.search import plan_sweep
 
     root = Path(__file__).resolve().parent
-    cfg = load(root / "configs" / "fair-ablation.toml")
+    cfg = load(presets.path("fair-ablation"))
     done = {r["key"]: r for r in read_records(root.parent / cfg.sweep.results)}
     chosen = {p.arm: p.chosen for p in plan_sweep(cfg, done) if p.selected}
     return {a.init: chosen[a.name] for a in cfg.arms if a.name in chosen and not a.full_finetune

@@ -37,7 +37,7 @@ def _model(name: str, hidden: int, layers: int, vocab: int, dtype: torch.dtype =
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2":
-        from experiments.data.smollm2 import smollm2_path
+        from lowrank.ablation.data.smollm2 import smollm2_path
 
         return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype)
     torch.manual_seed(0)
@@ -70,7 +70,7 @@ def _materialize(model, rank: int) -> None:
 def _floor(model, batches, rank: int) -> int:
     """Extra peak memory of the statistics pass alone: hooks, graph, backward, nothing accumulated."""
     from lowrank.inject import find_targets
-    from lowrank.init.statistics import collect_statistics
+    from lowrank.init.collect import collect_statistics
 
     from .bench_init.large import _NullSink
 

@@ -1,7 +1,7 @@
-"""Regenerate the README's method tables from the registries (``lowrank.registry.Registry.table``).
+"""Regenerate the documentation's method tables from the registries (``lowrank.registry.Registry.table``).
 
-    python -m experiments.gen_docs            # rewrite the generated blocks of README.md
-    python -m experiments.gen_docs --check    # exit 1 if they are stale (tests/test_docs.py runs this check)
+    python -m experiments.gen_docs            # rewrite the generated blocks of docs/*.md
+    python -m experiments.gen_docs --check    # exit 1 if any is stale (tests/test_docs.py runs this check)
 
 A generated block sits between ``<!-- begin generated: NAME -->`` and ``<!-- end generated: NAME -->``; the
 text around it is hand-written. A new method registered in its own file appears here on the next run.
@@ -18,7 +18,12 @@ from pathlib import Path
 import lowrank
 from lowrank import registry
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def pages() -> list[Path]:
+    """The docs pages that hold a generated block (initializers, preconditioners, adapters, chains)."""
+    return sorted(p for p in DOCS.glob("*.md") if "<!-- begin generated: " in p.read_text())
 BLOCK = re.compile(r"(<!-- begin generated: (?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- end generated: (?P=name) -->)",
                    re.S)
 
@@ -50,17 +55,21 @@ def render(text: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--check", action="store_true", help="only check; exit 1 if README.md is stale")
+    p.add_argument("--check", action="store_true", help="only check; exit 1 if a page is stale")
     args = p.parse_args(argv)
-    text = README.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
-            print("README.md's generated method tables are stale: run python -m experiments.gen_docs", file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(new)
-    print(f"wrote {README} (lowrank {lowrank.__version__})")
+    stale = []
+    for page in pages():
+        text = page.read_text()
+        new = render(text)
+        if new == text:
+            continue
+        stale.append(page.name)
+        if not args.check:
+            page.write_text(new)
+            print(f"wrote {page} (lowrank {lowrank.__version__})")
+    if args.check and stale:
+        print(f"stale method tables in docs/{stale}: run python -m experiments.gen_docs", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .init.driver import collect_layers, init_layers
-from .init.statistics import default_loss  # noqa: F401  (public here too: lowrank.default_loss)
+from .init.collect import default_loss  # noqa: F401  (public here too: lowrank.default_loss)
 from .plan import (  # noqa: F401  (public here too)
     RECORD_ATTR, ROLLBACKS, InjectionRecord, Plan, adapted_layers, check_untied, commit, find_targets,
     find_trainable, plan, shared_weight_users, unwrap,

@@ -177,7 +177,8 @@ class Registry:
 
     def table(self) -> str:
         """A markdown table of every entry: name, description, what it declares (``TABLE_COLUMNS``) and its
-        options with their defaults. The README's method tables are this output (a test keeps them in sync)."""
+        options with their defaults. The docs' method tables (docs/initializers.md, ...) are this output (a test
+        keeps them in sync)."""
         _load_plugins()
         cols = TABLE_COLUMNS.get(self.kind, ())
         lines = ["| name | method | " + " | ".join(label for _, label in cols) + (" | " if cols else "") + "options |",

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from experiments.ablate import main
-from experiments.ablation.config import load
-from experiments.ablation.run import read_records
-from experiments.ablation.search import plan_sweep
+from lowrank.ablation import presets
+from lowrank.ablation.config import load
+from lowrank.ablation.run import read_records
+from lowrank.ablation.search import plan_sweep
 
 SYNTH = """\
 # python -m experiments.ablate {path}
@@ -157,15 +158,16 @@ def test_bad_config_is_rejected_before_anything_runs(tmp_path, capsys, change, m
 
 
 def test_presets_are_valid_and_the_demo_is_small():
-    root = Path(__file__).resolve().parents[1] / "experiments" / "configs"
-    for name in ("demo", "fair-ablation", "fair-ablation-transfer", "paper-ablation", "synthetic-fair"):
-        cfg = load(root / f"{name}.toml")
-        assert cfg.command == f"python -m experiments.ablate experiments/configs/{name}.toml"
+    root = Path(presets.__file__).parent
+    for name in presets.names():  # the paper's presets ask for CUDA: tests/test_paper_presets.py runs them small
+        assert presets.text(name).startswith(f"# lowrank ablate {name}\n")
+        if not name.startswith("paper/"):
+            assert load(presets.path(name)).command == f"lowrank ablate {name}"
     demo = load(root / "demo.toml")
     assert [a.name for a in demo.arms] == ["Full FT", "LoRA", "PiSSA", "LoRA-GA"] and len(demo.runs()) == 4
     # each arm at the rate fair-ablation's search chose for it (replayed from the committed results)
     fair = load(root / "fair-ablation.toml")
-    results = root.parent / "results" / "fair-ablation.jsonl"
+    results = Path(__file__).resolve().parents[1] / "experiments" / "results" / "fair-ablation.jsonl"
     chosen = {p.arm: p.chosen for p in plan_sweep(fair, {r["key"]: r for r in read_records(results)})}
     assert all(chosen[a.name] for a in demo.arms)
     assert {a.name: a.lrs for a in demo.arms} == {a.name: [chosen[a.name]] for a in demo.arms}
@@ -178,7 +180,7 @@ def test_presets_are_valid_and_the_demo_is_small():
 
 def test_hf_text_classification_from_local_files(tmp_path):
     """Any HF classifier + dataset by name or path: here the offline MiniLM and a local CSV."""
-    from experiments.data.minilm import minilm_path
+    from lowrank.ablation.data.minilm import minilm_path
 
     rows = [("a small furry animal", "animal"), ("a large striped cat", "animal"), ("a fast red car", "artifact"),
             ("a wooden table", "artifact")] * 6
@@ -262,7 +264,7 @@ def test_an_sgd_base_arm_trains_its_adapters_by_sgd_and_the_head_by_adamw_at_hea
 
     import torch
 
-    from experiments.ablation.run import _optimizer
+    from lowrank.ablation.run import _optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential()
@@ -326,8 +328,8 @@ def test_a_lora2_arm_prunes_its_triplets_and_adds_its_orthogonality_term(tmp_pat
 
 def test_hf_text_classification_with_a_separate_test_source(tmp_path, capsys):
     """test_dataset: its own columns and split, labels matched by name, overlapping texts never trained on."""
-    from experiments.ablation import make_task
-    from experiments.data.minilm import minilm_path
+    from lowrank.ablation import make_task
+    from lowrank.ablation.data.minilm import minilm_path
 
     rows = [(f"a small furry animal number {i}", "animal") for i in range(12)] + \
            [(f"a fast red car number {i}", "artifact") for i in range(12)]
@@ -362,8 +364,8 @@ def test_hf_text_classification_with_a_separate_test_source(tmp_path, capsys):
 def test_unlabelled_test_rows_are_refused_not_read_as_the_last_class(tmp_path):
     import datasets
 
-    from experiments.ablation import make_task
-    from experiments.data.minilm import minilm_path
+    from lowrank.ablation import make_task
+    from lowrank.ablation.data.minilm import minilm_path
 
     rows = [(f"a small furry animal number {i}", "animal") for i in range(12)] + \
            [(f"a fast red car number {i}", "artifact") for i in range(12)]

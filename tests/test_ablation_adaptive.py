@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from experiments.ablation.config import load
-from experiments.ablation.summary import markdown, rows
+from lowrank.ablation.config import load
+from lowrank.ablation.summary import markdown, rows
 from tests.test_ablation_search import CONFIG, drive
 
 
@@ -81,7 +81,7 @@ def test_an_arm_whose_runs_diverge_gets_no_more_seeds(tmp_path):
     cfg = _config(tmp_path, "{ adaptive = true, max = 6, target_halfwidth = 0.001 }")
     done = {}
     for _ in range(50):  # GA diverges at its final rate on seeds 1 and 2: one ok paired seed, nothing to decide
-        from experiments.ablation.search import plan_sweep
+        from lowrank.ablation.search import plan_sweep
 
         plans = plan_sweep(cfg, done)
         todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]

@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from experiments.ablation import outcomes
-from experiments.ablation.verdicts import CROSSED, crossed, mdd, mean_ci, paired
-from experiments.ablation.summary import markdown, rows
+from lowrank.ablation import outcomes
+from lowrank.ablation.verdicts import CROSSED, crossed, mdd, mean_ci, paired
+from lowrank.ablation.summary import markdown, rows
 from tests.test_ablation_power import _config
 from tests.test_ablation_search import drive
 

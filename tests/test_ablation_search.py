@@ -10,12 +10,12 @@ import math
 import pytest
 
 from experiments.ablate import main
-from experiments.ablation.config import load
-from experiments.ablation.run import read_records
-from experiments.ablation.search import plan_sweep
-from experiments.ablation.verdicts import mean_ci, paired, verdict
-from experiments.ablation.curves import steps_to
-from experiments.ablation.summary import rows
+from lowrank.ablation.config import load
+from lowrank.ablation.run import read_records
+from lowrank.ablation.search import plan_sweep
+from lowrank.ablation.verdicts import mean_ci, paired, verdict
+from lowrank.ablation.curves import steps_to
+from lowrank.ablation.summary import rows
 
 CONFIG = """\
 # python -m experiments.ablate {path}

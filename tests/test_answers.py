@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.ablation.answers import check_compare, compile_pattern, correct, extract, matches
+from lowrank.ablation.answers import check_compare, compile_pattern, correct, extract, matches
 
 
 @pytest.mark.parametrize("prediction,answer,expected", [

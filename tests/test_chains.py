@@ -5,8 +5,6 @@ XGBLoRA draws its blocks per round, and bad input is refused with the model unch
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -286,14 +284,14 @@ def test_the_trainer_callback_runs_the_chain():
     assert layer.A0.shape[0] == 2 * layer.rank
 
 
-def test_the_readme_chain_of_ones_own_registers_and_runs():
+def test_the_documented_chain_of_ones_own_registers_and_runs():
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "chains.md").read_text()
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if 'register_chain("alternate")' in b]
     try:
-        exec(compile(block, "README.md", "exec"), {})
+        exec(compile(block, "docs/chains.md", "exec"), {})
         model = _model(init="kaiming")
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
         run = lowrank.start_chain(model, "alternate", optimizer=opt, total_steps=4)

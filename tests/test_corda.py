@@ -96,7 +96,7 @@ def test_corda_agrees_with_peft_given_the_same_covariance(tmp_path):
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
-    from lowrank.init.statistics import collect_statistics
+    from lowrank.init.collect import collect_statistics
 
     data = _padded(4)
     targets = ["query", "value"]

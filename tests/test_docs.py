@@ -1,4 +1,4 @@
-"""The method tables follow the registries: the README's generated blocks are current
+"""The method tables follow the registries: the docs pages' generated blocks are current
 (``python -m experiments.gen_docs``), and docs/methods.md has a row for every registered method."""
 
 from __future__ import annotations
@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 
 import lowrank
-from experiments.gen_docs import README, render
+from experiments.gen_docs import pages, render
 from lowrank import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_method_tables_are_generated_and_current():
-    text = README.read_text()
-    assert text.count("<!-- begin generated: ") == 4
-    assert render(text) == text, "stale: run python -m experiments.gen_docs"
+def test_the_method_tables_are_generated_and_current():
+    found = {p.name: p.read_text() for p in pages()}
+    assert sorted(found) == ["adapters.md", "chains.md", "initializers.md", "preconditioners.md"]
+    for name, text in found.items():
+        assert text.count("<!-- begin generated: ") == 1, name
+        assert render(text) == text, f"docs/{name} is stale: run python -m experiments.gen_docs"
 
 
 def test_a_new_registration_makes_the_readme_stale():
@@ -25,7 +27,7 @@ def test_a_new_registration_makes_the_readme_stale():
     class Probe(lowrank.get_initializer("kaiming")):
         """A probe: registered for this test only."""
     try:
-        assert "`docs_probe_init`" in render(README.read_text())
+        assert "`docs_probe_init`" in render((ROOT / "docs" / "initializers.md").read_text())
     finally:
         registry.INITIALIZERS.unregister("docs_probe_init")
 

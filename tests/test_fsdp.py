@@ -304,7 +304,7 @@ def test_a_weight_sharded_on_its_columns_is_refused_on_every_rank_and_the_model_
 
 
 def test_the_documented_torchrun_example_runs_and_ends_with_the_same_adapters_on_both_ranks(tmp_path):
-    """``experiments/fsdp_init.py`` (the README's FSDP2 recipe): shard, inject, train, save, under torchrun."""
+    """``experiments/fsdp_init.py`` (the FSDP2 recipe of docs/scale-out.md): shard, inject, train, save, under torchrun."""
     import re
     import subprocess
     import sys

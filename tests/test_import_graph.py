@@ -1,5 +1,7 @@
 """The import graphs of ``lowrank/`` and ``experiments/`` (top-level and function-level imports alike) have no
-cycle: every module can be read knowing only the modules below it, and no lazy import hides a circle."""
+cycle: every module can be read knowing only the modules below it, and no lazy import hides a circle. The arrows
+point down: the core library never imports the ablation runner (``lowrank.ablation``), and nothing installed
+imports the repository's ``experiments/`` scripts."""
 
 from __future__ import annotations
 
@@ -91,9 +93,23 @@ def test_the_base_weight_helpers_sit_below_the_adapters_and_the_adapters_below_t
 
 
 def test_the_experiments_import_graph_has_no_cycle():
-    graph = edges(modules(EXPERIMENTS))
-    assert "experiments.ablation.curves" in graph["experiments.ablation.plots"]  # relative imports are seen
+    mods = {**modules(), **modules(EXPERIMENTS)}
+    graph = edges(mods)
+    assert "lowrank.ablation.curves" in graph["lowrank.ablation.plots"]  # relative imports are seen
+    assert "lowrank.ablation.ablate" in graph["experiments.ablate"]  # and absolute ones across the two trees
     assert cycles(graph) == []
+
+
+def test_the_core_never_imports_the_runner_and_nothing_installed_imports_the_scripts():
+    mods = {**modules(), **modules(EXPERIMENTS)}
+    graph = edges(mods)
+    core = [m for m in graph if m.startswith("lowrank") and not m.startswith("lowrank.ablation")]
+    runner = [m for m in graph if m.startswith("lowrank.ablation")]
+    assert len(core) > 50 and len(runner) > 20
+    assert {m: sorted(d for d in graph[m] if d.startswith("lowrank.ablation"))
+            for m in core if any(d.startswith("lowrank.ablation") for d in graph[m])} == {}
+    assert {m: sorted(d for d in graph[m] if d.startswith("experiments"))
+            for m in core + runner if any(d.startswith("experiments") for d in graph[m])} == {}
 
 
 def test_the_cycle_finder_finds_a_planted_cycle():

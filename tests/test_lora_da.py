@@ -16,7 +16,7 @@ from torch import nn
 import lowrank
 from lowrank import LoRAConfig
 from lowrank.init.base import LayerContext
-from lowrank.init.statistics import collect_statistics
+from lowrank.init.collect import collect_statistics
 
 from .conftest import MODELS, batches, tiny_bert
 

@@ -53,7 +53,7 @@ class InPlace(Counting):
 
 @pytest.fixture(autouse=True)
 def _plugins():
-    """Registered for this module's tests only (the README's generated tables list the registries)."""
+    """Registered for this module's tests only (the docs' generated tables list the registries)."""
     lowrank.register_preconditioner("test_counting", Counting)
     lowrank.register_preconditioner("test_in_place", InPlace)
     yield

@@ -1,5 +1,5 @@
 """Third-party plug-ins load once ``import lowrank`` has finished: a real entry point (a ``*.dist-info`` with
-``entry_points.txt`` on ``sys.path``, in a fresh interpreter) whose module is the README's plug-in example,
+``entry_points.txt`` on ``sys.path``, in a fresh interpreter) whose module is docs/plugins.md's plug-in example,
 written against the public API only; a module dropped into ``lowrank/init/`` (a copy of the package) that imports
 from the top-level ``lowrank``; a failing plug-in's warning and its retry; ``needs`` checked when built."""
 
@@ -57,9 +57,9 @@ USE = textwrap.dedent('''
 
 
 def readme_plugin() -> str:
-    """The README's plug-in module: the ```python block that starts with ``# my_methods.py``."""
-    blocks = re.findall(r"```python\n(# my_methods\.py.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    assert len(blocks) == 1, "the README must show the plug-in module once (a block starting '# my_methods.py')"
+    """The plug-in module of docs/plugins.md: the ```python block that starts with ``# my_methods.py``."""
+    blocks = re.findall(r"```python\n(# my_methods\.py.*?)```", (ROOT / "docs" / "plugins.md").read_text(), flags=re.S)
+    assert len(blocks) == 1, "docs/plugins.md must show the plug-in module once (a block starting '# my_methods.py')"
     return blocks[0]
 
 

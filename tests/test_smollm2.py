@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowrank
-from experiments.ablation import make_task
+from lowrank.ablation import make_task
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The statistics pass (``lowrank.init.statistics``): each statistic against a float64 reference built
+"""The statistics pass (``lowrank.init.collect``): each statistic against a float64 reference built
 from the layer inputs themselves, padding masked, forward-only passes without backward, one pass for
 several needs, nothing left behind, clear errors."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lowrank
-from lowrank.init.statistics import collect_statistics, input_svd
+from lowrank.init.collect import collect_statistics, input_svd
 
 from .conftest import MODELS, Snapshot, batches, tiny_bert
 
@@ -182,7 +182,7 @@ def test_a_custom_initializer_declares_its_needs():
 
 
 def test_wide_inputs_take_the_blocked_upper_triangle_path_exactly():
-    from lowrank.init.statistics import GRAM_BLOCK
+    from lowrank.init.collect import GRAM_BLOCK
 
     torch.manual_seed(0)
     n = GRAM_BLOCK + 300  # two blocks, one partial

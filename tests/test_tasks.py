@@ -10,13 +10,14 @@ import math
 import pytest
 
 from experiments.ablate import main
-from experiments.ablation import Task, list_tasks, make_task, register_task
-from experiments.ablation.config import load
-from experiments.ablation.outcomes import decode
-from experiments.ablation.run import read_records
-from experiments.ablation.search import plan_sweep
-from experiments.ablation.tasks import TASKS, get_task
-from experiments.ablation.tasks.base import restoring_modes
+from lowrank.ablation import presets
+from lowrank.ablation import Task, list_tasks, make_task, register_task
+from lowrank.ablation.config import load
+from lowrank.ablation.outcomes import decode
+from lowrank.ablation.run import read_records
+from lowrank.ablation.search import plan_sweep
+from lowrank.ablation.tasks import TASKS, get_task
+from lowrank.ablation.tasks.base import restoring_modes
 
 BUILT_IN = ["causal-lm", "causal-lm-code", "hf-text-classification", "seq2seq", "synthetic-lowrank",
             "wordnet-supersense"]
@@ -37,7 +38,7 @@ def test_every_task_declares_metrics_with_directions_and_valid_defaults(name):
 
 def test_unknown_task_suggests_the_closest_name():
     with pytest.raises(ValueError, match=r"unknown task 'causal_lm'; did you mean 'causal-lm', 'causal-lm-code'\? "
-                                         r"\(see experiments.ablation.list_tasks\(\)"):
+                                         r"\(see lowrank.ablation.list_tasks\(\)"):
         make_task("causal_lm", {})
 
 
@@ -56,8 +57,8 @@ def test_a_task_declaration_is_checked_at_registration(metrics, headline, messag
 
 PLUGIN = '''
 from dataclasses import dataclass
-from experiments.ablation import register_task
-from experiments.ablation.tasks.synthetic_lowrank import SyntheticLowRank
+from lowrank.ablation import register_task
+from lowrank.ablation.tasks.synthetic_lowrank import SyntheticLowRank
 
 @register_task("{name}")
 class Bigger(SyntheticLowRank):
@@ -230,7 +231,7 @@ def test_select_must_name_a_metric_of_the_task(tmp_path, tiny_lm_dir, capsys):
 def test_lm_presets_are_valid():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    root = Path(presets.__file__).parent
     cfg = load(root / "lm-ablation.toml")
     assert cfg.sweep.task == "causal-lm" and cfg.sweep.lrs == "search" and cfg.sweep.seeds == [0, 1, 2]
     assert cfg.select == "val_exact_match" and cfg.higher_is_better(cfg.select)
@@ -246,7 +247,7 @@ def test_prepare_casts_and_checkpoints_and_the_adapters_still_get_gradients():
     import torch
 
     import lowrank
-    from experiments.ablation.run import prepare
+    from lowrank.ablation.run import prepare
 
     from .conftest import batches, tiny_llama
 

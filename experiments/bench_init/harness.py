@@ -11,8 +11,8 @@ import time
 import torch
 
 import lowrank
-from experiments.data.batches import classification_batches
-from experiments.data.wordnet import supersense_splits
+from lowrank.ablation.data.batches import classification_batches
+from lowrank.ablation.data.wordnet import supersense_splits
 
 from ..ablation.memory import PeakMemory
 
@@ -28,7 +28,7 @@ def load_model(num_labels: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
-    from experiments.data.minilm import minilm_path
+    from lowrank.ablation.data.minilm import minilm_path
 
     logging.set_verbosity_error()
     path = minilm_path()

@@ -66,7 +66,7 @@ def _large_worker(arm, spec, rank, queue):
         est.__enter__()
         if arm == "floor":  # the pass itself: hooks, graph, backward, nothing accumulated
             from lowrank.inject import find_targets
-            from lowrank.init.statistics import collect_statistics
+            from lowrank.init.collect import collect_statistics
 
             cfg = lowrank.LoRAConfig(rank=rank, targets=LLAMA_TARGETS)
             modules = {t.name: t.module for t in find_targets(model, cfg)}

@@ -9,7 +9,7 @@ from .harness import ENCODER, load_model
 
 
 def bench_stats(args, n, batches):
-    from lowrank.init.statistics import collect_statistics
+    from lowrank.init.collect import collect_statistics
 
     model, _ = load_model(n)
     import re

@@ -122,8 +122,8 @@ class LayerContext:
                   vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(S (k,), V (d_in, k))``: the top ``k`` (default all) singular values (descending) and right-singular
         vectors of the layer's input rows ``X``, centred or not; ``vectors=False``: ``(S, None)``, cheaper
-        (need ``"input_svd"``; see ``lowrank.init.statistics.input_svd``)."""
-        from .statistics import input_svd
+        (need ``"input_svd"``; see ``lowrank.init.collect.input_svd``)."""
+        from .collect import input_svd
 
         return input_svd({key: self.stat(key) for key in ("covariance", "input_mean", "rows")}, centred=centred,
                          k=k, vectors=vectors)

@@ -1,7 +1,7 @@
 """Gradient-based initializers (LoRA-GA, LoRA-One, LoRA-SB, GoRA) and :func:`estimate_gradients`.
 
 The estimate itself is the ``"gradient"`` statistic of the one statistics pass
-(:mod:`lowrank.init.statistics`): for every target layer ``G = (1/N) sum_b dL_b/dW``, the true
+(:mod:`lowrank.init.collect`): for every target layer ``G = (1/N) sum_b dL_b/dW``, the true
 mean over ``N`` batches of each batch's gradient, float32 ``(d_out, d_in)``, collected by hooks
 (no ``.grad`` is materialized), with the model, its flags, modes and RNG left as they were, and
 all-reduced under ``torch.distributed``.
@@ -18,7 +18,7 @@ from torch import nn
 from ..weights import weight_shape
 from .base import Initializer
 from .sketch import DEFAULT_PASSES, ESTIMATORS, sketch_gradient_svd
-from .statistics import check_needs, collect_statistics, data_options_check
+from .collect import check_needs, collect_statistics, data_options_check
 
 DENSE_G_MAX_BYTES = 1 << 30
 """``estimator="auto"``: the dense ``G`` of all target layers up to this many bytes (1 GiB), sketched beyond."""
@@ -33,7 +33,7 @@ def estimate_gradients(model: nn.Module, modules: Mapping[str, nn.Module], data:
     ``loss_fn(model, batch)`` returns the batch's scalar loss (a mean over its examples); it may call
     ``backward`` itself (then return a detached loss): every backward pass during the call counts towards
     that batch's gradient. The other arguments are those of
-    :func:`lowrank.init.statistics.collect_statistics`.
+    :func:`lowrank.init.collect.collect_statistics`.
     """
     stats = collect_statistics(model, modules, data, loss_fn, ("gradient",), num_batches=num_batches,
                                train_mode=train_mode, offload=offload, progress=progress, distributed=distributed)
@@ -63,7 +63,7 @@ class DataOptions:
 
 class DataInitializer(Initializer):
     """The data protocol: initializers that declare the statistics they need in ``needs``; one pass collects them
-    (:func:`~lowrank.init.statistics.collect_statistics`, run with :class:`DataOptions`) before ``init_layer``."""
+    (:func:`~lowrank.init.collect.collect_statistics`, run with :class:`DataOptions`) before ``init_layer``."""
 
     Options = DataOptions
     needs: ClassVar[tuple[str, ...]] = ()

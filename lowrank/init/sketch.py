@@ -51,7 +51,7 @@ from .. import distributed as dist_helpers
 from ..weights import weight_shape
 from ..sharding import is_dtensor
 from .base import layer_seed
-from .statistics import GradientSink, collect_statistics, unreached_error
+from .collect import GradientSink, collect_statistics, unreached_error
 
 ESTIMATORS = ("auto", "dense", "sketch")
 

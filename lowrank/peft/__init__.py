@@ -3,7 +3,7 @@
 - ``export(model, directory)``: write a PEFT LoRA adapter that ``peft.PeftModel.from_pretrained(
   original_base_model, directory)`` loads and that reproduces the lowrank model. Initializers that
   offset the base weight are exported as the exact rank-``2r`` LoRA on the original weights
-  (the README, "PEFT interop").
+  (docs/interop.md).
 - ``load(model, directory)``: load a PEFT LoRA adapter into a plain model as lowrank adapters, to
   continue training or to analyse it with ``lowrank.theory``.
 - ``initialize(peft_model, init="lora_ga", data=..., loss_fn=...)``: run any registered lowrank

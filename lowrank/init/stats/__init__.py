@@ -1,6 +1,6 @@
 """The statistics a data pass can collect, one registered class per file (``lowrank.register_statistic``).
 
-An initializer names what it needs (``needs = ("gradient",)``); :func:`lowrank.init.statistics.collect_statistics`
+An initializer names what it needs (``needs = ("gradient",)``); :func:`lowrank.init.collect.collect_statistics`
 builds one instance of each named class and runs a single pass that feeds them all. Every module of this package
 is imported here, so a new statistic is one new file: a :class:`Statistic` subclass with the decorator.
 """

@@ -70,4 +70,4 @@ class InputMoments(Statistic):
                 "rows": torch.tensor(N)}
 
 
-register_statistic("input_svd", InputMoments)  # the same sums, factorized by lowrank.init.statistics.input_svd
+register_statistic("input_svd", InputMoments)  # the same sums, factorized by lowrank.init.collect.input_svd

@@ -1,0 +1,7 @@
+"""``python -m lowrank.ablation ...``: the ``lowrank`` command where its console script is not on PATH (and the
+form ``torchrun -m`` takes)."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
