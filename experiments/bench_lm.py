@@ -23,7 +23,7 @@ import torch
 import lowrank
 from lowrank.ablation import presets
 
-from .ablation.memory import PeakMemory
+from lowrank.ablation.memory import PeakMemory
 from .bench_init import peft_lora_ga, run_arms, time_memory_table
 
 PRESET = presets.path("lm-ablation")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import lowrank
 
-from .ablation.memory import PeakMemory
+from lowrank.ablation.memory import PeakMemory
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

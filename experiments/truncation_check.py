@@ -20,8 +20,8 @@ import torch
 
 from lowrank.init.svd import bottom_svd
 
-from .ablation.config import load
-from .ablation.tasks.base import make_task
+from lowrank.ablation.config import load
+from lowrank.ablation.tasks.base import make_task
 
 
 @torch.no_grad()

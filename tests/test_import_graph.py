@@ -112,5 +112,33 @@ def test_the_core_never_imports_the_runner_and_nothing_installed_imports_the_scr
             for m in core + runner if any(d.startswith("experiments") for d in graph[m])} == {}
 
 
+def dangling(mods: dict[str, Path]) -> list[str]:
+    """``module: target`` for every import of a ``lowrank`` or ``experiments`` module that does not exist (a
+    module or a name bound in an existing module's ``__init__``): what a move leaves behind."""
+    out = []
+    for name, path in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                module = [node.module] if node.module else []
+                targets = [".".join(base + module) if node.level else (node.module or "")]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            out += [f"{name}: {t}" for t in targets if t.split(".")[0] in ("lowrank", "experiments") and t not in mods]
+    return out
+
+
+def test_no_import_points_at_a_module_that_is_not_there(tmp_path):
+    mods = {**modules(), **modules(EXPERIMENTS)}
+    assert dangling(mods) == []
+    # what the runner's move left behind once: a relative import of the folder that moved away
+    planted = tmp_path / "bench_x.py"
+    planted.write_text("from .ablation.memory import PeakMemory\nfrom lowrank.ablation.memory import PeakMemory\n")
+    assert dangling({**mods, "experiments.bench_x": planted}) == ["experiments.bench_x: experiments.ablation.memory"]
+
+
 def test_the_cycle_finder_finds_a_planted_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -50,3 +50,16 @@ def test_a_line_of_the_wrong_type_is_skipped_and_counted(tmp_path, capsys):
     assert "skipped 3 line(s)" in capsys.readouterr().err
     assert problems({**good, "rank": None}) == []  # full fine-tuning's rank
     assert problems({**good, "rank": True}) == [f"'rank' = True is not {typing.get_type_hints(RunRecord)['rank']}"]
+
+
+def test_a_record_that_would_not_read_back_is_refused_before_it_is_written(tmp_path):
+    import numpy as np
+
+    from lowrank.ablation.run import append_record
+
+    good = json.loads(RESULTS[0].read_text().splitlines()[0])
+    path = tmp_path / "r.jsonl"
+    append_record(path, {**good, "val": {k: np.float32(0.5) for k in good["val"]}})  # numpy numbers are numbers
+    with pytest.raises(ValueError, match="evaluate"):
+        append_record(path, {**good, "test": {"accuracy": "high"}})  # a plug-in task breaking the contract
+    assert len(read_records(path)) == 1

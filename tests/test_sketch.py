@@ -74,10 +74,10 @@ def test_the_default_sketch_keeps_the_first_step_near_the_eckart_young_floor():
 
 def test_the_sketch_never_forms_a_dense_accumulator(monkeypatch):
     """Every accumulator of the sketched pass is thin, (d, k) with k = 4 x 2 triplets here: never (d_out, d_in)."""
-    from lowrank.init import statistics
+    from lowrank.init import collect
 
     shapes = []
-    real = statistics.collect_statistics
+    real = collect.collect_statistics
 
     def spy(*args, gradient_sink=None, **kw):
         assert gradient_sink is not None

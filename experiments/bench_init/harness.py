@@ -14,7 +14,7 @@ import lowrank
 from lowrank.ablation.data.batches import classification_batches
 from lowrank.ablation.data.wordnet import supersense_splits
 
-from ..ablation.memory import PeakMemory
+from lowrank.ablation.memory import PeakMemory
 
 
 TARGETS = ["query", "key", "value", "dense"]

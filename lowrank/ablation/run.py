@@ -376,10 +376,17 @@ def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
 
 
 def append_record(path: str | Path, record: RunRecord) -> None:
-    """One JSON line, written with a single ``write`` under an exclusive lock, then fsync'ed."""
+    """One JSON line, written with a single ``write`` under an exclusive lock, then fsync'ed. A record that would
+    not read back as a :class:`~lowrank.ablation.records.RunRecord` is a ``ValueError`` and nothing is written
+    (written, it would be skipped on every read and its run repeated on every resume)."""
     path = Path(path)
+    text = json.dumps(record, default=float)
+    bad = records.problems(json.loads(text))
+    if bad:
+        raise ValueError(f"run {record.get('arm')!r} (key {record.get('key')!r}) is not a valid record: {bad}; "
+                         "a task's evaluate() must return a number (or None) per metric")
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, default=float) + "\n").encode()
+    line = (text + "\n").encode()
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

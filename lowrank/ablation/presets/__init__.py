@@ -11,10 +11,14 @@ the ones whose results the repository commits), so running one from a checkout's
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import re
 from importlib import resources
 from pathlib import Path
 
+_FILES = contextlib.ExitStack()
+atexit.register(_FILES.close)
 _RESULTS = re.compile(r'^results\s*=\s*"[^"\n]*"', re.MULTILINE)
 
 
@@ -37,8 +41,14 @@ def names() -> list[str]:
     return sorted(found)
 
 
+def _name(name: str) -> str:
+    return name[: -len(".toml")] if name.endswith(".toml") else name
+
+
 def text(name: str) -> str:
-    """The preset's TOML text; ``ValueError`` naming the presets there are for an unknown name."""
+    """The preset's TOML text (``name`` with or without ``.toml``); ``ValueError`` listing the presets for an
+    unknown name."""
+    name = _name(name)
     known = names()
     if name not in known:
         raise ValueError(f"no preset named {name!r}; the bundled presets are {known} (lowrank presets lists them; "
@@ -49,8 +59,10 @@ def text(name: str) -> str:
 def path(name: str) -> Path:
     """A filesystem path to the preset (the installed package's file; ``ValueError`` for an unknown name)."""
     text(name)
-    with resources.as_file(_root().joinpath(*f"{name}.toml".split("/"))) as p:
-        return Path(p)
+    resource = _root().joinpath(*f"{_name(name)}.toml".split("/"))
+    if isinstance(resource, Path):  # an ordinary install or a checkout
+        return resource
+    return _FILES.enter_context(resources.as_file(resource))  # a zipped install: extracted until exit
 
 
 def summary(name: str, width: int = 100) -> str:
@@ -73,6 +85,7 @@ def copy(name: str, dest: str | Path, *, overwrite: bool = False) -> Path:
         raise ValueError(f"{dest}: the copy must be a .toml file, e.g. mine.toml")
     if dest.exists() and not overwrite:
         raise ValueError(f"{dest} exists; choose another name or pass --force to overwrite it")
+    name = _name(name)
     body = text(name).split("\n", 1)
     rest = body[1] if len(body) > 1 else ""
     stem = dest.stem
