@@ -111,6 +111,31 @@ def test_search_stops_at_max_points_and_says_the_rate_is_not_interior(tmp_path):
     assert all(r["lr_interior"] is False for r in out)
 
 
+def test_a_grid_whose_every_rate_damages_the_model_extends_down(tmp_path):
+    """Rule 3: the best rate ends worse than the model it started from (validation loss at step 0: 1.0), so the
+    rates are too high; the grid extends below its lowest rate until one beats the start, then as rule 2 says."""
+    def val(arm, lr):  # damaged (> 1.0) above 1e-3 with a false optimum at 1e-2; a real one at 1.2e-4
+        return 2.0 + (math.log(lr / 1e-2)) ** 2 if lr >= 1e-3 else 0.9 + 0.01 * math.log(lr / 1.2345e-4) ** 2
+
+    def started(cfg, done):
+        return {k: {**r, "eval": [{"step": 0, "loss": 1.0}]} for k, r in done.items()}
+
+    for max_points, chosen, n in [(9, 1e-2 / 81, 7), (4, 1e-2, 4)]:
+        cfg = config(tmp_path, max_points=max_points)
+        done = {}
+        for _ in range(50):
+            plans = plan_sweep(cfg, started(cfg, done))
+            todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]
+            if not todo:
+                break
+            done.update({r["key"]: record(r, val(r["arm"], r["lr"])) for r in todo})
+        assert all(p.chosen == pytest.approx(chosen, rel=1e-5) and len(p.scores) == n for p in plans), \
+            [(p.chosen, tried(p)) for p in plans]
+    # without a step-0 evaluation in the records the rule cannot apply: the false optimum is kept
+    plans, _ = drive(config(tmp_path), val)
+    assert all(p.chosen == pytest.approx(1e-2) and len(p.scores) == 3 for p in plans)
+
+
 def test_selection_uses_validation_never_test(tmp_path):
     cfg = config(tmp_path)
     # validation prefers 0.01; test would prefer 0.03

@@ -9,14 +9,17 @@ Search (``lrs = "search"``), per arm and rank, on the validation split:
    a rate's score is the mean validation metric over those seeds (a diverged run scores worst);
 2. while the best rate is at an edge of what was run and fewer than ``max_points`` rates were tried,
    run one more grid step beyond that edge; ties go to the lower rate;
-3. the chosen rate is *interior* when both its grid neighbours were run (else the summary says so);
-4. run the sweep's seeds at the chosen rate (a search run with one of those seeds is reused); under adaptive
+3. while even the best rate ends *worse than the model it started from* (its runs' step-0 validation score:
+   training at every rate tried damaged the model, so the rates are too high) and fewer than ``max_points``
+   rates were tried, run one more grid step below the lowest; then rule 2 again;
+4. the chosen rate is *interior* when both its grid neighbours were run (else the summary says so);
+5. run the sweep's seeds at the chosen rate (a search run with one of those seeds is reused); under adaptive
    seeds (``seeds = { adaptive = true, ... }``), an arm whose comparison with the reference is still undecided
    gets one more seed at a time, the reference with it (``_adapt``).
 
 Transfer (``lrs = "transfer"``): the reference arm is searched as above; every other arm starts
 from a 3-point grid centred on the grid rate nearest to its predicted rate
-(``lowrank.theory.transfer_lr``), then follows rules 2-4.
+(``lowrank.theory.transfer_lr``), then follows rules 2-5.
 """
 
 from __future__ import annotations
@@ -67,6 +70,16 @@ def score(records: list[RunRecord], select: str, higher_is_better: bool) -> floa
     return statistics.mean(vals)
 
 
+def start_score(records: list[RunRecord], select: str) -> float | None:
+    """Mean of the validation metric ``select`` at step 0 (before any update) over ``records``; ``None`` when a
+    record has no step-0 evaluation of it."""
+    metric = select.removeprefix("val_")
+    vals = [r["eval"][0].get(metric) if r.get("eval") and r["eval"][0].get("step") == 0 else None for r in records]
+    if not vals or any(v is None or not math.isfinite(v) for v in vals):
+        return None
+    return statistics.mean(vals)
+
+
 def _better(higher_is_better: bool):
     """Sort key: lower is better."""
     return (lambda v: -v) if higher_is_better else (lambda v: v)
@@ -74,7 +87,7 @@ def _better(higher_is_better: bool):
 
 def grid_search(cfg: Config, arm: Arm, rank: int | None, center: int, points: int,
                 done: dict[str, RunRecord]) -> ArmPlan:
-    """Rules 1-3 of the module docstring from grid index ``center``; ``pending_search`` is what to run next."""
+    """Rules 1-4 of the module docstring from grid index ``center``; ``pending_search`` is what to run next."""
     higher = cfg.higher_is_better(cfg.select)
     s, key = cfg.search, _better(higher)
     idx = set(range(center - points // 2, center + points // 2 + 1))
@@ -91,6 +104,10 @@ def grid_search(cfg: Config, arm: Arm, rank: int | None, center: int, points: in
         lo, hi = min(idx), max(idx)
         if len(idx) < s.max_points and best in (lo, hi):
             idx.add(lo - 1 if best == lo else hi + 1)
+            continue
+        start = start_score([done[r["key"]] for r in runs[best]], cfg.select)
+        if len(idx) < s.max_points and start is not None and key(plan.scores[s.rate(best)]) > key(start):
+            idx.add(lo - 1)  # rule 3: every rate tried ends below where it started
             continue
         plan.chosen, plan.interior = s.rate(best), (best - 1 in idx and best + 1 in idx)
         return plan
