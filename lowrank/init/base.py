@@ -90,7 +90,7 @@ class LayerContext:
         return torch.zeros(*shape, device=self.device)
 
     def stat(self, key: str) -> Any:
-        """A statistic collected by the initializer's :meth:`DataInitializer.collect` for this layer."""
+        """A statistic collected by the initializer's :meth:`lowrank.init.DataInitializer.collect` for this layer."""
         if key not in self._stats:
             raise KeyError(f"layer {self.name!r} has no statistic {key!r}; the initializer's collect() must "
                            f"provide it (available: {sorted(self._stats)})")
