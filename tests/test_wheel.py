@@ -123,3 +123,17 @@ def test_the_module_form_is_the_same_command(installed):
     assert out == _run(["lowrank", "presets"], work, env)
     bad = subprocess.run(["lowrank", "ablate", "no-such-preset"], cwd=work, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "no such config file" in bad.stderr and "demo" in bad.stderr
+
+
+def test_presets_and_copy_need_only_the_core_and_ablate_says_what_is_missing(tmp_path):
+    """Without the experiments extra: listing and copying presets work, ``ablate`` names the extra to install."""
+    code = (
+        "import sys\n"
+        "for n in ['transformers', 'datasets', 'scipy', 'matplotlib', 'sklearn']: sys.modules[n] = None\n"
+        "from lowrank.ablation.cli import main\n"
+        f"assert main(['presets']) == 0 and main(['copy', 'demo', {str(tmp_path / 'd.toml')!r}]) == 0\n"
+        "sys.exit(main(['ablate', 'demo', '--summary-only']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "pip install 'lowrank[experiments]'" in out.stderr and "Traceback" not in out.stderr
+    assert (tmp_path / "d.toml").read_text().startswith("# lowrank ablate ")

@@ -46,8 +46,12 @@ def _copy(argv) -> int:
 
 
 def _ablate(argv) -> int:
-    from .ablate import main  # torch, transformers: only for the command that trains
-
+    try:
+        from .ablate import main  # transformers, scipy, ...: only for the command that trains
+    except ImportError as exc:
+        print(f"error: lowrank ablate needs the runner's dependencies, which are not installed here ({exc}); "
+              "install them with: pip install 'lowrank[experiments]'", file=sys.stderr)
+        return 2
     return main(argv, prog="lowrank ablate")
 
 
