@@ -92,3 +92,16 @@ def test_an_arm_whose_runs_diverge_gets_no_more_seeds(tmp_path):
             done[r["key"]] = record(r, abs(math.log(r["lr"] / 0.01)), 0.5, status="diverged" if bad else "ok")
     by = {p.arm: p for p in plans}
     assert by["GA"].seeds == by["LoRA"].seeds == [0, 1, 2]
+
+
+def test_final_runs_go_to_the_arms_with_the_fewest_seeds_first():
+    from lowrank.ablation.ablate import fewest_seeds_first
+
+    def run(arm, seed, lr=1e-3):
+        return {"arm": arm, "rank": 8, "lr": lr, "seed": seed, "key": f"{arm}{seed}{lr}"}
+
+    done = {r["key"]: r for r in [run("LoRA", 0), run("LoRA", 1), run("LoRA", 2), run("COLA", 0), run("COLA", 0, 3e-3),
+                                  run("COLA", 1, 3e-3)]}
+    todo = [run("LoRA", 3), run("COLA", 1), run("COLA", 2), run("New", 0)]
+    assert [(r["arm"], r["seed"]) for r in fewest_seeds_first(todo, done)] == \
+        [("New", 0), ("COLA", 1), ("COLA", 2), ("LoRA", 3)]  # counts at the run's own rate; stable within an arm

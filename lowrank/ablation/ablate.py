@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -74,7 +75,8 @@ def main(argv=None, prog: str | None = None) -> int:
                 if any(p.waiting for p in plans):
                     if transfer.predict_waiting(cfg, task, plans, predictions, results, write=rank0):
                         continue
-                todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]
+                todo = [r for p in plans for r in p.pending_search] or fewest_seeds_first(
+                    [r for p in plans for r in p.pending_final], done)
                 if not todo:
                     break
                 phase = todo[0]["phase"]
@@ -97,6 +99,14 @@ def main(argv=None, prog: str | None = None) -> int:
     plans = plan_sweep(cfg, done, predictions)
     print(summarize(cfg, plans, done, results, as_json=args.json))
     return 0
+
+
+def fewest_seeds_first(todo: list, done: dict) -> list:
+    """Final runs ordered by how many runs their arm already has at its rate (a stable sort): a sweep stopped
+    halfway leaves every arm with about as many seeds as the others, not the first arms complete and the last
+    ones without any. The order changes when runs happen, never what they compute."""
+    have = Counter((r["arm"], r["rank"], r["lr"]) for r in done.values())
+    return sorted(todo, key=lambda r: have[(r["arm"], r["rank"], r["lr"])])
 
 
 def resolve(config: str) -> Path:
