@@ -75,8 +75,7 @@ def main(argv=None, prog: str | None = None) -> int:
                 if any(p.waiting for p in plans):
                     if transfer.predict_waiting(cfg, task, plans, predictions, results, write=rank0):
                         continue
-                todo = [r for p in plans for r in p.pending_search] or fewest_seeds_first(
-                    [r for p in plans for r in p.pending_final], done)
+                todo = next_runs(plans, done)
                 if not todo:
                     break
                 phase = todo[0]["phase"]
@@ -99,6 +98,12 @@ def main(argv=None, prog: str | None = None) -> int:
     plans = plan_sweep(cfg, done, predictions)
     print(summarize(cfg, plans, done, results, as_json=args.json))
     return 0
+
+
+def next_runs(plans: list, done: dict) -> list:
+    """Every pending search run, else every pending final run (:func:`fewest_seeds_first`)."""
+    return [r for p in plans for r in p.pending_search] or fewest_seeds_first(
+        [r for p in plans for r in p.pending_final], done)
 
 
 def fewest_seeds_first(todo: list, done: dict) -> list:
