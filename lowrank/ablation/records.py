@@ -6,6 +6,7 @@ it has), and ``run.read_records`` skips and counts a line that fails."""
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from typing import Any, TypedDict, Union
@@ -92,12 +93,17 @@ def _matches(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(kind: type) -> dict[str, Any]:
+    return typing.get_type_hints(kind)
+
+
 def problems(obj: Any, kind: type = RunRecord) -> list[str]:
     """What keeps ``obj`` from being a ``kind`` (a missing required field, a field of the wrong type); ``[]`` when
     it is one. Fields a ``kind`` does not declare are allowed (a newer runner's)."""
     if not isinstance(obj, dict):
         return [f"not a JSON object: {type(obj).__name__}"]
-    hints = typing.get_type_hints(kind)
+    hints = _hints(kind)
     out = [f"missing {k!r}" for k in sorted(kind.__required_keys__) if k not in obj]
     out += [f"{k!r} = {obj[k]!r:.60} is not {hints[k]}" for k in hints if k in obj and not _matches(obj[k], hints[k])]
     return out
