@@ -3,7 +3,7 @@
     python -m experiments.ablate CONFIG_OR_PRESET [--summary-only] [--json] ...
 """
 
-from lowrank.ablation.ablate import main
+from lowrank_ablation.ablate import main
 
 if __name__ == "__main__":
     raise SystemExit(main(prog="python -m experiments.ablate"))

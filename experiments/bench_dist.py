@@ -24,9 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lowrank
-from lowrank.ablation.data.batches import classification_batches
-from lowrank.ablation.data.minilm import load_minilm_classifier
-from lowrank.ablation.data.wordnet import supersense_splits
+from lowrank_ablation.data.batches import classification_batches
+from lowrank_ablation.data.minilm import load_minilm_classifier
+from lowrank_ablation.data.wordnet import supersense_splits
 
 TARGETS = ["query", "key", "value", "dense"]
 

@@ -21,17 +21,17 @@ import time
 import torch
 
 import lowrank
-from lowrank.ablation import presets
+from lowrank_ablation import presets
 
-from lowrank.ablation.memory import PeakMemory
+from lowrank_ablation.memory import PeakMemory
 from .bench_init import peft_lora_ga, run_arms, time_memory_table
 
 PRESET = presets.path("lm-ablation")
 
 
 def _task(**overrides):
-    from lowrank.ablation import make_task
-    from lowrank.ablation.config import load
+    from lowrank_ablation import make_task
+    from lowrank_ablation.config import load
 
     return make_task("causal-lm", {**load(PRESET).task, **overrides})
 
@@ -39,13 +39,13 @@ def _task(**overrides):
 def _model():
     from transformers import AutoModelForCausalLM
 
-    from lowrank.ablation.data.smollm2 import smollm2_path
+    from lowrank_ablation.data.smollm2 import smollm2_path
 
     return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
 
 
 def _lowrank(model, batches, rank, alpha):
-    from lowrank.ablation.tasks.causal_lm import PROJECTIONS
+    from lowrank_ablation.tasks.causal_lm import PROJECTIONS
 
     cfg = lowrank.LoRAConfig(rank=rank, alpha=alpha, scaling="rslora", targets=PROJECTIONS, init="lora_ga",
                              init_options={"progress": False})
@@ -53,7 +53,7 @@ def _lowrank(model, batches, rank, alpha):
 
 
 def _peft(model, batches, rank, alpha):
-    from lowrank.ablation.tasks.causal_lm import PROJECTIONS
+    from lowrank_ablation.tasks.causal_lm import PROJECTIONS
 
     return peft_lora_ga(model, batches, rank, alpha, targets=PROJECTIONS)
 

@@ -25,9 +25,9 @@ import warnings
 import torch
 
 import lowrank
-from lowrank.ablation.data.batches import classification_batches
-from lowrank.ablation.data.minilm import load_minilm_classifier
-from lowrank.ablation.data.wordnet import supersense_splits
+from lowrank_ablation.data.batches import classification_batches
+from lowrank_ablation.data.minilm import load_minilm_classifier
+from lowrank_ablation.data.wordnet import supersense_splits
 from lowrank.optim import PreconditionedOptimizer
 
 TARGETS = ["query", "key", "value", "dense"]

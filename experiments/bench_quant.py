@@ -23,7 +23,7 @@ import warnings
 import torch
 
 import lowrank
-from lowrank.ablation import presets
+from lowrank_ablation import presets
 
 from .bench_init import run_arms
 
@@ -33,7 +33,7 @@ RANK = 8
 def _model(bits: int):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lowrank.ablation.data.smollm2 import smollm2_path
+    from lowrank_ablation.data.smollm2 import smollm2_path
 
     kw = {}
     if bits == 4:
@@ -45,7 +45,7 @@ def _model(bits: int):
 
 
 def _config(init: str, **opts) -> lowrank.LoRAConfig:
-    from lowrank.ablation.tasks.causal_lm import PROJECTIONS
+    from lowrank_ablation.tasks.causal_lm import PROJECTIONS
 
     opts = {"progress": False, **opts} if init == "lora_ga" else opts
     return lowrank.LoRAConfig(rank=RANK, alpha=16, scaling="rslora", targets=PROJECTIONS, init=init,
@@ -53,8 +53,8 @@ def _config(init: str, **opts) -> lowrank.LoRAConfig:
 
 
 def _batches(n: int = 4, size: int = 16):
-    from lowrank.ablation import make_task
-    from lowrank.ablation.config import load
+    from lowrank_ablation import make_task
+    from lowrank_ablation.config import load
 
     task = make_task("causal-lm", {**load(presets.path("lm-ablation")).task,
                                    "n_train": 64, "n_val": 1, "n_test": 1})

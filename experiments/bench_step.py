@@ -37,10 +37,10 @@ import time
 import torch
 
 import lowrank
-from lowrank.ablation import presets
-from lowrank.ablation.data.batches import classification_batches
-from lowrank.ablation.data.minilm import load_minilm_classifier
-from lowrank.ablation.data.wordnet import supersense_splits
+from lowrank_ablation import presets
+from lowrank_ablation.data.batches import classification_batches
+from lowrank_ablation.data.minilm import load_minilm_classifier
+from lowrank_ablation.data.wordnet import supersense_splits
 
 
 MINILM = (["query", "key", "value", "dense"], ["classifier"])
@@ -51,8 +51,8 @@ def _load(kind: str, num_labels: int, dtype: torch.dtype = torch.float32):
     if kind == "smollm2":
         from transformers import AutoModelForCausalLM
 
-        from lowrank.ablation.tasks.causal_lm import PROJECTIONS
-        from lowrank.ablation.data.smollm2 import smollm2_path
+        from lowrank_ablation.tasks.causal_lm import PROJECTIONS
+        from lowrank_ablation.data.smollm2 import smollm2_path
 
         return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype), PROJECTIONS, []
     return load_minilm_classifier(num_labels)[0], *MINILM
@@ -84,8 +84,8 @@ def make_floor(kind="smollm2", dtype=torch.float32):
 
 def lm_batches(n: int, batch_size: int) -> list[dict]:
     """``n`` training batches of the lm-ablation preset's task (its data options, its tokenizer)."""
-    from lowrank.ablation import make_task
-    from lowrank.ablation.config import load
+    from lowrank_ablation import make_task
+    from lowrank_ablation.config import load
 
     preset = load(presets.path("lm-ablation"))
     task = make_task("causal-lm", {**preset.task, "n_train": max(n * batch_size, 64), "n_val": 1, "n_test": 1})
@@ -216,7 +216,7 @@ def main(argv=None) -> None:
         n = train.features["label"].num_classes
         from transformers import AutoTokenizer
 
-        from lowrank.ablation.data.minilm import minilm_path
+        from lowrank_ablation.data.minilm import minilm_path
 
         tok = AutoTokenizer.from_pretrained(minilm_path())
         raw = list(classification_batches(train, tok, args.batch_size, shuffle=True))

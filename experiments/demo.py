@@ -24,10 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 import lowrank
-from lowrank.ablation import presets
-from lowrank.ablation.data.batches import classification_batches
-from lowrank.ablation.data.minilm import load_minilm_classifier
-from lowrank.ablation.data.wordnet import supersense_splits
+from lowrank_ablation import presets
+from lowrank_ablation.data.batches import classification_batches
+from lowrank_ablation.data.minilm import load_minilm_classifier
+from lowrank_ablation.data.wordnet import supersense_splits
 
 TARGETS = r"encoder\..*\.(query|key|value|dense)"
 
@@ -48,9 +48,9 @@ def evaluate(model, batches) -> tuple[float, float]:
 def tuned_rates() -> dict[str, float]:
     """``{initializer: rate}`` that fair-ablation's search chose, for its arms with the initializer's default
     options and no preconditioner (replayed from the committed results file)."""
-    from lowrank.ablation.config import load
-    from lowrank.ablation.run import read_records
-    from lowrank.ablation.search import plan_sweep
+    from lowrank_ablation.config import load
+    from lowrank_ablation.run import read_records
+    from lowrank_ablation.search import plan_sweep
 
     root = Path(__file__).resolve().parent
     cfg = load(presets.path("fair-ablation"))

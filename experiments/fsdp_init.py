@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 import lowrank
 
-from lowrank.ablation.memory import PeakMemory
+from lowrank_ablation.memory import PeakMemory
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -37,7 +37,7 @@ def _model(name: str, hidden: int, layers: int, vocab: int, dtype: torch.dtype =
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2":
-        from lowrank.ablation.data.smollm2 import smollm2_path
+        from lowrank_ablation.data.smollm2 import smollm2_path
 
         return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype)
     torch.manual_seed(0)

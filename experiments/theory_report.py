@@ -5,7 +5,7 @@
     python -m experiments.theory_report --model PATH --targets query,value  # any local HF classifier
 
 The gradient ``G`` of every target layer is estimated once at the pretrained weights, on WordNet
-definition -> supersense batches (``lowrank.ablation.data.wordnet``), and each initializer's first step is
+definition -> supersense batches (``lowrank_ablation.data.wordnet``), and each initializer's first step is
 compared with it (``lowrank.theory.alignment``): relative error ``min_c ||G - c D|| / ||G||``, its
 Eckart-Young floor for rank ``2r``, and the excess over the floor (0 = LoRA-GA's theorem). Every
 arm uses rsLoRA scaling; angles do not depend on ``s``. Writes ``alignment.md`` and ``alignment.csv``.
@@ -37,9 +37,9 @@ def main(argv=None) -> None:
     import torch
     from transformers.utils import logging
 
-    from lowrank.ablation.data.batches import classification_batches
-    from lowrank.ablation.data.minilm import load_minilm_classifier
-    from lowrank.ablation.data.wordnet import supersense_splits
+    from lowrank_ablation.data.batches import classification_batches
+    from lowrank_ablation.data.minilm import load_minilm_classifier
+    from lowrank_ablation.data.wordnet import supersense_splits
 
     logging.set_verbosity_error()
     inits = [s.strip() for s in args.inits.split(",") if s.strip()]

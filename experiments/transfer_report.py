@@ -1,7 +1,7 @@
 """Which learning-rate transfer rule predicts tuned rates? Sharpness and first-step quantities of every
 arm of a searched sweep at initialization, against the rates its search chose.
 
-    python -m experiments.transfer_report lowrank/ablation/presets/fair-ablation.toml
+    python -m experiments.transfer_report lowrank_ablation/presets/fair-ablation.toml
 
 For every arm (first search seed, the task's init batches) this measures, with
 ``lowrank.theory.transfer.measure``: the sharpness at initialization (plain and Adam-preconditioned,
@@ -23,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-from lowrank.ablation import config as config_mod
-from lowrank.ablation.run import read_records
-from lowrank.ablation.search import plan_sweep
-from lowrank.ablation.tasks import make_task
-from lowrank.ablation.transfer import _theory_arm
+from lowrank_ablation import config as config_mod
+from lowrank_ablation.run import read_records
+from lowrank_ablation.search import plan_sweep
+from lowrank_ablation.tasks import make_task
+from lowrank_ablation.transfer import _theory_arm
 from lowrank.theory.transfer import DEFAULT_RULE, RULES, _setup, measure, rule_quantity
 
 

@@ -2,7 +2,7 @@
 any training: the validation loss of the lm-ablation task with the truncation applied to all targets and to each
 projection kind alone, and per layer the output it removes on real inputs against its share of the weight.
 
-    python -m experiments.truncation_check [lowrank/ablation/presets/lm-ablation.toml] [--rank 8] [--top 8]
+    python -m experiments.truncation_check [lowrank_ablation/presets/lm-ablation.toml] [--rank 8] [--top 8]
 
 For a layer ``W0 = U S V^T`` with minor triplets ``U_m S_m V_m^T`` and inputs ``X`` (the task's init batches),
 it prints ``||U_m S_m V_m^T X|| / ||W0 X||`` (the output removed) beside ``||S_m|| / ||S||`` (the weight removed),
@@ -20,8 +20,8 @@ import torch
 
 from lowrank.init.svd import bottom_svd
 
-from lowrank.ablation.config import load
-from lowrank.ablation.tasks.base import make_task
+from lowrank_ablation.config import load
+from lowrank_ablation.tasks.base import make_task
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def _val_loss(model, batches) -> float:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", default="lowrank/ablation/presets/lm-ablation.toml")
+    p.add_argument("config", nargs="?", default="lowrank_ablation/presets/lm-ablation.toml")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--top", type=int, default=8, help="layers to list, by output removed")
     args = p.parse_args(argv)

@@ -123,7 +123,7 @@ def tiny_lm_dir(tmp_path_factory) -> str:
     (read from the offline GGUF file), loadable with ``from_pretrained``: the causal-lm task's test model."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lowrank.ablation.data import smollm2
+    from lowrank_ablation.data import smollm2
 
     tok = AutoTokenizer.from_pretrained(smollm2.gguf_folder(), gguf_file=smollm2.GGUF)
     torch.manual_seed(0)

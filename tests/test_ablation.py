@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from experiments.ablate import main
-from lowrank.ablation import presets
-from lowrank.ablation.config import load
-from lowrank.ablation.run import read_records
-from lowrank.ablation.search import plan_sweep
+from lowrank_ablation import presets
+from lowrank_ablation.config import load
+from lowrank_ablation.run import read_records
+from lowrank_ablation.search import plan_sweep
 
 SYNTH = """\
 # python -m experiments.ablate {path}
@@ -180,7 +180,7 @@ def test_presets_are_valid_and_the_demo_is_small():
 
 def test_hf_text_classification_from_local_files(tmp_path):
     """Any HF classifier + dataset by name or path: here the offline MiniLM and a local CSV."""
-    from lowrank.ablation.data.minilm import minilm_path
+    from lowrank_ablation.data.minilm import minilm_path
 
     rows = [("a small furry animal", "animal"), ("a large striped cat", "animal"), ("a fast red car", "artifact"),
             ("a wooden table", "artifact")] * 6
@@ -264,7 +264,7 @@ def test_an_sgd_base_arm_trains_its_adapters_by_sgd_and_the_head_by_adamw_at_hea
 
     import torch
 
-    from lowrank.ablation.run import _optimizer
+    from lowrank_ablation.run import _optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential()
@@ -328,8 +328,8 @@ def test_a_lora2_arm_prunes_its_triplets_and_adds_its_orthogonality_term(tmp_pat
 
 def test_hf_text_classification_with_a_separate_test_source(tmp_path, capsys):
     """test_dataset: its own columns and split, labels matched by name, overlapping texts never trained on."""
-    from lowrank.ablation import make_task
-    from lowrank.ablation.data.minilm import minilm_path
+    from lowrank_ablation import make_task
+    from lowrank_ablation.data.minilm import minilm_path
 
     rows = [(f"a small furry animal number {i}", "animal") for i in range(12)] + \
            [(f"a fast red car number {i}", "artifact") for i in range(12)]
@@ -364,8 +364,8 @@ def test_hf_text_classification_with_a_separate_test_source(tmp_path, capsys):
 def test_unlabelled_test_rows_are_refused_not_read_as_the_last_class(tmp_path):
     import datasets
 
-    from lowrank.ablation import make_task
-    from lowrank.ablation.data.minilm import minilm_path
+    from lowrank_ablation import make_task
+    from lowrank_ablation.data.minilm import minilm_path
 
     rows = [(f"a small furry animal number {i}", "animal") for i in range(12)] + \
            [(f"a fast red car number {i}", "artifact") for i in range(12)]

@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from lowrank.ablation.config import load
-from lowrank.ablation.summary import markdown, rows
+from lowrank_ablation.config import load
+from lowrank_ablation.summary import markdown, rows
 from tests.test_ablation_search import CONFIG, drive
 
 
@@ -81,7 +81,7 @@ def test_an_arm_whose_runs_diverge_gets_no_more_seeds(tmp_path):
     cfg = _config(tmp_path, "{ adaptive = true, max = 6, target_halfwidth = 0.001 }")
     done = {}
     for _ in range(50):  # GA diverges at its final rate on seeds 1 and 2: one ok paired seed, nothing to decide
-        from lowrank.ablation.search import plan_sweep
+        from lowrank_ablation.search import plan_sweep
 
         plans = plan_sweep(cfg, done)
         todo = [r for p in plans for r in p.pending_search] or [r for p in plans for r in p.pending_final]
@@ -95,7 +95,7 @@ def test_an_arm_whose_runs_diverge_gets_no_more_seeds(tmp_path):
 
 
 def test_final_runs_go_to_the_arms_with_the_fewest_seeds_first():
-    from lowrank.ablation.ablate import fewest_seeds_first
+    from lowrank_ablation.ablate import fewest_seeds_first
 
     def run(arm, seed, lr=1e-3):
         return {"arm": arm, "rank": 8, "lr": lr, "seed": seed, "key": f"{arm}{seed}{lr}"}

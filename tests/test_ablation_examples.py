@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from lowrank.ablation import outcomes
-from lowrank.ablation.verdicts import CROSSED, crossed, mdd, mean_ci, paired
-from lowrank.ablation.summary import markdown, rows
+from lowrank_ablation import outcomes
+from lowrank_ablation.verdicts import CROSSED, crossed, mdd, mean_ci, paired
+from lowrank_ablation.summary import markdown, rows
 from tests.test_ablation_power import _config
 from tests.test_ablation_search import drive
 

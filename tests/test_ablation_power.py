@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lowrank.ablation.config import load
-from lowrank.ablation.verdicts import Interval, equivalence, mdd, mean_ci, paired, power
-from lowrank.ablation.summary import markdown, rows
+from lowrank_ablation.config import load
+from lowrank_ablation.verdicts import Interval, equivalence, mdd, mean_ci, paired, power
+from lowrank_ablation.summary import markdown, rows
 from tests.test_ablation_search import CONFIG, drive
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from experiments.ablate import main
-from lowrank.ablation.run import _Schedule, read_records, schedule_factor
+from lowrank_ablation.run import _Schedule, read_records, schedule_factor
 from tests.test_ablation_search import CONFIG, config
 
 
@@ -47,7 +47,7 @@ def test_bad_settings_are_named(tmp_path, line, message):
     path = tmp_path / "s.toml"
     path.write_text(CONFIG.format(path=path, results=tmp_path / "s.jsonl", mode="search", max_points=9, steps=20)
                     .replace('reference = "LoRA"', f'reference = "LoRA"\n{line}'))
-    from lowrank.ablation.config import load
+    from lowrank_ablation.config import load
 
     with pytest.raises(ValueError, match=message):
         load(path)
@@ -65,7 +65,7 @@ def test_settings_enter_the_run_key_only_when_set_and_train(tmp_path, monkeypatc
                     .replace("seeds = [0, 1, 2]", "seeds = [0]"))
     text = path.read_text()
     path.write_text(text[:text.index("[search]")] + text[text.index("[task]"):])  # a rate list: no search
-    from lowrank.ablation import run
+    from lowrank_ablation import run
 
     seen, clipped = [], []
     before = run._Schedule.before
@@ -92,7 +92,7 @@ def test_settings_enter_the_run_key_only_when_set_and_train(tmp_path, monkeypatc
 
 
 def test_weight_decay_in_both_places_is_named():
-    from lowrank.ablation.run import _options
+    from lowrank_ablation.run import _options
 
     arm = {"preconditioner_options": {"weight_decay": 0.1, "ratio": 16.0}}
     assert _options(arm, {"arm": "LoRA+"}) == {"weight_decay": 0.1, "ratio": 16.0}

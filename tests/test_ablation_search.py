@@ -10,12 +10,12 @@ import math
 import pytest
 
 from experiments.ablate import main
-from lowrank.ablation.config import load
-from lowrank.ablation.run import read_records
-from lowrank.ablation.search import plan_sweep
-from lowrank.ablation.verdicts import mean_ci, paired, verdict
-from lowrank.ablation.curves import steps_to
-from lowrank.ablation.summary import rows
+from lowrank_ablation.config import load
+from lowrank_ablation.run import read_records
+from lowrank_ablation.search import plan_sweep
+from lowrank_ablation.verdicts import mean_ci, paired, verdict
+from lowrank_ablation.curves import steps_to
+from lowrank_ablation.summary import rows
 
 CONFIG = """\
 # python -m experiments.ablate {path}

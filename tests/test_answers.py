@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowrank.ablation.answers import check_compare, compile_pattern, correct, extract, matches
+from lowrank_ablation.answers import check_compare, compile_pattern, correct, extract, matches
 
 
 @pytest.mark.parametrize("prediction,answer,expected", [

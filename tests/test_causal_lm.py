@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from lowrank.ablation import make_task
+from lowrank_ablation import make_task
 
 
 def write_jsonl(path, n=60, start=0, **extra):
@@ -152,7 +152,7 @@ def test_reasoning_gym_splits_use_separate_seed_blocks():
 
     a, b = (reasoning_gym.create_dataset("chain_sum", size=5, seed=s) for s in (0, 1))
     assert a[1]["question"] == b[0]["question"]  # the pitfall the loader avoids
-    from lowrank.ablation.data.examples import default_fields, load_splits
+    from lowrank_ablation.data.examples import default_fields, load_splits
 
     data = "reasoning-gym:chain_sum"
     opts = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}  # only 2 x 9 x 10 = 180 problems

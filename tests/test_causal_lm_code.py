@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from lowrank.ablation import make_task
-from lowrank.ablation.code_exec import STOP, run_batch, run_tests, truncate
+from lowrank_ablation import make_task
+from lowrank_ablation.code_exec import STOP, run_batch, run_tests, truncate
 
 ADD = {"task_id": "t/add", "prompt": "def add(a, b):\n    \"\"\"The sum of a and b.\"\"\"\n",
        "canonical_solution": "    return a + b\n", "entry_point": "add",
@@ -152,7 +152,7 @@ def task(tiny_lm_dir, tmp_path_factory, humaneval):
 
 
 def test_declaration_and_defaults():
-    from lowrank.ablation import get_task
+    from lowrank_ablation import get_task
 
     cls = get_task("causal-lm-code")
     assert cls.metrics == {"loss": "min", "pass_at_1": "max"} and cls.headline == "pass_at_1"
@@ -231,7 +231,7 @@ def test_validation_pairs_have_no_tests_so_pass_at_1_is_nan(task):
 
 
 def test_stop_criterion_reads_only_the_generated_text(task):
-    from lowrank.ablation.tasks.causal_lm_code import stop_on_strings
+    from lowrank_ablation.tasks.causal_lm_code import stop_on_strings
 
     prompt = task.tok("def f():\n    pass\n")["input_ids"]
     crit = stop_on_strings(task.tok, ["\ndef"], len(prompt))
@@ -318,7 +318,7 @@ def test_bad_problem_files_are_named(tiny_lm_dir, tmp_path):
 
 
 def _smollm2_available() -> bool:
-    from lowrank.ablation.data import smollm2
+    from lowrank_ablation.data import smollm2
 
     try:
         smollm2.gguf_folder()
@@ -366,8 +366,8 @@ name = "LoRA"
 
 def test_through_the_runner(tmp_path, tiny_lm_dir, capsys):
     from experiments.ablate import main
-    from lowrank.ablation.outcomes import decode
-    from lowrank.ablation.run import read_records
+    from lowrank_ablation.outcomes import decode
+    from lowrank_ablation.run import read_records
 
     path = tmp_path / "code.toml"
     path.write_text(RUNNER_CONFIG.format(path=path, results=tmp_path / "code.jsonl", model=tiny_lm_dir,
@@ -397,7 +397,7 @@ def test_children_leave_no_temporary_folders_and_carry_a_cpu_limit(tmp_path, mon
 
 
 def test_choosing_rates_on_validation_pass_at_1_without_tests_is_refused(tmp_path, tiny_lm_dir):
-    from lowrank.ablation.config import load
+    from lowrank_ablation.config import load
 
     path = tmp_path / "code.toml"
     text = RUNNER_CONFIG.format(path=path, results=tmp_path / "code.jsonl", model=tiny_lm_dir,

@@ -49,12 +49,15 @@ def repeated_blocks(root: Path = ROOT, size: int = MIN_REPEAT) -> list[str]:
     return [" and ".join(places) + ":\n    " + "\n    ".join(w) for w, places in seen.items() if len(places) > 1]
 
 
+RUNNER = ROOT.parent / "lowrank_ablation"  # the runner, shipped beside the library, held to the same shape
+
+
 def test_no_function_in_lowrank_is_longer_than_60_lines():
-    assert long_functions() == []
+    assert long_functions() + long_functions(RUNNER) == []
 
 
 def test_no_block_of_six_code_lines_is_repeated_in_lowrank():
-    assert repeated_blocks() == []
+    assert repeated_blocks() + repeated_blocks(RUNNER) == []
 
 
 def test_the_checks_find_what_they_look_for(tmp_path):

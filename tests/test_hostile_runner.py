@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import pytest
 
 from experiments.ablate import main
-from lowrank.ablation import register_task
-from lowrank.ablation.run import append_record, read_records
-from lowrank.ablation.tasks import TASKS
-from lowrank.ablation.tasks.synthetic_lowrank import SyntheticLowRank
+from lowrank_ablation import register_task
+from lowrank_ablation.run import append_record, read_records
+from lowrank_ablation.tasks import TASKS
+from lowrank_ablation.tasks.synthetic_lowrank import SyntheticLowRank
 from tests.test_ablation import write
 
 

@@ -1,6 +1,6 @@
 """The import graphs of ``lowrank/`` and ``experiments/`` (top-level and function-level imports alike) have no
 cycle: every module can be read knowing only the modules below it, and no lazy import hides a circle. The arrows
-point down: the core library never imports the ablation runner (``lowrank.ablation``), and nothing installed
+point down: the core library never imports the ablation runner (``lowrank_ablation``), and nothing installed
 imports the repository's ``experiments/`` scripts."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import lowrank
 
 ROOT = Path(lowrank.__file__).parent
 EXPERIMENTS = ROOT.parent / "experiments"
+RUNNER = ROOT.parent / "lowrank_ablation"
 
 
 def modules(root: Path = ROOT) -> dict[str, Path]:
@@ -93,21 +94,21 @@ def test_the_base_weight_helpers_sit_below_the_adapters_and_the_adapters_below_t
 
 
 def test_the_experiments_import_graph_has_no_cycle():
-    mods = {**modules(), **modules(EXPERIMENTS)}
+    mods = {**modules(), **modules(RUNNER), **modules(EXPERIMENTS)}
     graph = edges(mods)
-    assert "lowrank.ablation.curves" in graph["lowrank.ablation.plots"]  # relative imports are seen
-    assert "lowrank.ablation.ablate" in graph["experiments.ablate"]  # and absolute ones across the two trees
+    assert "lowrank_ablation.curves" in graph["lowrank_ablation.plots"]  # relative imports are seen
+    assert "lowrank_ablation.ablate" in graph["experiments.ablate"]  # and absolute ones across the two trees
     assert cycles(graph) == []
 
 
 def test_the_core_never_imports_the_runner_and_nothing_installed_imports_the_scripts():
-    mods = {**modules(), **modules(EXPERIMENTS)}
+    mods = {**modules(), **modules(RUNNER), **modules(EXPERIMENTS)}
     graph = edges(mods)
-    core = [m for m in graph if m.startswith("lowrank") and not m.startswith("lowrank.ablation")]
-    runner = [m for m in graph if m.startswith("lowrank.ablation")]
+    core = [m for m in graph if m == "lowrank" or m.startswith("lowrank.")]
+    runner = [m for m in graph if m.startswith("lowrank_ablation")]
     assert len(core) > 50 and len(runner) > 20
-    assert {m: sorted(d for d in graph[m] if d.startswith("lowrank.ablation"))
-            for m in core if any(d.startswith("lowrank.ablation") for d in graph[m])} == {}
+    assert {m: sorted(d for d in graph[m] if d.startswith("lowrank_ablation"))
+            for m in core if any(d.startswith("lowrank_ablation") for d in graph[m])} == {}
     assert {m: sorted(d for d in graph[m] if d.startswith("experiments"))
             for m in core + runner if any(d.startswith("experiments") for d in graph[m])} == {}
 
@@ -132,11 +133,11 @@ def dangling(mods: dict[str, Path]) -> list[str]:
 
 
 def test_no_import_points_at_a_module_that_is_not_there(tmp_path):
-    mods = {**modules(), **modules(EXPERIMENTS)}
+    mods = {**modules(), **modules(RUNNER), **modules(EXPERIMENTS)}
     assert dangling(mods) == []
     # what the runner's move left behind once: a relative import of the folder that moved away
     planted = tmp_path / "bench_x.py"
-    planted.write_text("from .ablation.memory import PeakMemory\nfrom lowrank.ablation.memory import PeakMemory\n")
+    planted.write_text("from .ablation.memory import PeakMemory\nfrom lowrank_ablation.memory import PeakMemory\n")
     assert dangling({**mods, "experiments.bench_x": planted}) == ["experiments.bench_x: experiments.ablation.memory"]
 
 

@@ -274,7 +274,7 @@ def test_bad_input_names_the_layer_and_the_value_and_leaves_the_model_unchanged(
 
 
 def test_the_ablation_runner_adds_kasas_loss_for_kasa_arms_only():
-    from lowrank.ablation.run import _regularizer
+    from lowrank_ablation.run import _regularizer
     from lowrank.adapters.kasa import kasa_loss
 
     assert _regularizer({"arm_config": {"adapter": "kasa"}}) is kasa_loss

@@ -12,14 +12,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def wordnet():
-    from lowrank.ablation.data.wordnet import supersense_splits
+    from lowrank_ablation.data.wordnet import supersense_splits
 
     return supersense_splits(n_train=256, n_eval=64)
 
 
 def test_minilm_inject_train_save_reload(wordnet, tmp_path):
-    from lowrank.ablation.data.batches import classification_batches
-    from lowrank.ablation.data.minilm import load_minilm_classifier
+    from lowrank_ablation.data.batches import classification_batches
+    from lowrank_ablation.data.minilm import load_minilm_classifier
 
     train, evaluation = wordnet
     n = train.features["label"].num_classes

@@ -1,4 +1,4 @@
-"""The paper's protocols as presets (lowrank/ablation/presets/paper/): each file is run at tiny size on local
+"""The paper's protocols as presets (lowrank_ablation/presets/paper/): each file is run at tiny size on local
 stand-ins — a tiny random model from a config and small datasets written here in the real sources' shapes —
 with every other key as the file has it, so that every key the preset uses is proven to work. Only the model,
 the data locations, the sizes and the device are replaced."""
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from experiments.ablate import main
-from lowrank.ablation import presets
-from lowrank.ablation.config import load
-from lowrank.ablation.outcomes import decode
-from lowrank.ablation.run import read_records
+from lowrank_ablation import presets
+from lowrank_ablation.config import load
+from lowrank_ablation.outcomes import decode
+from lowrank_ablation.run import read_records
 
 PAPER = Path(presets.__file__).parent / "paper"
 PRESETS = ["metamath-gsm8k", "code-humaneval", "t5-glue"]
@@ -73,7 +73,7 @@ def test_presets_keep_the_papers_settings(name, tmp_path):
             load(PAPER / f"{name}.toml")
     path = tmp_path / f"{name}.toml"
     text = override((PAPER / f"{name}.toml").read_text(), "sweep", {"device": '"cpu"'})
-    path.write_text(text.replace(f"lowrank/ablation/presets/paper/{name}.toml", str(path), 1))
+    path.write_text(text.replace(f"lowrank_ablation/presets/paper/{name}.toml", str(path), 1))
     cfg = load(path)
     s = cfg.sweep
     assert s.seeds == [0, 1, 2] and s.ranks == [8] and s.alpha == 16 and s.batch_size == 32
@@ -105,7 +105,7 @@ def test_metamath_gsm8k_at_tiny_size(tmp_path, tiny_lm_dir):
         "model": f'"{tiny_lm_dir}"', "data": f'"hf:{tmp_path / "metamath"}"', "test_data": f'"hf:{tmp_path / "gsm8k.parquet"}"',
         "n_train": "30", "n_val": "4", "n_test": "6", "max_new_tokens": "8", "eval_batch_size": "4"})
     _run(path, tmp_path, "exact_match")
-    from lowrank.ablation import make_task
+    from lowrank_ablation import make_task
 
     task = make_task("causal-lm", load(path).task)  # what the keys did to the data
     assert sorted(int(a) for _, _, a in task.test_set) == [2 * a for a in range(6)]  # '#### N' reduced to N

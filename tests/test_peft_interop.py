@@ -231,9 +231,9 @@ def test_load_mismatch_and_corruption_leave_model_unchanged(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_lora_ga_round_trip_through_peft(tmp_path):
-    from lowrank.ablation.data.batches import classification_batches
-    from lowrank.ablation.data.minilm import load_minilm_classifier
-    from lowrank.ablation.data.wordnet import supersense_splits
+    from lowrank_ablation.data.batches import classification_batches
+    from lowrank_ablation.data.minilm import load_minilm_classifier
+    from lowrank_ablation.data.wordnet import supersense_splits
 
     train, _ = supersense_splits(n_train=64, n_eval=41)
     n = train.features["label"].num_classes

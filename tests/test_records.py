@@ -1,4 +1,4 @@
-"""Runs travel through the runner as typed records (``lowrank.ablation.records``): every field a spec or a record
+"""Runs travel through the runner as typed records (``lowrank_ablation.records``): every field a spec or a record
 carries is declared with its type, the committed results files are records of that type line by line, and
 ``read_records`` skips a line that is not one."""
 
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from lowrank.ablation import presets
-from lowrank.ablation.config import load
-from lowrank.ablation.records import RunRecord, RunSpec, problems
-from lowrank.ablation.run import read_records, train_one
-from lowrank.ablation.tasks import make_task
+from lowrank_ablation import presets
+from lowrank_ablation.config import load
+from lowrank_ablation.records import RunRecord, RunSpec, problems
+from lowrank_ablation.run import read_records, train_one
+from lowrank_ablation.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = sorted((ROOT / "experiments" / "results").glob("*.jsonl"))
@@ -55,7 +55,7 @@ def test_a_line_of_the_wrong_type_is_skipped_and_counted(tmp_path, capsys):
 def test_a_record_that_would_not_read_back_is_refused_before_it_is_written(tmp_path):
     import numpy as np
 
-    from lowrank.ablation.run import append_record
+    from lowrank_ablation.run import append_record
 
     good = json.loads(RESULTS[0].read_text().splitlines()[0])
     path = tmp_path / "r.jsonl"

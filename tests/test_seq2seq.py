@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from lowrank.ablation import make_task
+from lowrank_ablation import make_task
 
 ADJECTIVES = ["gripping", "dull", "tender", "clumsy", "radiant", "tedious", "witty", "bland", "moving", "shallow"]
 NOUNS = ["film", "story", "score", "cast", "script", "ending"]
@@ -57,7 +57,7 @@ def _tiny_t5(tok, gated: bool = False):
 def tok():
     from transformers import AutoTokenizer
 
-    from lowrank.ablation.data import smollm2
+    from lowrank_ablation.data import smollm2
 
     return AutoTokenizer.from_pretrained(smollm2.gguf_folder(), gguf_file=smollm2.GGUF)
 
@@ -84,8 +84,8 @@ def task(t5_dir, data):
 
 
 def test_the_task_is_registered_with_its_metrics():
-    from lowrank.ablation import list_tasks
-    from lowrank.ablation.tasks import get_task
+    from lowrank_ablation import list_tasks
+    from lowrank_ablation.tasks import get_task
 
     cls = get_task("seq2seq")
     assert "seq2seq" in list_tasks() and cls.registry_name == "seq2seq" and cls.__doc__
@@ -209,7 +209,7 @@ def test_outcomes_are_per_example_and_the_model_is_left_as_found(task):
 @pytest.mark.parametrize("gated", [False, True], ids=["t5-v1.0", "t5-v1.1-gated"])
 def test_default_targets_adapt_every_t5_block_linear_and_train(tok, gated):
     import lowrank
-    from lowrank.ablation.tasks.seq2seq import Seq2Seq
+    from lowrank_ablation.tasks.seq2seq import Seq2Seq
 
     model = _tiny_t5(tok, gated)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -353,7 +353,7 @@ init_options = {{ progress = false }}
 
 def test_seq2seq_through_the_runner(t5_dir, data, tmp_path, capsys):
     from experiments.ablate import main
-    from lowrank.ablation.run import read_records
+    from lowrank_ablation.run import read_records
 
     path = tmp_path / "s2s.toml"
     path.write_text(CONFIG.format(path=path, results=tmp_path / "s2s.jsonl", model=t5_dir, data=data))

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = {"lowrank": "lowrank", "lowrank.init": "init", "lowrank.adapters": "adapters", "lowrank.optim": "optim",
          "lowrank.chains": "chains", "lowrank.theory": "theory", "lowrank.peft": "peft", "lowrank.hf": "hf",
-         "lowrank.ablation": "ablation"}
+         "lowrank_ablation": "ablation"}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowrank
-from lowrank.ablation import make_task
+from lowrank_ablation import make_task
 
 pytestmark = pytest.mark.slow
 

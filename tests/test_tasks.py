@@ -10,14 +10,14 @@ import math
 import pytest
 
 from experiments.ablate import main
-from lowrank.ablation import presets
-from lowrank.ablation import Task, list_tasks, make_task, register_task
-from lowrank.ablation.config import load
-from lowrank.ablation.outcomes import decode
-from lowrank.ablation.run import read_records
-from lowrank.ablation.search import plan_sweep
-from lowrank.ablation.tasks import TASKS, get_task
-from lowrank.ablation.tasks.base import restoring_modes
+from lowrank_ablation import presets
+from lowrank_ablation import Task, list_tasks, make_task, register_task
+from lowrank_ablation.config import load
+from lowrank_ablation.outcomes import decode
+from lowrank_ablation.run import read_records
+from lowrank_ablation.search import plan_sweep
+from lowrank_ablation.tasks import TASKS, get_task
+from lowrank_ablation.tasks.base import restoring_modes
 
 BUILT_IN = ["causal-lm", "causal-lm-code", "hf-text-classification", "seq2seq", "synthetic-lowrank",
             "wordnet-supersense"]
@@ -38,7 +38,7 @@ def test_every_task_declares_metrics_with_directions_and_valid_defaults(name):
 
 def test_unknown_task_suggests_the_closest_name():
     with pytest.raises(ValueError, match=r"unknown task 'causal_lm'; did you mean 'causal-lm', 'causal-lm-code'\? "
-                                         r"\(see lowrank.ablation.list_tasks\(\)"):
+                                         r"\(see lowrank_ablation.list_tasks\(\)"):
         make_task("causal_lm", {})
 
 
@@ -57,8 +57,8 @@ def test_a_task_declaration_is_checked_at_registration(metrics, headline, messag
 
 PLUGIN = '''
 from dataclasses import dataclass
-from lowrank.ablation import register_task
-from lowrank.ablation.tasks.synthetic_lowrank import SyntheticLowRank
+from lowrank_ablation import register_task
+from lowrank_ablation.tasks.synthetic_lowrank import SyntheticLowRank
 
 @register_task("{name}")
 class Bigger(SyntheticLowRank):
@@ -247,7 +247,7 @@ def test_prepare_casts_and_checkpoints_and_the_adapters_still_get_gradients():
     import torch
 
     import lowrank
-    from lowrank.ablation.run import prepare
+    from lowrank_ablation.run import prepare
 
     from .conftest import batches, tiny_llama
 

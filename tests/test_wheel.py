@@ -24,8 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 PLUGIN = '''
-from lowrank.ablation import Task, register_task
-from lowrank.ablation.tasks.synthetic_lowrank import SyntheticLowRank
+from lowrank_ablation import Task, register_task
+from lowrank_ablation.tasks.synthetic_lowrank import SyntheticLowRank
 
 
 @register_task("wheel-probe")
@@ -47,7 +47,8 @@ def _run(cmd, cwd, env, timeout=300):
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"  # a copy of what the sdist holds: the build writes build/ and *.egg-info beside it
-    shutil.copytree(REPO / "lowrank", src / "lowrank", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("lowrank", "lowrank_ablation"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -79,7 +80,7 @@ def installed(tmp_path_factory):
 
 def test_the_wheel_holds_the_runner_and_its_presets(installed):
     venv, work, env = installed
-    where = _run([str(venv / "bin" / "python"), "-c", "import lowrank.ablation.presets as p; print(p.__file__)"],
+    where = _run([str(venv / "bin" / "python"), "-c", "import lowrank_ablation.presets as p; print(p.__file__)"],
                  work, env)
     assert str(venv) in where, f"lowrank was not imported from the wheel: {where}"
     listed = _run(["lowrank", "presets"], work, env)
@@ -119,7 +120,7 @@ def test_copy_then_ablate_a_preset_from_another_folder(installed):
 
 def test_the_module_form_is_the_same_command(installed):
     venv, work, env = installed
-    out = _run([str(venv / "bin" / "python"), "-m", "lowrank.ablation", "presets"], work, env)
+    out = _run([str(venv / "bin" / "python"), "-m", "lowrank_ablation", "presets"], work, env)
     assert out == _run(["lowrank", "presets"], work, env)
     bad = subprocess.run(["lowrank", "ablate", "no-such-preset"], cwd=work, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "no such config file" in bad.stderr and "demo" in bad.stderr
@@ -130,7 +131,7 @@ def test_presets_and_copy_need_only_the_core_and_ablate_says_what_is_missing(tmp
     code = (
         "import sys\n"
         "for n in ['transformers', 'datasets', 'scipy', 'matplotlib', 'sklearn']: sys.modules[n] = None\n"
-        "from lowrank.ablation.cli import main\n"
+        "from lowrank_ablation.cli import main\n"
         f"assert main(['presets']) == 0 and main(['copy', 'demo', {str(tmp_path / 'd.toml')!r}]) == 0\n"
         "sys.exit(main(['ablate', 'demo', '--summary-only']))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -10,7 +10,7 @@ import torch
 
 import lowrank
 
-from lowrank.ablation.memory import PeakMemory
+from lowrank_ablation.memory import PeakMemory
 from .harness import (ENCODER, _one_batch, _pairs_lowrank, _pairs_peft,
                       get_batches, load_model, run_arms, time_memory_table)
 

@@ -11,10 +11,10 @@ import time
 import torch
 
 import lowrank
-from lowrank.ablation.data.batches import classification_batches
-from lowrank.ablation.data.wordnet import supersense_splits
+from lowrank_ablation.data.batches import classification_batches
+from lowrank_ablation.data.wordnet import supersense_splits
 
-from lowrank.ablation.memory import PeakMemory
+from lowrank_ablation.memory import PeakMemory
 
 
 TARGETS = ["query", "key", "value", "dense"]
@@ -28,7 +28,7 @@ def load_model(num_labels: int):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
-    from lowrank.ablation.data.minilm import minilm_path
+    from lowrank_ablation.data.minilm import minilm_path
 
     logging.set_verbosity_error()
     path = minilm_path()

@@ -11,7 +11,7 @@ import torch
 import lowrank
 from lowrank.init.stats import GradientSink
 
-from lowrank.ablation.memory import PeakMemory
+from lowrank_ablation.memory import PeakMemory
 from .harness import run_arms
 
 

@@ -12,11 +12,11 @@ by the loss on the targets and by the exact match of greedily generated targets:
   greedy, batched, at most ``max_new_tokens`` (default ``max_target_length``), decoded without special tokens;
   the answer extracted by ``answer_pattern`` (default: the first line) and compared with the reference (the
   ``answer_field``, by default the target itself; ``"a|b"`` lists alternatives) as
-  ``lowrank.ablation.answers`` says. ``evaluate`` also returns ``outcomes``: ``{"exact_match": [0/1 per
+  ``lowrank_ablation.answers`` says. ``evaluate`` also returns ``outcomes``: ``{"exact_match": [0/1 per
   example, in batch order]}``, for paired per-example statistics.
 - Every batch is a dict in the Hugging Face convention (``input_ids``, ``attention_mask``, ``labels``);
   evaluation batches also carry ``answers`` (the reference strings).
-- Data: a ``.jsonl`` file, a ``hf:`` datasets source or a generator (``lowrank.ablation.data.examples``; the input
+- Data: a ``.jsonl`` file, a ``hf:`` datasets source or a generator (``lowrank_ablation.data.examples``; the input
   plays the prompt, the target the response), split disjoint by input. With ``test_data`` the test split comes
   from that source (its own fields), and training / validation examples whose input is in it are dropped (the
   count is printed and kept as ``test_overlap_dropped``).
@@ -76,7 +76,7 @@ class Seq2Seq(Generative):
         """Words for integer labels: a target (and answer) that is an integer ``i`` becomes ``target_names[i]``
         (GLUE SST-2's 0 / 1 as ``["negative", "positive"]``); an integer outside the list is an error naming it."""
         answer_compare: str = "exact"
-        """``"exact"`` or ``"math-verify"``, as causal-lm's (``lowrank.ablation.answers``)."""
+        """``"exact"`` or ``"math-verify"``, as causal-lm's (``lowrank_ablation.answers``)."""
         test_data: str | None = None
         """A separate test source (as ``data``); default: the test split is carved from ``data``."""
         test_data_options: dict = field(default_factory=dict)
@@ -88,7 +88,7 @@ class Seq2Seq(Generative):
         eval_batch_size: int = 64
 
         def __post_init__(self):
-            from lowrank.ablation.data.examples import check_source, is_generator, is_hf
+            from lowrank_ablation.data.examples import check_source, is_generator, is_hf
 
             positive(self, "n_train", "n_val", "n_test", "init_batches", "max_source_length", "max_target_length",
                      "max_new_tokens", "eval_batch_size")
@@ -146,7 +146,7 @@ class Seq2Seq(Generative):
     def __init__(self, options):
         from transformers import AutoConfig
 
-        from lowrank.ablation.data.examples import Fields, load_splits, load_test_source
+        from lowrank_ablation.data.examples import Fields, load_splits, load_test_source
 
         super().__init__(options)
         o = options
@@ -291,7 +291,7 @@ def _check_targets(config, targets, model_name: str) -> None:
 
 @contextlib.contextmanager
 def _our_names(prefix: str):
-    """Loader errors in this task's option names: ``lowrank.ablation.data.examples`` speaks of the prompt and the
+    """Loader errors in this task's option names: ``lowrank_ablation.data.examples`` speaks of the prompt and the
     response (``prompt_field``); here they are the input and the target (``input_field``, ``test_input_field``)."""
     try:
         yield

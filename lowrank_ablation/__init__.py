@@ -3,8 +3,8 @@
     lowrank ablate demo                  # a bundled preset (lowrank presets): run (resumes), then summarize
     lowrank ablate mine.toml --summary-only
 
-Installed with ``pip install lowrank[experiments]`` (the command is :mod:`lowrank.ablation.cli`; the bundled
-configs are :mod:`lowrank.ablation.presets`). Nothing in the core library imports this package.
+Installed with ``pip install lowrank[experiments]`` (the command is :mod:`lowrank_ablation.cli`; the bundled
+configs are :mod:`lowrank_ablation.presets`). Nothing in the core library imports this package.
 
 ``config`` validates a TOML sweep before anything runs, ``tasks`` are plug-ins that build models and
 data and evaluate (``register_task``, ``make_task``, ``list_tasks``), ``run`` trains one arm and appends

@@ -377,7 +377,7 @@ def _mean_over_ranks(loss: torch.Tensor, world: int) -> float:
 
 def append_record(path: str | Path, record: RunRecord) -> None:
     """One JSON line, written with a single ``write`` under an exclusive lock, then fsync'ed. A record that would
-    not read back as a :class:`~lowrank.ablation.records.RunRecord` is a ``ValueError`` and nothing is written
+    not read back as a :class:`~lowrank_ablation.records.RunRecord` is a ``ValueError`` and nothing is written
     (written, it would be skipped on every read and its run repeated on every resume)."""
     path = Path(path)
     text = json.dumps(record, default=float)
@@ -400,7 +400,7 @@ def append_record(path: str | Path, record: RunRecord) -> None:
 
 
 def is_record(obj: Any) -> bool:
-    """A results line this runner wrote: a :class:`~lowrank.ablation.records.RunRecord` (its required fields, each
+    """A results line this runner wrote: a :class:`~lowrank_ablation.records.RunRecord` (its required fields, each
     field it has of its declared type)."""
     return not records.problems(obj)
 

@@ -4,15 +4,15 @@ write its summary.
     lowrank ablate demo                                  # a bundled preset, by name (lowrank presets)
     lowrank ablate mine.toml --summary-only [--json]     # a config file
 
-(``python -m lowrank.ablation ablate ...`` is the same command where the console script is not on PATH.)
+(``python -m lowrank_ablation ablate ...`` is the same command where the console script is not on PATH.)
 
 Under ``torchrun --nproc-per-node N`` every run is data-parallel (DDP; see
-``lowrank.ablation.run``) and rank 0 alone writes results and the summary.
+``lowrank_ablation.run``) and rank 0 alone writes results and the summary.
 
 Every field is validated before any training. Each finished run appends one JSON line to the
 sweep's results file; rerunning skips finished runs (resume after a crash or Ctrl-C). A run whose
 loss becomes non-finite is recorded as diverged and the sweep goes on. With ``lrs = "search"`` or
-``"transfer"`` the runs are planned from the finished ones (``lowrank.ablation.search``):
+``"transfer"`` the runs are planned from the finished ones (``lowrank_ablation.search``):
 learning rates are chosen on the validation split, the tables report the test split. The summary
 (markdown tables with 95% intervals and paired verdicts, PNG plots) is written next to the results
 file; ``--json`` prints it as one JSON object per arm and rank.
@@ -30,12 +30,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from lowrank.ablation import config as config_mod
-from lowrank.ablation import presets, transfer
-from lowrank.ablation.run import append_record, check_arms, read_records, train_one
-from lowrank.ablation.search import plan_sweep
-from lowrank.ablation.summary import summarize
-from lowrank.ablation.tasks import make_task
+from lowrank_ablation import config as config_mod
+from lowrank_ablation import presets, transfer
+from lowrank_ablation.run import append_record, check_arms, read_records, train_one
+from lowrank_ablation.search import plan_sweep
+from lowrank_ablation.summary import summarize
+from lowrank_ablation.tasks import make_task
 
 
 def main(argv=None, prog: str | None = None) -> int:

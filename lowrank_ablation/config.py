@@ -7,7 +7,7 @@ initializers or preconditioners registered outside the repository; the config fi
 on ``sys.path``); with plugins the first line may be any command that runs the file.
 
 Learning rates: ``lrs = [...]`` runs every listed rate; ``lrs = "search"`` searches each arm's rate on
-the validation split (``[search]`` table, ``lowrank/ablation/search.py``), then runs the sweep's
+the validation split (``[search]`` table, ``lowrank_ablation/search.py``), then runs the sweep's
 seeds at the chosen rate; ``lrs = "transfer"`` searches the reference arm only and starts every other
 arm at the rate ``lowrank.theory.transfer_lr`` predicts for it. An arm's own ``lrs`` list overrides.
 """
@@ -250,7 +250,7 @@ class Config:
         return list(arm.lrs if arm.lrs is not None else self.sweep.lrs)
 
     def spec(self, arm: Arm, rank: int | None, lr: float, seed: int, phase: str) -> RunSpec:
-        """One run (a :class:`~lowrank.ablation.records.RunSpec`: a typed dict, one JSON object in the results). Its ``key`` identifies the run in a results file: it hashes what
+        """One run (a :class:`~lowrank_ablation.records.RunSpec`: a typed dict, one JSON object in the results). Its ``key`` identifies the run in a results file: it hashes what
         determines the training (not the phase, nor the sweep's name or rate mode), so a search run
         and a final run of the same arm, rank, rate and seed are one run, shared across configs."""
         spec = {"task": self.sweep.task, "task_options": self.task, "arm": arm.name, "arm_config": arm.identity(),
@@ -262,7 +262,7 @@ class Config:
 
     def runs(self) -> list[RunSpec]:
         """Every run of the arms with explicit rate lists (searched arms' runs depend on results:
-        ``lowrank.ablation.search.plan_sweep``)."""
+        ``lowrank_ablation.search.plan_sweep``)."""
         return [self.spec(arm, rank, lr, seed, "final") for arm in self.arms if self.mode(arm) == "list"
                 for rank in self.ranks_of(arm) for lr in self.listed_lrs(arm) for seed in self.sweep.seeds]
 
@@ -301,7 +301,7 @@ class Config:
         return f"{self.sweep.name}: {what}, r={ranks}"
 
 
-COMMANDS = ("# lowrank ablate ", "# python -m lowrank.ablation ", "# python -m experiments.ablate ")
+COMMANDS = ("# lowrank ablate ", "# python -m lowrank_ablation ", "# python -m experiments.ablate ")
 """How a config's first line may begin (the console command; the module; the repository's alias)."""
 
 

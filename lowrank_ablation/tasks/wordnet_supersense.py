@@ -1,5 +1,5 @@
 """``wordnet-supersense``: the offline MiniLM classifying WordNet definitions into their 41 supersenses
-(``lowrank.ablation.data.wordnet``: a ``datasets.Dataset``, fixed stratified, disjoint splits)."""
+(``lowrank_ablation.data.wordnet``: a ``datasets.Dataset``, fixed stratified, disjoint splits)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ class WordNetSupersense(TextClassification):
     default_targets = r"encoder\..*\.(query|key|value|dense)"
 
     def __init__(self, options):
-        from lowrank.ablation.data.minilm import load_minilm_classifier
-        from lowrank.ablation.data.wordnet import supersense_train_val_test
+        from lowrank_ablation.data.minilm import load_minilm_classifier
+        from lowrank_ablation.data.wordnet import supersense_train_val_test
 
         o = options
         splits = supersense_train_val_test(n_train=o.n_train, n_val=o.n_val, n_test=o.n_test, seed=o.split_seed)

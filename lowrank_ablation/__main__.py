@@ -1,4 +1,4 @@
-"""``python -m lowrank.ablation ...``: the ``lowrank`` command where its console script is not on PATH (and the
+"""``python -m lowrank_ablation ...``: the ``lowrank`` command where its console script is not on PATH (and the
 form ``torchrun -m`` takes)."""
 
 from .cli import main

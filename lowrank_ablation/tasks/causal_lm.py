@@ -8,12 +8,12 @@ GSM8K in LoRA-GA, arXiv 2407.05000; here by default the offline SmolLM2-135M on 
   first, as one user turn with the generation prompt).
 - ``loss``: the same NLL over a whole split, weighted by tokens. ``exact_match``: ``model.generate``,
   greedy, batched and left-padded with the KV cache, at most ``max_new_tokens``; the answer extracted by
-  ``answer_pattern`` (default: the first line) and compared as ``lowrank.ablation.answers`` says
+  ``answer_pattern`` (default: the first line) and compared as ``lowrank_ablation.answers`` says
   (``answer_compare``: normalized strings, or math-verify). ``evaluate`` also returns each example's
   outcome (``outcomes``), which the runner keeps for the per-example paired interval.
 - Every batch is a dict in the Hugging Face convention (``input_ids``, ``attention_mask``, ``labels``);
   evaluation batches also carry ``prompt_ids`` / ``prompt_mask`` (left-padded) and ``answers``.
-- Data: a ``.jsonl`` file, a ``hf:`` datasets source or a generator (``lowrank.ablation.data.examples``); splits
+- Data: a ``.jsonl`` file, a ``hf:`` datasets source or a generator (``lowrank_ablation.data.examples``); splits
   disjoint by prompt. With
   ``test_data`` the test split comes from that source (its own fields, answer pattern and generator options),
   as the paper trains on MetaMathQA and tests on GSM8K; training and validation are carved from ``data``, and
@@ -65,7 +65,7 @@ class CausalLM(Generative):
         answer_compare: str = "exact"
         """How an extracted answer is compared with the reference: ``"exact"`` (normalized strings, numbers as
         numbers) or ``"math-verify"`` (parsed and compared as mathematics; without ``answer_pattern`` the
-        verifier extracts the final answer itself): ``lowrank.ablation.answers``."""
+        verifier extracts the final answer itself): ``lowrank_ablation.answers``."""
         chat_template: bool = False
         prompt_template: str | None = None
         """A format for every prompt (training and test) with one ``{prompt}`` field, applied before any chat
@@ -89,7 +89,7 @@ class CausalLM(Generative):
         eval_batch_size: int = 64
 
         def __post_init__(self):
-            from lowrank.ablation.data.examples import check_source
+            from lowrank_ablation.data.examples import check_source
 
             positive(self, "n_train", "n_val", "n_test", "init_batches", "max_length", "max_new_tokens",
                      "eval_batch_size")
@@ -130,7 +130,7 @@ class CausalLM(Generative):
     auto_model = "AutoModelForCausalLM"
 
     def __init__(self, options):
-        from lowrank.ablation.data.examples import Fields, default_fields, load_splits, load_test_source
+        from lowrank_ablation.data.examples import Fields, default_fields, load_splits, load_test_source
 
         super().__init__(options)
         o = options
@@ -257,7 +257,7 @@ class CausalLM(Generative):
 
     @classmethod
     def describe(cls, options) -> str:
-        from lowrank.ablation.data import smollm2
+        from lowrank_ablation.data import smollm2
 
         model = smollm2.LABEL if options.model == smollm2.NAME else options.model.rstrip("/").rsplit("/", 1)[-1]
         data = options.data.rsplit("/", 1)[-1]
@@ -276,6 +276,6 @@ def _reference(ex, pattern):
 
 
 def _model_path(model: str) -> str:
-    from lowrank.ablation.data import smollm2
+    from lowrank_ablation.data import smollm2
 
     return smollm2.smollm2_path() if model == smollm2.NAME else model

@@ -1,4 +1,4 @@
-"""The runner's tasks, one file each, registered by name (``lowrank.ablation.list_tasks()``).
+"""The runner's tasks, one file each, registered by name (``lowrank_ablation.list_tasks()``).
 
 Every module of this package is imported on the first lookup (``discovery.py``), so a new built-in task is
 one new file here; nothing else lists tasks. See ``base.py`` for the contract.

@@ -26,7 +26,7 @@ class TextClassification(Task):
         self.load_model, self.train_ds, self.val_ds, self.test_ds = load_model, train, val, test
 
     def build(self, seed: int, batch_size: int) -> Built:
-        from lowrank.ablation.data.batches import classification_batches
+        from lowrank_ablation.data.batches import classification_batches
 
         label = self.train_ds.features["label"]
         n = label.num_classes if hasattr(label, "num_classes") else len(set(self.train_ds["label"]))

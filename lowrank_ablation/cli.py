@@ -8,8 +8,8 @@
 
 A user's own task, initializer or preconditioner is found through the ``lowrank.plugins`` entry points of an
 installed package, or a config's ``plugins = ["module"]`` list (the config's folder is searched first); a task
-imports its base class with ``from lowrank.ablation import Task, register_task``. Under ``torchrun`` use the
-module form: ``torchrun --nproc-per-node 2 -m lowrank.ablation ablate CONFIG``.
+imports its base class with ``from lowrank_ablation import Task, register_task``. Under ``torchrun`` use the
+module form: ``torchrun --nproc-per-node 2 -m lowrank_ablation ablate CONFIG``.
 """
 
 from __future__ import annotations

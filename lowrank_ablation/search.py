@@ -131,7 +131,7 @@ def _list_plan(cfg: Config, arm: Arm, rank: int | None, done: dict[str, RunRecor
 def plan_sweep(cfg: Config, done: dict[str, RunRecord],
                store: dict[str, dict[str, Any]] | None = None) -> list[ArmPlan]:
     """Every arm and rank of ``cfg`` given the finished runs ``done`` (key -> record) and, under
-    transfer, the predicted rates in ``store`` (``lowrank.ablation.transfer``)."""
+    transfer, the predicted rates in ``store`` (``lowrank_ablation.transfer``)."""
     from .transfer import entry_key
 
     refs: dict[int | None, ArmPlan] = {}
